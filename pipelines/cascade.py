@@ -1,0 +1,222 @@
+"""The main job: a confidence-based cascade of image classifiers over many images, to Parquet.
+
+    python -m pipelines.cascade --runner=DirectRunner                       # embedded demo
+    python -m pipelines.cascade --config lite_cascade --input 'gs://b/*.jpg' --output gs://b/out \
+        stages.0.threshold=0.7 --runner=DataflowRunner ...
+
+Our flags: --config, --input, --output, --overwrite; ``key=value`` words are OmegaConf overrides;
+everything else goes to Beam's PipelineOptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+from configs import schema
+from models import registry
+from pipelines import common
+from transforms.io import DEAD, ReadInputs
+from transforms.outputs import (
+    DEAD_LETTER_SCHEMA,
+    EXIT_STATS_SCHEMA,
+    PREDICTIONS_SCHEMA,
+    ExitStats,
+    StageInfo,
+    WriteTable,
+)
+from transforms.progress import NAMESPACE
+from transforms.stage import CONTINUE, EXITED, CascadeStage, StageRuntime, default_threads
+
+DEFAULT_PROFILE = "lite_cascade"
+DEMO_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".tif")
+log = logging.getLogger("cascade")
+
+
+def demo_manifest(folder: str) -> str:
+    """Write a manifest of the photos that ship inside scikit-image (no download) and return its path."""
+    import skimage
+
+    data_dir = os.path.join(os.path.dirname(skimage.__file__), "data")
+    photos = sorted(f for f in os.listdir(data_dir) if f.lower().endswith(DEMO_SUFFIXES))
+    path = os.path.join(folder, "demo_manifest.csv")
+    with open(path, "w") as fh:
+        fh.write("uri\n" + "".join(f"{os.path.join(data_dir, p)}\n" for p in photos))
+    return path
+
+
+def parse(argv: Optional[Sequence[str]]) -> tuple[schema.CascadeConfig, list[str], Optional[str]]:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.cascade", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_PROFILE, help="YAML file or profile name in configs/")
+    parser.add_argument("--input", default=None, help="glob of image URLs, or a manifest .csv/.parquet")
+    parser.add_argument("--output", default=None, help="output folder (local path or URL)")
+    parser.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run's outputs")
+    args, overrides, beam_args = common.split_argv(parser, argv)
+    try:
+        cfg = schema.load(args.config, overrides, input=args.input, output=args.output, overwrite=args.overwrite)
+    except schema.ConfigError as err:
+        raise SystemExit(f"invalid config: {err}") from None
+    return cfg, beam_args, args.config
+
+
+def stage_infos(cfg: schema.CascadeConfig) -> list[StageInfo]:
+    """Each stage's model, resolution, threshold and GMACs; builds each model with its weights first,
+    so that a checkpoint that does not fit fails here, before any work, naming the stage."""
+    infos = []
+    for i, (stage, spec) in enumerate(zip(cfg.stages, schema.stage_specs(cfg))):
+        try:
+            registry.build(spec)
+        except (ValueError, OSError, RuntimeError) as err:
+            raise SystemExit(f"invalid config: stages.{i}.model: {err}") from None
+        last = i == len(cfg.stages) - 1
+        infos.append(StageInfo(i + 1, spec.key, spec.input.resolution, None if last else stage.threshold,
+                               registry.gmacs(spec)))
+    return infos
+
+
+def build(p: beam.Pipeline, cfg: schema.CascadeConfig, infos: list[StageInfo], runtime: StageRuntime) -> None:
+    """Add the cascade to pipeline ``p``: read -> stage 1 -> ... -> stage n -> Parquet tables."""
+    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes)
+    records = inputs["records"]
+    exited, dead = [], [inputs[DEAD]]
+    specs = schema.stage_specs(cfg)
+    for info, stage, spec in zip(infos, cfg.stages, specs):
+        out = records | f"Stage{info.number}" >> CascadeStage(
+            stage, spec, info.gmacs, runtime, info.number, is_last=info.number == len(infos)
+        )
+        exited.append(out[EXITED])
+        dead.append(out[DEAD])
+        records = out[CONTINUE]
+    predictions = exited | "MergeExits" >> beam.Flatten()
+    dead_letters = dead | "MergeDeadLetters" >> beam.Flatten()
+    predictions | "WritePredictions" >> WriteTable(cfg.output, "predictions", PREDICTIONS_SCHEMA, cfg.output_shards)
+    (
+        dead_letters
+        | "DeadLetterRows" >> beam.Map(lambda d: d.as_row())
+        | "WriteDeadLetters" >> WriteTable(cfg.output, "dead_letter", DEAD_LETTER_SCHEMA, cfg.output_shards)
+    )
+    (
+        (predictions, dead_letters)
+        | "ExitStats" >> ExitStats(infos)
+        | "WriteExitStats" >> WriteTable(cfg.output, "exit_stats", EXIT_STATS_SCHEMA, 1)
+    )
+
+
+def summarize(cfg: schema.CascadeConfig, listed: Optional[int]) -> tuple[dict, list[str]]:
+    """Counts and the human summary, read back from the tables written (footers and exit_stats only)."""
+    stats = common.read_table(cfg.output, "exit_stats").to_pylist()
+    predictions = common.count_rows(cfg.output, "predictions")
+    dead = common.count_rows(cfg.output, "dead_letter")
+    run = stats[0]
+    lines = [f"records: {predictions + dead} inputs -> {predictions} predictions + {dead} dead letters"]
+    for s in stats:
+        ratio = "n/a" if s["exit_ratio"] is None else f"{s['exit_ratio']:.1%}"
+        lines.append(f"  stage {s['stage']} {s['model']}: {s['records_in']} in, {s['records_exited']} exited "
+                     f"(exit ratio {ratio}), {s['records_failed']} failed")
+    if run["avg_gmacs"] is not None:
+        lines.append(f"GMACs (multiply-adds x1e9) per record: average {run['avg_gmacs']:.3f}, worst case "
+                     f"{run['worst_case_gmacs']:.3f}; last model alone {run['last_model_gmacs']:.3f} "
+                     f"({run['avg_gmacs'] / run['last_model_gmacs']:.0%} of it)")
+    if run["accuracy"] is not None:
+        lines.append(f"accuracy on labelled records: {run['accuracy']:.2%}")
+    counts = {"inputs_listed": listed, "predictions": predictions, "dead_letters": dead,
+              "exit_stats_predictions": run["predictions"], "exit_stats_dead_letters": run["dead_letters"]}
+    return counts, lines
+
+
+def check_invariant(counts: dict) -> Optional[str]:
+    """inputs = predictions + dead letters, counted three ways; returns what is wrong, if anything."""
+    total = counts["predictions"] + counts["dead_letters"]
+    if counts["predictions"] != counts["exit_stats_predictions"] or counts["dead_letters"] != counts["exit_stats_dead_letters"]:
+        return (f"tables disagree: predictions {counts['predictions']} vs {counts['exit_stats_predictions']} "
+                f"tallied, dead letters {counts['dead_letters']} vs {counts['exit_stats_dead_letters']} tallied")
+    if counts["inputs_listed"] is not None and counts["inputs_listed"] != total:
+        return f"{counts['inputs_listed']} inputs listed but {total} = predictions + dead letters written"
+    return None
+
+
+def listed_inputs(result) -> Optional[int]:
+    try:
+        query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE).with_name("inputs_listed"))
+    except (NotImplementedError, AttributeError):
+        return None
+    counters = query.get("counters", [])
+    if not counters:
+        return 0
+    return sum(c.committed if c.committed is not None else c.attempted for c in counters)
+
+
+def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> dict:
+    """Run the job; returns the run manifest (also written as ``manifest.json`` in the output folder)."""
+    common.setup_logging()
+    cfg, beam_args, profile = parse(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if not cfg.input:
+            cfg = dataclasses.replace(cfg, input=demo_manifest(tmp))
+            print(f"no --input given: running the embedded demo set ({cfg.input})")
+        return _run(cfg, beam_args, profile, test_pipeline)
+
+
+def _run(cfg, beam_args, profile, test_pipeline) -> dict:
+    if cfg.input.lower().endswith((".csv", ".parquet")):
+        from transforms.io import manifest_columns
+
+        try:
+            manifest_columns(cfg.input)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"invalid input: {err}") from None
+    common.prepare_output(cfg.output, cfg.overwrite)
+    infos = stage_infos(cfg)
+    options = PipelineOptions(beam_args)
+    threads = cfg.torch_threads
+    direct = options.view_as(DirectOptions)
+    if not threads and direct.direct_running_mode == "multi_processing":
+        threads = default_threads(direct.direct_num_workers or os.cpu_count() or 1)
+    runtime = StageRuntime(cfg.confidence, cfg.aggregation, cfg.decode.max_pixels, cfg.decode.draft,
+                           cfg.device, cfg.model_sharing, threads)
+    p = test_pipeline or beam.Pipeline(options=options)
+    build(p, cfg, infos, runtime)
+    started = time.time()
+    result = p.run()
+    result.wait_until_finish()
+    elapsed = time.time() - started
+    counts, lines = summarize(cfg, listed_inputs(result))
+    problem = check_invariant(counts)
+    manifest = {
+        "config": schema.to_yaml(cfg),
+        "profile": profile,
+        "beam_args": list(beam_args),
+        "versions": common.versions("apache-beam", "torch", "torchvision", "pyarrow", "numpy", "pillow",
+                                    "omegaconf", "cascade-inference"),
+        "stages": [dataclasses.asdict(i) for i in infos],
+        "counts": counts,
+        "invariant_holds": problem is None,
+        "wall_seconds": round(elapsed, 2),
+        "gmacs_note": "GMACs are multiply-adds x1e9 (the paper's 'FLOPS (B)'), measured by torch's FLOP counter / 2",
+    }
+    common.write_json(cfg.output, common.MANIFEST, manifest)
+    print("\n".join(lines))
+    print(f"outputs: {cfg.output}/{{predictions,exit_stats,dead_letter}}/*.parquet and {cfg.output}/manifest.json "
+          f"({elapsed:.1f} s)")
+    if problem:
+        raise SystemExit(f"COUNT INVARIANT VIOLATED: {problem}")
+    print(f"count invariant holds: inputs = predictions + dead letters = {counts['predictions'] + counts['dead_letters']}")
+    return manifest
+
+
+def main() -> None:
+    run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""What the entry points share: splitting the command line, the output folder rules, reading tables back."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+from importlib import metadata
+from typing import Optional, Sequence
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TABLES = ("predictions", "exit_stats", "dead_letter")
+MANIFEST = "manifest.json"
+
+
+def split_argv(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """(our flags, OmegaConf dotted overrides, Beam's pipeline flags) from one command line."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    beam_args = [a for a in rest if a not in overrides]
+    return args, overrides, beam_args
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cascade").setLevel(logging.INFO)
+
+
+def prepare_output(output: str, overwrite: bool, tables: Sequence[str] = TABLES) -> None:
+    """Refuse an output folder holding anything unless ``overwrite``; with it, remove the earlier run's
+    tables and manifest, so that no stale file can be mistaken for this run's."""
+    fs, path = fsspec.core.url_to_fs(output)
+    if fs.exists(path):
+        existing = fs.ls(path, detail=False)
+        if existing and not overwrite:
+            raise SystemExit(f"output folder {output} is not empty ({len(existing)} entries); "
+                             "pass --overwrite to replace an earlier run's outputs")
+        for name in (*tables, MANIFEST):
+            target = f"{path.rstrip('/')}/{name}"
+            if fs.exists(target):
+                fs.rm(target, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+
+
+def table_files(output: str, name: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    fs, path = fsspec.core.url_to_fs(output)
+    return fs, sorted(fs.glob(f"{path.rstrip('/')}/{name}/*.parquet"))
+
+
+def count_rows(output: str, name: str) -> int:
+    """Rows of a table, from the Parquet footers alone."""
+    fs, files = table_files(output, name)
+    total = 0
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
+
+
+def read_table(output: str, name: str) -> pa.Table:
+    """A whole table (for the small ones, and for tests and reports)."""
+    fs, files = table_files(output, name)
+    tables = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    if not tables:
+        raise FileNotFoundError(f"no Parquet files for table {name!r} under {output}")
+    return pa.concat_tables(tables)
+
+
+def versions(*packages: str) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_json(output: str, name: str, payload: dict) -> str:
+    fs, path = fsspec.core.url_to_fs(output)
+    target = f"{path.rstrip('/')}/{name}"
+    with fs.open(target, "w") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=True, default=str)
+    return target

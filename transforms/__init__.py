@@ -1,0 +1,1 @@
+"""Beam transforms of the cascade pipeline: reading, stages, outputs."""

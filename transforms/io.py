@@ -1,0 +1,158 @@
+"""Reading inputs: a glob of image URLs or a manifest (CSV / Parquet), all through fsspec.
+
+Listing happens in a DoFn, not on the driver, and is followed by a reshuffle so that reading bytes and
+the first stage spread over workers. Every input that cannot be listed or read becomes a dead letter.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import posixpath
+from typing import Iterable, Iterator, Optional
+
+import apache_beam as beam
+import fsspec
+import pyarrow.parquet as pq
+
+from apache_beam.metrics import Metrics
+
+from transforms.progress import NAMESPACE, progress
+from transforms.records import READ_STAGE, DeadLetter, Record
+
+DEAD = "dead_letter"
+URI_COLUMNS = ("uri", "path")
+LABEL_COLUMNS = ("label", "class_index")
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+
+
+def is_manifest(source: str) -> bool:
+    return source.lower().endswith(MANIFEST_SUFFIXES)
+
+
+def _join(base: str, path: str) -> str:
+    """Resolve a manifest entry relative to the manifest's folder (URLs and absolute paths stay as they are)."""
+    if "://" in path or path.startswith("/") or not base:
+        return path
+    return posixpath.join(base, path)
+
+
+def _pick(columns: Iterable[str], choices: tuple[str, ...]) -> Optional[str]:
+    lower = {c.lower(): c for c in columns}
+    return next((lower[c] for c in choices if c in lower), None)
+
+
+def _manifest_rows(source: str) -> Iterator[dict]:
+    with fsspec.open(source, "rb") as fh:
+        if source.lower().endswith(".parquet"):
+            pfile = pq.ParquetFile(fh)
+            for group in range(pfile.num_row_groups):
+                yield from pfile.read_row_group(group).to_pylist()
+        else:
+            yield from csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8-sig", newline=""))
+
+
+def manifest_columns(source: str) -> tuple[str, Optional[str], Optional[str]]:
+    """(uri column, label column, id column) of a manifest, read from its header; fails if no uri column."""
+    with fsspec.open(source, "rb") as fh:
+        if source.lower().endswith(".parquet"):
+            columns = pq.ParquetFile(fh).schema_arrow.names
+        else:
+            columns = next(csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")), [])
+    uri = _pick(columns, URI_COLUMNS)
+    if uri is None:
+        raise ValueError(f"manifest {source}: needs a column named one of {URI_COLUMNS}; has {columns}")
+    return uri, _pick(columns, LABEL_COLUMNS), _pick(columns, ("id",))
+
+
+def dead(rid: str, uri: str, error: str) -> beam.pvalue.TaggedOutput:
+    """A dead letter raised while listing or reading an input."""
+    progress.add(READ_STAGE, "failed")
+    return beam.pvalue.TaggedOutput(DEAD, DeadLetter(rid, uri, READ_STAGE, error))
+
+
+class ExpandSource(beam.DoFn):
+    """A glob or a manifest -> one Record (without bytes) per input; bad manifest rows -> dead letters.
+    Every input it yields is counted in ``inputs_listed``, the left side of the count invariant."""
+
+    def __init__(self):
+        self.listed = Metrics.counter(NAMESPACE, "inputs_listed")
+
+    def process(self, source: str):
+        for element in self._expand(source):
+            self.listed.inc()
+            yield element
+
+    def _expand(self, source: str):
+        if not is_manifest(source):
+            fs, _, paths = fsspec.get_fs_token_paths(source)
+            for path in sorted(paths):
+                if fs.isdir(path):
+                    continue
+                uri = fs.unstrip_protocol(path) if "://" in source else path
+                yield Record(id=uri, uri=uri)
+            return
+        uri_col, label_col, id_col = manifest_columns(source)
+        base = posixpath.dirname(source)
+        for line, row in enumerate(_manifest_rows(source), start=2):
+            raw_uri = row.get(uri_col)
+            if raw_uri is None or str(raw_uri).strip() == "":
+                yield dead(f"{source}#{line}", f"{source}#{line}", f"manifest row {line}: empty {uri_col}")
+                continue
+            uri = _join(base, str(raw_uri).strip())
+            label = row.get(label_col) if label_col else None
+            try:
+                label = None if label is None or str(label).strip() == "" else int(label)
+            except ValueError:
+                yield dead(uri, uri, f"manifest row {line}: label {label!r} is not an integer")
+                continue
+            rid = str(row[id_col]) if id_col and row.get(id_col) not in (None, "") else uri
+            yield Record(id=rid, uri=uri, label=label)
+
+
+class ReadBytes(beam.DoFn):
+    """Fill in a Record's encoded bytes; unreadable or oversized files -> dead letters."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+
+    def process(self, record: Record):
+        try:
+            with fsspec.open(record.uri, "rb") as fh:
+                size = getattr(fh, "size", None)
+                if size is not None and size > self.max_bytes:
+                    raise ValueError(f"file of {size} bytes exceeds decode.max_bytes={self.max_bytes}")
+                data = fh.read(self.max_bytes + 1)
+            if len(data) > self.max_bytes:
+                raise ValueError(f"file exceeds decode.max_bytes={self.max_bytes}")
+        except FileNotFoundError:
+            yield dead(record.id, record.uri, "file not found")
+            return
+        except (OSError, ValueError) as err:
+            yield dead(record.id, record.uri, f"could not read: {type(err).__name__}: {err}")
+            return
+        yield dataclasses.replace(record, data=data)
+
+
+class ReadInputs(beam.PTransform):
+    """Source (glob or manifest URL) -> PCollection[Record] with bytes, plus a ``dead_letter`` output."""
+
+    def __init__(self, source: str, max_bytes: int):
+        super().__init__()
+        self.source = source
+        self.max_bytes = max_bytes
+
+    def expand(self, pbegin):
+        listed = (
+            pbegin
+            | "Source" >> beam.Create([self.source])
+            | "Expand" >> beam.ParDo(ExpandSource()).with_outputs(DEAD, main="records")
+        )
+        read = (
+            listed.records
+            | "Spread" >> beam.Reshuffle()
+            | "ReadBytes" >> beam.ParDo(ReadBytes(self.max_bytes)).with_outputs(DEAD, main="records")
+        )
+        dead = (listed[DEAD], read[DEAD]) | "ReadFailures" >> beam.Flatten()
+        return {"records": read.records, DEAD: dead}
