@@ -12,11 +12,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from models import registry
 from models.committee import Aggregation, Confidence
+from models.inference import Precision
 from models.preprocess import INTERPOLATIONS
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -24,12 +26,6 @@ CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 
 class ConfigError(ValueError):
     """An invalid config; the message names the key."""
-
-
-class Precision(str, enum.Enum):
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
 
 
 class ModelSharing(str, enum.Enum):
@@ -106,8 +102,19 @@ def load(config: Optional[str] = None, overrides: Optional[list[str]] = None, **
         given = {k: v for k, v in values.items() if v is not None}
         if given:
             merged = OmegaConf.merge(merged, given)
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        for override in overrides or ():
+            key, sep, value = override.partition("=")
+            if not sep:
+                raise ConfigError(f"{override}: an override is key=value")
+            parts = key.strip().split(".")
+            if any(part.isdigit() for part in parts):
+                # list items are addressed by index (stages.0.threshold): update in place, a dotlist cannot;
+                # the index one past the end appends a new stage
+                if parts[0] == "stages" and parts[1].isdigit() and int(parts[1]) == len(merged.stages):
+                    merged.stages.append(OmegaConf.structured(StageConfig))
+                OmegaConf.update(merged, key.strip(), yaml.safe_load(value) if value.strip() else "", merge=True)
+            else:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import importlib.resources
 from dataclasses import dataclass, field
+
 import fsspec
 import torch
 

@@ -137,7 +137,9 @@ def summarize(cfg: schema.CascadeConfig, listed: Optional[int]) -> tuple[dict, l
 def check_invariant(counts: dict) -> Optional[str]:
     """inputs = predictions + dead letters, counted three ways; returns what is wrong, if anything."""
     total = counts["predictions"] + counts["dead_letters"]
-    if counts["predictions"] != counts["exit_stats_predictions"] or counts["dead_letters"] != counts["exit_stats_dead_letters"]:
+    if (counts["predictions"], counts["dead_letters"]) != (
+        counts["exit_stats_predictions"], counts["exit_stats_dead_letters"]
+    ):
         return (f"tables disagree: predictions {counts['predictions']} vs {counts['exit_stats_predictions']} "
                 f"tallied, dead letters {counts['dead_letters']} vs {counts['exit_stats_dead_letters']} tallied")
     if counts["inputs_listed"] is not None and counts["inputs_listed"] != total:
@@ -147,7 +149,8 @@ def check_invariant(counts: dict) -> Optional[str]:
 
 def listed_inputs(result) -> Optional[int]:
     try:
-        query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE).with_name("inputs_listed"))
+        wanted = beam.metrics.MetricsFilter().with_namespace(NAMESPACE).with_name("inputs_listed")
+        query = result.metrics().query(wanted)
     except (NotImplementedError, AttributeError):
         return None
     counters = query.get("counters", [])
@@ -210,7 +213,8 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
           f"({elapsed:.1f} s)")
     if problem:
         raise SystemExit(f"COUNT INVARIANT VIOLATED: {problem}")
-    print(f"count invariant holds: inputs = predictions + dead letters = {counts['predictions'] + counts['dead_letters']}")
+    total = counts["predictions"] + counts["dead_letters"]
+    print(f"count invariant holds: inputs = predictions + dead letters = {total}")
     return manifest
 
 

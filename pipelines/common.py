@@ -17,7 +17,9 @@ TABLES = ("predictions", "exit_stats", "dead_letter")
 MANIFEST = "manifest.json"
 
 
-def split_argv(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[str], list[str]]:
+def split_argv(
+    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]
+) -> tuple[argparse.Namespace, list[str], list[str]]:
     """(our flags, OmegaConf dotted overrides, Beam's pipeline flags) from one command line."""
     args, rest = parser.parse_known_args(argv)
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]

@@ -15,7 +15,6 @@ from typing import Iterable, Iterator, Optional
 import apache_beam as beam
 import fsspec
 import pyarrow.parquet as pq
-
 from apache_beam.metrics import Metrics
 
 from transforms.progress import NAMESPACE, progress

@@ -11,16 +11,16 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import apache_beam as beam
 import numpy as np
 import torch
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
-from configs.schema import ModelSharing, Precision, StageConfig
-from models import committee, registry
-from models.preprocess import BadInput, load_image, to_model_input
+from configs.schema import ModelSharing, StageConfig
+from models import committee, inference, registry
+from models.preprocess import BadInput, load_image
 from transforms.io import DEAD
 from transforms.progress import progress
 from transforms.records import DeadLetter, Record
@@ -51,15 +51,6 @@ class StageRuntime:
     torch_threads: int = 0
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-_AUTOCAST = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
-
-
 class ClassifierHandler(ModelHandler[np.ndarray, Any, torch.nn.Module]):
     """A RunInference model handler for one registry model at one resolution.
 
@@ -74,35 +65,18 @@ class ClassifierHandler(ModelHandler[np.ndarray, Any, torch.nn.Module]):
         self.stage = stage
         self.runtime = runtime
         self.stage_number = stage_number
-        self._device: Optional[torch.device] = None
 
     def load_model(self) -> torch.nn.Module:
         if self.runtime.torch_threads > 0:
             torch.set_num_threads(self.runtime.torch_threads)
-        device = resolve_device(self.runtime.device)
-        model = registry.build(self.spec).to(device)
-        if self.stage.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if self.stage.compile:
-            model = torch.compile(model)
-        log.info("stage %d: loaded %s on %s", self.stage_number, self.spec.key, device)
+        model = inference.load(self.spec, self.runtime.device, channels_last=self.stage.channels_last,
+                               compile=self.stage.compile)
+        log.info("stage %d: loaded %s", self.stage_number, self.spec.key)
         return model
 
     def _forward(self, model: torch.nn.Module, batch: Sequence[np.ndarray]) -> np.ndarray:
-        device = next(iter(model.parameters()), torch.empty(0)).device
-        host = torch.from_numpy(np.stack(batch))
-        if device.type == "cuda":
-            host = host.pin_memory()
-        x = to_model_input(host.to(device, non_blocking=True), self.spec.input)
-        if self.stage.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        dtype = _AUTOCAST.get(Precision(self.stage.precision))
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-        out = logits.float().cpu().numpy()
-        if out.shape != (len(batch), self.spec.num_classes):
-            raise ValueError(f"model returned shape {tuple(out.shape)}, expected ({len(batch)}, {self.spec.num_classes})")
-        return out
+        return inference.forward(model, self.spec, batch, channels_last=self.stage.channels_last,
+                                 precision=self.stage.precision)
 
     def _infer(self, model: torch.nn.Module, batch: Sequence[np.ndarray]) -> list:
         try:

@@ -1,0 +1,53 @@
+"""Config loading and validation: each rule fails up front with a message naming its key."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs import schema
+
+
+def test_profile_loads_and_overrides_apply():
+    cfg = schema.load("lite_cascade", ["stages.0.threshold=0.7", "confidence=logit_gap"])
+    assert [s.model for s in cfg.stages] == ["lite0", "lite1", "lite2"]
+    assert [s.resolution for s in cfg.stages] == [224, 240, 260]
+    assert cfg.stages[0].threshold == 0.7
+    assert cfg.confidence.value == "logit_gap"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stages.0.threshold=1.5"], r"stages\.0\.threshold: must be in \[0, 1\]"),
+        (["stages.1.threshold=-0.1"], r"stages\.1\.threshold: must be in \[0, 1\]"),
+        (["stages.1.model=resnet9000"], r"stages\.1\.model: unknown model 'resnet9000'; registered models: lite0"),
+        (["stages.0.batch_size=0"], r"stages\.0\.batch_size: must be > 0"),
+        (["stages.2.resolution=8"], r"stages\.2\.resolution: must be in \[16, 4096\]"),
+        (["confidence=maxprob"], r"confidence"),
+        (["stages.0.colour=red"], r"stages\[0\]\.colour|stages\.0\.colour"),
+        (["surprise=1"], r"surprise"),
+        (["device=tpu"], r"device: 'tpu'"),
+        (["decode.max_pixels=0"], r"decode\.max_pixels"),
+        (["output="], r"^output: "),
+        (["stages.0.batch_size=many"], r"batch_size"),
+    ],
+)
+def test_invalid_config_names_the_key(overrides, message):
+    with pytest.raises(schema.ConfigError, match=message):
+        schema.load("lite_cascade", overrides)
+
+
+def test_no_stages_is_refused():
+    with pytest.raises(schema.ConfigError, match="stages: at least one stage"):
+        schema.load(None)
+
+
+def test_stages_with_different_class_counts_are_refused():
+    with pytest.raises(schema.ConfigError, match=r"stages\.1\.model: tiny has 10 classes but stage 0 has 1000"):
+        schema.load("lite_cascade", ["models.tiny.arch=torchvision:resnet18", "models.tiny.weights=/nowhere.pt",
+                                     "models.tiny.num_classes=10", "stages.1.model=tiny"])
+
+
+def test_unknown_profile_lists_profiles():
+    with pytest.raises(schema.ConfigError, match="profiles: .*lite_cascade"):
+        schema.load("no_such_profile")

@@ -1,0 +1,136 @@
+"""The cascade pipeline end to end on the real runner, real weights and the shared ImageNet sample."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from models import committee, inference, registry
+from models.preprocess import load_image
+from pipelines import cascade
+from pipelines.common import read_table
+from tests.conftest import write_manifest
+
+KEYS = ["lite0@224", "lite1@240", "lite2@260"]
+
+
+def run_cascade(out, source, *overrides):
+    return cascade.run(["--config", "lite_cascade", "--input", source, "--output", str(out),
+                        "--runner=FnApiRunner", *overrides])
+
+
+def rows_by_uri(out, table="predictions"):
+    return {r["uri"]: r for r in read_table(str(out), table).to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def subset_logits(sample_subset):
+    """Per-model logits of the subset computed by a plain loop, outside Beam: the committee's input."""
+    stack = []
+    for key in KEYS:
+        spec = registry.parse_key(key)
+        model = inference.load(spec, "cpu")
+        images = [load_image(open(r["uri"], "rb").read(), spec.input) for r in sample_subset]
+        stack.append(np.concatenate([inference.forward(model, spec, images[i:i + 16])
+                                     for i in range(0, len(images), 16)]))
+    return np.stack(stack)
+
+
+def gmacs_of_keys():
+    return [registry.gmacs(registry.parse_key(k)) for k in KEYS]
+
+
+@pytest.mark.parametrize("thresholds", [(0.55, 0.75), (1.0, 1.0)], ids=["calibrated-like", "ensemble"])
+def test_pipeline_decisions_equal_committee_maths(tmp_path, sample_subset, subset_logits, thresholds):
+    manifest = write_manifest(tmp_path / "m.csv", sample_subset)
+    run_cascade(tmp_path / "out", manifest, f"stages.0.threshold={thresholds[0]}",
+                f"stages.1.threshold={thresholds[1]}", "stages.0.batch_size=8", "stages.1.batch_size=8")
+    got = rows_by_uri(tmp_path / "out")
+    ref = committee.cascade(subset_logits, thresholds, gmacs_of_keys())
+    assert len(got) == len(sample_subset)
+    for i, row in enumerate(sample_subset):
+        pred = got[row["uri"]]
+        assert pred["exit_stage"] == ref.exit_stage[i], row["uri"]
+        assert pred["pred_class"] == ref.pred[i], row["uri"]
+        assert pred["confidence"] == pytest.approx(ref.confidence[i], abs=1e-4)
+        assert pred["gmacs"] == pytest.approx(ref.gmacs[i])
+        assert pred["label"] == row["label"]
+        assert pred["top5_classes"][0] == pred["pred_class"]
+        assert pred["pred_name"] == registry.get("lite0").class_name(pred["pred_class"])
+    if thresholds == (1.0, 1.0):  # all thresholds 1: every record reaches stage 3, the three-model ensemble
+        assert {r["exit_stage"] for r in got.values()} == {3}
+        ensemble = committee.ensemble(subset_logits).argmax(-1)
+        assert [got[r["uri"]]["pred_class"] for r in sample_subset] == list(ensemble)
+    stats = read_table(str(tmp_path / "out"), "exit_stats").to_pylist()
+    assert [s["records_exited"] for s in stats] == [int((ref.exit_stage == k).sum()) for k in (1, 2, 3)]
+    assert stats[0]["avg_gmacs"] == pytest.approx(ref.gmacs.mean())
+    assert stats[0]["worst_case_gmacs"] == pytest.approx(sum(gmacs_of_keys()))
+    labels = np.array([r["label"] for r in sample_subset])
+    assert stats[0]["accuracy"] == pytest.approx((ref.pred == labels).mean())
+
+
+def test_thresholds_zero_on_whole_sample_is_lite0_alone(tmp_path, sample_dir):
+    """All 496 images; every record exits at stage 1, so accuracy is Lite0@224's (about 88-89 %)."""
+    out = tmp_path / "out"
+    manifest = run_cascade(out, str(sample_dir / "labels.csv"), "stages.0.threshold=0", "stages.1.threshold=0",
+                           "stages.0.batch_size=64")
+    stats = read_table(str(out), "exit_stats").to_pylist()
+    assert stats[0]["records_in"] == 496 and stats[0]["records_exited"] == 496 and stats[0]["exit_ratio"] == 1.0
+    assert stats[1]["records_in"] == 0 and stats[2]["records_in"] == 0
+    assert stats[0]["dead_letters"] == 0
+    assert 0.87 <= stats[0]["accuracy"] <= 0.90
+    assert stats[0]["avg_gmacs"] == pytest.approx(registry.gmacs(registry.get("lite0")))
+    assert manifest["counts"]["inputs_listed"] == 496 and manifest["invariant_holds"]
+
+
+def test_bad_inputs_become_dead_letters_and_good_ones_are_unchanged(tmp_path, sample_subset):
+    good = sample_subset[:4]
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("this is not a picture\n")
+    rows = good + [{"uri": str(tmp_path / "missing.jpg"), "label": 1},
+                   {"uri": str(tmp_path / "empty.jpg"), "label": 2},
+                   {"uri": str(tmp_path / "text.jpg"), "label": 3}]
+    clean = run_cascade(tmp_path / "clean", write_manifest(tmp_path / "good.csv", good), "stages.0.threshold=0")
+    mixed = run_cascade(tmp_path / "mixed", write_manifest(tmp_path / "mixed.csv", rows), "stages.0.threshold=0")
+    dead = rows_by_uri(tmp_path / "mixed", "dead_letter")
+    assert dead[str(tmp_path / "missing.jpg")]["error"] == "file not found"
+    assert dead[str(tmp_path / "missing.jpg")]["stage"] == 0
+    assert "empty file" in dead[str(tmp_path / "empty.jpg")]["error"]
+    assert "not an image" in dead[str(tmp_path / "text.jpg")]["error"]
+    assert dead[str(tmp_path / "text.jpg")]["stage"] == 1
+    preds_clean, preds_mixed = rows_by_uri(tmp_path / "clean"), rows_by_uri(tmp_path / "mixed")
+    assert preds_mixed.keys() == preds_clean.keys() == {r["uri"] for r in good}
+    for uri, row in preds_clean.items():
+        assert preds_mixed[uri]["pred_class"] == row["pred_class"]
+        assert preds_mixed[uri]["confidence"] == pytest.approx(row["confidence"], abs=1e-5)
+    assert mixed["counts"] == {"inputs_listed": 7, "predictions": 4, "dead_letters": 3,
+                               "exit_stats_predictions": 4, "exit_stats_dead_letters": 3}
+
+
+def test_embedded_demo_runs_with_no_arguments(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    manifest = cascade.run(["--runner=FnApiRunner"])
+    printed = capsys.readouterr().out
+    assert "embedded demo set" in printed and "count invariant holds" in printed
+    assert "GMACs (multiply-adds x1e9)" in printed
+    counts = manifest["counts"]
+    assert counts["inputs_listed"] >= 20 and counts["predictions"] >= 20
+    assert counts["predictions"] + counts["dead_letters"] == counts["inputs_listed"]
+    with open(tmp_path / "out" / "cascade" / "manifest.json") as fh:
+        written = json.load(fh)
+    assert written["versions"]["apache-beam"] and "stages:" in written["config"]
+    assert [s["model"] for s in written["stages"]] == KEYS
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path, sample_subset):
+    out = tmp_path / "out"
+    os.makedirs(out)
+    (out / "something.txt").write_text("an earlier file")
+    manifest = write_manifest(tmp_path / "m.csv", sample_subset[:2])
+    with pytest.raises(SystemExit, match="not empty.*--overwrite"):
+        run_cascade(out, manifest)
+    run_cascade(out, manifest, "--overwrite", "stages.0.threshold=0")
+    assert len(rows_by_uri(out)) == 2
