@@ -343,7 +343,7 @@ def _choice(keys, grid: _Grid, thresholds: list[np.ndarray], idx: tuple[int, ...
                   float(grid.correct[idx]), float(grid.cost[idx]), grid.worst, tuple(exits))
 
 
-def _pareto(points: list[Choice]) -> list[Choice]:
+def pareto(points: list[Choice]) -> list[Choice]:
     """Points not beaten on both accuracy and average GMACs, by increasing cost."""
     out, best = [], -np.inf
     for c in sorted(points, key=lambda c: (c.avg_gmacs, -c.accuracy, len(c.models))):
@@ -483,11 +483,11 @@ def search(
                     if node is not None:
                         keys = tuple(pool.keys[i] for i in node.entries)
                         scored.append((result.per_sequence.get(keys), node))
-            on_front = {id(c) for c in _pareto([c for c, _ in scored if c is not None])}
+            on_front = {id(c) for c in pareto([c for c, _ in scored if c is not None])}
             ranked = sorted(scored, key=lambda cn: _rank(cn[0], objective))
             layer = [nd for i, (c, nd) in enumerate(ranked) if i < beam_width or (c is not None and id(c) in on_front)]
     if frontier:
-        result.frontier = _pareto(points)
+        result.frontier = pareto(points)
     return result
 
 
