@@ -32,7 +32,7 @@ def _save(fig, output: str, name: str) -> str:
     fs, path = fsspec.core.url_to_fs(output)
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/{name}", "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(fh, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     return name
 
