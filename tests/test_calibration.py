@@ -220,3 +220,26 @@ def test_score_pipeline_on_real_images(tmp_path):
     assert pool.keys == ("lite0@224",) and pool.logits.shape == (1, 4, 1000) and info["records"] == 4
     assert sorted(pool.labels.tolist()) == sorted(int(r["class_index"]) for r in rows)
     assert pool.solitary_accuracy("lite0@224") >= 0.75  # clean ImageNet images, one per class
+
+
+def test_report_of_a_real_run_reads_its_tables(tmp_path):
+    from pipelines import report
+    from transforms.outputs import EXIT_STATS_SCHEMA, PREDICTIONS_SCHEMA
+
+    run_dir = tmp_path / "run"
+    preds = [{"id": f"r{i}", "uri": f"/x/{i}", "label": i % 3, "pred_class": 0, "pred_name": "a",
+              "confidence": i / 10, "exit_stage": 1 + i % 2, "gmacs": 0.4, "top5_classes": [0],
+              "top5_probs": [0.5]} for i in range(10)]
+    stats = [{"stage": s, "model": "lite0", "resolution": 224, "threshold": 0.5 if s == 1 else None,
+              "stage_gmacs": 0.4, "cumulative_gmacs": 0.4 * s, "records_in": 10, "records_exited": 5,
+              "records_failed": 0, "exit_ratio": 0.5, "share_of_predictions": 0.5, "labelled_exited": 5,
+              "accuracy_exited": 0.4, "total_inputs": 10, "predictions": 10, "dead_letters": 0, "avg_gmacs": 0.6,
+              "worst_case_gmacs": 0.8, "last_model_gmacs": 0.4, "accuracy": 0.4} for s in (1, 2)]
+    for name, rows, sch in (("predictions", preds, PREDICTIONS_SCHEMA), ("exit_stats", stats, EXIT_STATS_SCHEMA)):
+        os.makedirs(run_dir / name)
+        pq.write_table(pa.Table.from_pylist(rows, schema=sch), run_dir / name / "part-0.parquet")
+    pngs = report.run(["--run", str(run_dir), "--output", str(tmp_path / "plots")])
+    assert pngs == ["exit_ratios.png", "confidence_topk.png"]
+    assert all((tmp_path / "plots" / p).stat().st_size > 0 for p in pngs)
+    curve = report.topk_curve(np.array([0.9, 0.8, 0.1]), np.array([True, False, True]), np.array([1 / 3, 1.0]))
+    assert curve.tolist() == [1.0, 2 / 3]
