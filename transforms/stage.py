@@ -177,6 +177,17 @@ class Route(beam.DoFn):
             yield beam.pvalue.TaggedOutput(CONTINUE, record)
 
 
+def classify(records, spec: registry.ModelSpec, stage: StageConfig, runtime: StageRuntime, stage_number: int):
+    """Records -> ((record, PredictionResult) pairs, dead letters of undecodable inputs): the "Preprocess"
+    and "Infer" steps of a stage, applied in the caller's scope so that their labels stay the caller's.
+    A result's ``inference`` is float32 logits, or an ``InferenceFailure`` for a record the model failed on."""
+    ready = records | "Preprocess" >> beam.ParDo(Preprocess(spec, runtime, stage_number)).with_outputs(
+        DEAD, main="ready"
+    )
+    handler = KeyedModelHandler(ClassifierHandler(spec, stage, runtime, stage_number))
+    return ready.ready | "Infer" >> RunInference(handler), ready[DEAD]
+
+
 class CascadeStage(beam.PTransform):
     """Records in -> {exited: prediction rows, continue: records for the next stage, dead_letter}."""
 
@@ -193,15 +204,11 @@ class CascadeStage(beam.PTransform):
     def expand(self, records):
         if self.stage_number > 1:  # escalated records of all bundles meet again, so batches stay full
             records = records | "Rebatch" >> beam.Reshuffle()
-        ready = records | "Preprocess" >> beam.ParDo(
-            Preprocess(self.spec, self.runtime, self.stage_number)
-        ).with_outputs(DEAD, main="ready")
-        handler = KeyedModelHandler(ClassifierHandler(self.spec, self.stage, self.runtime, self.stage_number))
-        inferred = ready.ready | "Infer" >> RunInference(handler)
+        inferred, undecodable = classify(records, self.spec, self.stage, self.runtime, self.stage_number)
         routed = inferred | "Route" >> beam.ParDo(
             Route(self.spec, self.stage.threshold, self.is_last, self.gmacs, self.runtime, self.stage_number)
         ).with_outputs(DEAD, CONTINUE, main=EXITED)
-        dead = (ready[DEAD], routed[DEAD]) | "Failures" >> beam.Flatten()
+        dead = (undecodable, routed[DEAD]) | "Failures" >> beam.Flatten()
         return {EXITED: routed[EXITED], CONTINUE: routed[CONTINUE], DEAD: dead}
 
 

@@ -1,0 +1,267 @@
+"""Plots and a Markdown report of a calibration, or of a cascade run's outputs.
+
+    python -m pipelines.report --scores scores/ --output report/              # from pool scores alone
+    python -m pipelines.report --run out/cascade --output report/             # a real run of pipelines.cascade
+
+Plots (PNG): accuracy vs average GMACs of solitary models, ensembles and cascades (the paper's Figure 2);
+a 2-model cascade as its threshold t1 sweeps 0..1 (Figure 3); exit ratios per stage; accuracy of the top-k %
+most confident records for each confidence function (Figure A).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import fsspec
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from models import calibration as cal
+from models import committee
+from pipelines import common
+
+KIND_STYLE = {"solitary": ("o", "tab:blue"), "ensemble": ("s", "tab:orange"), "cascade": ("^", "tab:green")}
+
+
+def _save(fig, output: str, name: str) -> str:
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/{name}", "wb") as fh:
+        fig.savefig(fh, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def plot_accuracy_vs_gmacs(rows: list[dict], output: str, chosen: dict | None = None,
+                           budget: float | None = None) -> str:
+    """Figure 2: every solitary model and ensemble, and the cascades of the Pareto frontier."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for kind, (marker, color) in KIND_STYLE.items():
+        pts = [r for r in rows if r["kind"] == kind]
+        if not pts:
+            continue
+        pts.sort(key=lambda r: r["avg_gmacs"])
+        xs, ys = [r["avg_gmacs"] for r in pts], [100 * r["accuracy"] for r in pts]
+        if kind == "cascade":
+            ax.plot(xs, ys, "-", color=color, lw=1, alpha=0.6)
+        ax.scatter(xs, ys, marker=marker, color=color, s=22 if kind == "cascade" else 45, label=kind, zorder=3)
+        if kind == "solitary":
+            for r in pts:
+                ax.annotate(r["models"], (r["avg_gmacs"], 100 * r["accuracy"]), textcoords="offset points",
+                            xytext=(4, -10), fontsize=8)
+    if chosen:
+        ax.scatter([chosen["avg_gmacs"]], [100 * chosen["accuracy"]], marker="*", s=250, color="tab:red",
+                   label="chosen: " + chosen["models"], zorder=4)
+    if budget is not None:
+        ax.axvline(budget, color="grey", ls="--", lw=1, label=f"budget {budget:.3f} GMACs")
+    ax.set_xlabel("average GMACs per record (multiply-adds x1e9)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy vs cost: solitary models, ensembles, cascades")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, output, "accuracy_vs_gmacs.png")
+
+
+def plot_t1_sweep(pool: cal.Pool, pair: Sequence[str], output: str, kind, aggregation) -> str:
+    """Figure 3: a 2-model cascade as t1 goes from 0 (all exit at model 1) to 1 (the 2-model ensemble)."""
+    ts = np.linspace(0.0, 1.0, 101)
+    pts = [cal.replay(pool, pair, [t], kind, aggregation) for t in ts]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    sc = ax.scatter([p.avg_gmacs for p in pts], [100 * p.accuracy for p in pts], c=ts, cmap="viridis", s=18)
+    ax.plot([p.avg_gmacs for p in pts], [100 * p.accuracy for p in pts], "-", color="grey", lw=0.8, alpha=0.6)
+    fig.colorbar(sc, ax=ax, label="threshold t1")
+    for key, marker in zip(pair, ("o", "s")):
+        solo = cal.replay(pool, [key], [], kind, aggregation)
+        ax.scatter([solo.avg_gmacs], [100 * solo.accuracy], marker=marker, s=80, color="tab:red", zorder=4)
+        ax.annotate(f"{key} alone", (solo.avg_gmacs, 100 * solo.accuracy), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("average GMACs per record")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"Cascade {pair[0]} -> {pair[1]} as t1 sweeps 0..1 ({kind.value})")
+    ax.grid(alpha=0.3)
+    return _save(fig, output, "t1_sweep.png")
+
+
+def plot_exit_ratios(stages: list[dict], output: str, title: str) -> str:
+    """Share of records exiting at each stage, with the accuracy of the records that exited there."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    labels = [s["label"] for s in stages]
+    ratios = [100 * s["exit_ratio"] for s in stages]
+    bars = ax.bar(labels, ratios, color="tab:green", alpha=0.8)
+    for bar, s in zip(bars, stages):
+        acc = "" if s.get("accuracy") is None else f"\nacc {s['accuracy']:.1%}"
+        ax.annotate(f"{s['exit_ratio']:.1%}{acc}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("records exiting at the stage (%)")
+    ax.set_ylim(0, max(ratios + [1]) * 1.25)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, output, "exit_ratios.png")
+
+
+def cascade_stages(pool: cal.Pool, models: Sequence[str], thresholds: Sequence[float], kind, aggregation) -> list[dict]:
+    idx = [pool.index(k) for k in models]
+    res = committee.cascade(pool.logits[idx], list(thresholds), pool.gmacs[idx], kind, aggregation)
+    out = []
+    for j, key in enumerate(models):
+        mask = res.exit_stage == j + 1
+        t = f"\nt={thresholds[j]:.3f}" if j < len(thresholds) else ""
+        out.append({"label": f"{j + 1}: {key}{t}", "exit_ratio": float(mask.mean()),
+                    "accuracy": float((res.pred[mask] == pool.labels[mask]).mean()) if mask.any() else None})
+    return out
+
+
+def topk_curve(conf: np.ndarray, correct: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """Accuracy of the ``share`` most confident records, for each share in (0, 1]."""
+    order = np.argsort(-conf, kind="stable")
+    cum = np.cumsum(correct[order])
+    k = np.maximum(1, np.round(shares * len(conf)).astype(int))
+    return cum[k - 1] / k
+
+
+def plot_topk(curves: dict[str, dict[str, np.ndarray]], shares: np.ndarray, output: str) -> str:
+    """Figure A: one panel per model, one line per confidence function."""
+    n = len(curves)
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    for ax, (model, lines) in zip(axes.ravel(), curves.items()):
+        for name, acc in lines.items():
+            ax.plot(100 * shares, 100 * acc, label=name)
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("top-k % most confident records")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    fig.suptitle("Accuracy of the most confident records, per confidence function")
+    fig.tight_layout()
+    return _save(fig, output, "confidence_topk.png")
+
+
+def pool_topk(pool: cal.Pool, output: str) -> str:
+    shares = np.linspace(0.01, 1.0, 100)
+    curves = {}
+    for key in pool.keys:
+        z = pool.logits[pool.index(key)]
+        correct = z.argmax(-1) == pool.labels
+        curves[key] = {k.value: topk_curve(committee.confidence(z, k), correct, shares) for k in committee.Confidence}
+    return plot_topk(curves, shares, output)
+
+
+def _pair_for_sweep(pool: cal.Pool, chosen: dict | None) -> list[str]:
+    models = chosen["models"].split(" -> ") if chosen else []
+    if len(models) >= 2:
+        return models[:2]
+    by_cost = sorted(pool.keys, key=lambda k: pool.gmacs[pool.index(k)])
+    return [by_cost[0], max(pool.keys, key=pool.solitary_accuracy)] if len(by_cost) > 1 else by_cost * 2
+
+
+def calibration_report(pool: cal.Pool, summary: dict, rows: list[dict], output: str, kind, aggregation) -> str:
+    """All plots of a calibration and ``report.md`` beside them; returns the report's path."""
+    kind, aggregation = committee.Confidence(kind), committee.Aggregation(aggregation)
+    chosen = summary.get("choice")
+    pngs = [plot_accuracy_vs_gmacs(rows, output, chosen, summary["objective"].get("budget_gmacs"))]
+    pair = _pair_for_sweep(pool, chosen)
+    if len(set(pair)) == 2:
+        pngs.append(plot_t1_sweep(pool, pair, output, kind, aggregation))
+    if chosen:
+        models = chosen["models"].split(" -> ")
+        pngs.append(plot_exit_ratios(cascade_stages(pool, models, chosen["thresholds"], kind, aggregation), output,
+                                     "Exit ratios per stage of the chosen cascade"))
+    pngs.append(pool_topk(pool, output))
+    obj = summary["objective"]
+    lines = [
+        "# Calibration report", "",
+        f"Scores: `{summary['scores']}`, {summary['records']} labelled records"
+        + (f" ({', '.join(summary['where'])})" if summary.get("where") else "")
+        + f"; confidence `{summary['confidence']}`, aggregation `{summary['aggregation']}`.", "",
+        f"Objective: `{obj['goal']}`; target accuracy {obj['target_accuracy']}, budget {obj['budget_gmacs']} GMACs, "
+        f"worst case <= {obj['max_worst_gmacs']}, past stage 1 <= {obj['max_past_first']}; margin "
+        f"{obj['margin_sigmas']} standard errors; sequence chosen by {summary['folds']}-fold cross-validation"
+        if summary["folds"] > 1 else f"Objective: `{obj['goal']}` (no cross-validation).", "",
+        "## Pool", "", "| entry | accuracy | GMACs |", "|---|---:|---:|",
+        *[f"| {k} | {v['accuracy']:.2%} | {v['gmacs']:.3f} |" for k, v in summary["pool"].items()], "",
+    ]
+    if chosen:
+        lines += ["## Chosen cascade", "",
+                  f"{chosen['models']} with thresholds {', '.join(f'{t:.4f}' for t in chosen['thresholds']) or '-'}: "
+                  f"accuracy **{chosen['accuracy']:.2%}**, average GMACs **{chosen['avg_gmacs']:.3f}** "
+                  f"(worst case {chosen['worst_gmacs']:.3f}), exit ratios "
+                  + " / ".join(f"{r:.1%}" for r in chosen["exit_ratios"]) + f". Config: `{summary['config']}`.", ""]
+    if summary.get("cv"):
+        cv = sorted(summary["cv"], key=lambda r: -r["cv_accuracy"])[:10]
+        lines += ["## Cross-validation (top 10 sequences by held-out accuracy)", "",
+                  "| models | CV accuracy | CV avg GMACs | CV share past stage 1 | qualifies |", "|---|---:|---:|---:|:-:|",
+                  *[f"| {r['models']} | {r['cv_accuracy']:.2%} | {r['cv_avg_gmacs']:.3f} | {r['cv_past_first']:.1%} | "
+                    f"{'yes' if r['qualifies'] else ''} |" for r in cv], ""]
+    from pipelines.calibrate import markdown_table
+
+    front = [r for r in rows if r["on_frontier"] or r["kind"] == "solitary"]
+    lines += ["## Pareto frontier (and every solitary model)", "", markdown_table(front)]
+    lines += ["## Plots", "", *[f"![{p}]({p})" for p in pngs], ""]
+    path = f"{output.rstrip('/')}/report.md"
+    with fsspec.open(path, "w") as fh:
+        fh.write("\n".join(lines))
+    return path
+
+
+def run_report(run_output: str, output: str) -> list[str]:
+    """Plots of a real run of pipelines.cascade: exit ratios per stage and top-k % accuracy by confidence."""
+    stats = common.read_table(run_output, "exit_stats").to_pylist()
+    stages = [{"label": f"{s['stage']}: {s['model']}@{s['resolution']}"
+               + ("" if s["threshold"] is None else f"\nt={s['threshold']:.3f}"),
+               "exit_ratio": s["share_of_predictions"] or 0.0, "accuracy": s["accuracy_exited"]} for s in stats]
+    pngs = [plot_exit_ratios(stages, output, f"Exit ratios per stage of the run {run_output}")]
+    pred = common.read_table(run_output, "predictions").select(["label", "pred_class", "confidence"]).to_pydict()
+    labelled = [i for i, lab in enumerate(pred["label"]) if lab is not None]
+    if labelled:
+        shares = np.linspace(0.01, 1.0, 100)
+        conf = np.asarray(pred["confidence"])[labelled]
+        correct = np.asarray(pred["label"])[labelled] == np.asarray(pred["pred_class"])[labelled]
+        pngs.append(plot_topk({"cascade predictions": {"exit confidence": topk_curve(conf, correct, shares)}},
+                              shares, output))
+    return pngs
+
+
+def run(argv: Sequence[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scores", default=None, help="output folder of pipelines.score")
+    parser.add_argument("--run", default=None, help="output folder of pipelines.cascade")
+    parser.add_argument("--output", default=None, help="folder for the plots (default: the input folder)")
+    args = parser.parse_args(argv)
+    if args.run:
+        pngs = run_report(args.run, args.output or args.run)
+    elif args.scores:
+        from pipelines.calibrate import frontier_rows, load_pool
+
+        pool, _ = load_pool(args.scores)
+        output = args.output or args.scores
+        kind, agg = committee.Confidence.MAX_PROB, committee.Aggregation.LOGITS
+        depth = min(3, len(pool.keys))
+        full = cal.search(pool, cal.Objective(goal="max_accuracy", budget_gmacs=float("inf")), frontier=True,
+                          prune=False, max_models=depth)
+        rows = frontier_rows(pool, full.frontier, depth, kind, agg)
+        pngs = [plot_accuracy_vs_gmacs(rows, output), pool_topk(pool, output)]
+        pair = _pair_for_sweep(pool, None)
+        if len(set(pair)) == 2:
+            pngs.append(plot_t1_sweep(pool, pair, output, kind, agg))
+    else:
+        parser.error("give --scores or --run")
+    print("wrote " + ", ".join(pngs))
+    return pngs
+
+
+def main() -> None:
+    run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Score a labelled held-out set with every model of a pool: the first step of calibration.
+
+    python -m pipelines.score --models lite0@224,lite0@288,lite1@240,lite2@260 \
+        --input held_out/labels.csv --output scores/ --runner=DirectRunner
+
+Each pool entry is a registered model at one resolution (``lite0@288`` is Lite0 fed at 288 pixels).
+The records go through the main job's own reader, preprocessing and RunInference model handler (full
+batches), so the logits are those the cascade would see. Output, under ``--output``:
+``scores/*.parquet`` (one row per record and pool entry: id, uri, label, model, gmacs, logits),
+``dead_letter/*.parquet`` (``stage`` = 1-based pool entry, 0 = reading) and ``manifest.json``.
+Count invariant, per pool entry: inputs listed = scored rows + dead letters of reading + of that entry.
+
+Flags: --models (comma-separated keys; or --config, a cascade YAML whose stages are the pool),
+--input, --output, --overwrite, --batch_size; ``key=value`` OmegaConf overrides; the rest goes to Beam.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from configs import schema
+from models import registry
+from pipelines import common
+from pipelines.cascade import listed_inputs
+from transforms.io import DEAD, ReadInputs
+from transforms.outputs import DEAD_LETTER_SCHEMA, WriteTable
+from transforms.records import DeadLetter
+from transforms.stage import InferenceFailure, StageRuntime, classify
+
+SCORES = "scores"
+TABLES = (SCORES, "dead_letter")
+SCORES_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("label", pa.int32()),
+        pa.field("model", pa.string(), nullable=False),  # pool entry key, e.g. lite0@288
+        pa.field("gmacs", pa.float64(), nullable=False),  # multiply-adds x1e9 of one forward pass
+        pa.field("logits", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
+
+def pool_stages(keys: str, batch_size: int) -> list[dict]:
+    """``lite0@224,lite2`` -> stage dicts of the cascade schema (a pool is validated like a cascade)."""
+    stages = []
+    for key in (k.strip() for k in keys.split(",") if k.strip()):
+        name, _, res = key.partition("@")
+        stages.append({"model": name, "resolution": int(res) if res else None, "batch_size": batch_size})
+    return stages
+
+
+def parse(argv: Sequence[str] | None) -> tuple[schema.CascadeConfig, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.score", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=None, help="comma-separated pool entries, e.g. lite0@224,lite1@240")
+    parser.add_argument("--config", default=None, help="cascade YAML whose stages are the pool (thresholds unused)")
+    parser.add_argument("--input", required=True, help="labelled manifest .csv/.parquet (uri/path, label)")
+    parser.add_argument("--output", required=True, help="output folder (local path or URL)")
+    parser.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run's outputs")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per inference batch (with --models)")
+    args, overrides, beam_args = common.split_argv(parser, argv)
+    if not args.models and not args.config:
+        parser.error("give the pool: --models lite0@224,... or --config POOL.yaml")
+    values = {"input": args.input, "output": args.output, "overwrite": args.overwrite}
+    if args.models:
+        values["stages"] = pool_stages(args.models, args.batch_size)
+    try:
+        cfg = schema.load(args.config, overrides, **values)
+    except schema.ConfigError as err:
+        raise SystemExit(f"invalid config: {err}") from None
+    keys = [spec.key for spec in schema.stage_specs(cfg)]
+    if len(set(keys)) != len(keys):
+        raise SystemExit(f"invalid pool: an entry appears twice ({', '.join(keys)}); the same model at the same "
+                         "resolution gives identical logits")
+    return cfg, beam_args
+
+
+def score_row(element, key: str, gmacs: float, number: int):
+    """(record, PredictionResult) -> a scores row, or a dead letter if the model failed on the record."""
+    record, result = element
+    if isinstance(result.inference, InferenceFailure):
+        yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, number, result.inference.reason))
+        return
+    yield {"id": record.id, "uri": record.uri, "label": record.label, "model": key, "gmacs": gmacs,
+           "logits": result.inference.tolist()}
+
+
+class ScoreEntry(beam.PTransform):
+    """Records -> {scores rows of one pool entry, dead letters}: the cascade stage's preprocessing and
+    inference without routing."""
+
+    def __init__(self, stage: schema.StageConfig, spec: registry.ModelSpec, gmacs: float, runtime: StageRuntime,
+                 number: int):
+        super().__init__()
+        self.stage, self.spec, self.gmacs, self.runtime, self.number = stage, spec, gmacs, runtime, number
+
+    def expand(self, records):
+        inferred, undecodable = classify(records, self.spec, self.stage, self.runtime, self.number)
+        rows = inferred | "Rows" >> beam.FlatMap(score_row, self.spec.key, self.gmacs, self.number).with_outputs(
+            DEAD, main=SCORES
+        )
+        dead = (undecodable, rows[DEAD]) | "Failures" >> beam.Flatten()
+        return {SCORES: rows[SCORES], DEAD: dead}
+
+
+def build(p: beam.Pipeline, cfg: schema.CascadeConfig, runtime: StageRuntime) -> list[tuple[str, float]]:
+    """Add the scoring job to ``p``; returns (key, gmacs) of each pool entry."""
+    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes)
+    scored, dead, pool = [], [inputs[DEAD]], []
+    for number, (stage, spec) in enumerate(zip(cfg.stages, schema.stage_specs(cfg)), start=1):
+        gmacs = registry.gmacs(spec)
+        pool.append((spec.key, gmacs))
+        out = inputs["records"] | f"Score_{spec.key}" >> ScoreEntry(stage, spec, gmacs, runtime, number)
+        scored.append(out[SCORES])
+        dead.append(out[DEAD])
+    scored | "MergeScores" >> beam.Flatten() | "WriteScores" >> WriteTable(
+        cfg.output, SCORES, SCORES_SCHEMA, cfg.output_shards
+    )
+    (
+        dead
+        | "MergeDeadLetters" >> beam.Flatten()
+        | "DeadLetterRows" >> beam.Map(lambda d: d.as_row())
+        | "WriteDeadLetters" >> WriteTable(cfg.output, "dead_letter", DEAD_LETTER_SCHEMA, cfg.output_shards)
+    )
+    return pool
+
+
+def check_counts(output: str, pool: list[tuple[str, float]], listed: int | None) -> tuple[dict, str | None]:
+    """Per pool entry: scored rows + dead letters (its own and reading's) must equal the inputs listed."""
+    scores = common.read_table(output, SCORES).select(["model"]).column("model").to_pylist()
+    try:
+        stages = common.read_table(output, "dead_letter").column("stage").to_pylist()
+    except FileNotFoundError:
+        stages = []
+    counts = {"inputs_listed": listed, "read_dead_letters": stages.count(0), "entries": {}}
+    problems = []
+    for number, (key, _) in enumerate(pool, start=1):
+        entry = {"scored": scores.count(key), "dead_letters": stages.count(number)}
+        counts["entries"][key] = entry
+        total = entry["scored"] + entry["dead_letters"] + counts["read_dead_letters"]
+        if listed is not None and total != listed:
+            problems.append(f"{key}: {listed} inputs listed but {total} = scored + dead letters")
+    return counts, "; ".join(problems) or None
+
+
+def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
+    """Run the scoring job; returns its manifest (also written as ``manifest.json``)."""
+    common.setup_logging()
+    cfg, beam_args = parse(argv)
+    common.prepare_output(cfg.output, cfg.overwrite, TABLES)
+    runtime = StageRuntime(cfg.confidence, cfg.aggregation, cfg.decode.max_pixels, cfg.decode.draft,
+                           cfg.device, cfg.model_sharing, cfg.torch_threads)
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+    pool = build(p, cfg, runtime)
+    started = time.time()
+    result = p.run()
+    result.wait_until_finish()
+    counts, problem = check_counts(cfg.output, pool, listed_inputs(result))
+    manifest = {
+        "config": schema.to_yaml(dataclasses.replace(cfg, overwrite=False)),
+        "pool": [{"model": key, "gmacs": g} for key, g in pool],
+        "beam_args": list(beam_args),
+        "versions": common.versions("apache-beam", "torch", "torchvision", "pyarrow", "numpy", "pillow"),
+        "counts": counts,
+        "invariant_holds": problem is None,
+        "wall_seconds": round(time.time() - started, 2),
+    }
+    common.write_json(cfg.output, common.MANIFEST, manifest)
+    for key, entry in counts["entries"].items():
+        print(f"{key}: {entry['scored']} scored, {entry['dead_letters']} dead letters")
+    print(f"outputs: {cfg.output}/{{{SCORES},dead_letter}}/*.parquet and {cfg.output}/manifest.json "
+          f"({manifest['wall_seconds']:.1f} s)")
+    if problem:
+        raise SystemExit(f"COUNT INVARIANT VIOLATED: {problem}")
+    return manifest
+
+
+def main() -> None:
+    run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The calibration flow: search vs brute force, pruning, replay through committee maths, the config and
+report written by pipelines.calibrate, and one tiny real scoring run of pipelines.score."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from configs import schema
+from models import calibration as cal
+from models import committee
+from pipelines import calibrate, score
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
+COARSE = tuple(range(0, 101, 10))
+KEYS = ("lite0@224", "lite0@288", "lite1@240", "lite2@260")
+GMACS = (0.385, 0.64, 0.60, 0.86)
+
+
+def small_pool(n: int = 240, classes: int = 12, seed: int = 0, keys=("a", "b", "c"),
+               gmacs=(0.4, 0.6, 0.9)) -> cal.Pool:
+    pool = cal.synthetic_pool(n, classes, [1.2, 1.5, 1.9, 2.2][: len(keys)], gmacs, seed=seed)
+    return cal.Pool(tuple(keys), pool.gmacs, pool.logits, pool.labels)
+
+
+def same_figures(a: cal.Choice, b: cal.Choice) -> None:
+    assert a.models == b.models
+    assert a.accuracy == pytest.approx(b.accuracy, abs=1e-12)
+    assert a.avg_gmacs == pytest.approx(b.avg_gmacs, abs=1e-9)
+    assert a.exit_ratios == pytest.approx(b.exit_ratios, abs=1e-12)
+
+
+OBJECTIVES = [
+    cal.Objective(goal="max_accuracy", budget_gmacs=0.75),
+    cal.Objective(goal="max_accuracy", budget_gmacs=0.9, max_past_first=0.4),
+    cal.Objective(goal="min_cost", target_accuracy=0.5),
+    cal.Objective(goal="min_cost", target_accuracy=0.45, margin_sigmas=1.0, max_worst_gmacs=1.6),
+]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: f"{o.goal.value}")
+@pytest.mark.parametrize("models", [("a", "c"), ("b", "a", "c"), ("c", "a")])
+def test_search_equals_brute_force_over_all_candidate_thresholds(objective, models):
+    pool = small_pool()
+    found = cal.search(pool, objective, only=[models], percentiles=COARSE, max_models=3).best
+    brute = cal.brute_force(pool, objective, models, percentiles=COARSE)
+    assert (found is None) == (brute is None)
+    if found is not None:
+        assert found.accuracy == pytest.approx(brute.accuracy, abs=1e-12)
+        assert found.avg_gmacs == pytest.approx(brute.avg_gmacs, abs=1e-9)
+
+
+@pytest.mark.parametrize("kind", list(committee.Confidence))
+@pytest.mark.parametrize("aggregation", list(committee.Aggregation))
+def test_every_result_replays_exactly_with_committee_cascade(kind, aggregation):
+    pool = small_pool(seed=3)
+    result = cal.search(pool, cal.Objective(goal="max_accuracy", budget_gmacs=0.8), kind=kind,
+                        aggregation=aggregation, percentiles=COARSE, max_models=3)
+    assert result.per_sequence
+    for keys, choice in result.per_sequence.items():
+        same_figures(choice, cal.replay(pool, keys, choice.thresholds, kind, aggregation))
+
+
+def test_torch_backend_finds_the_same_figures():
+    pool = small_pool(seed=5)
+    objective = cal.Objective(goal="max_accuracy", budget_gmacs=0.8)
+    exact = cal.search(pool, objective, percentiles=COARSE, max_models=3).best
+    fast = cal.search(pool, objective, percentiles=COARSE, max_models=3, backend="torch").best
+    assert fast.accuracy == pytest.approx(exact.accuracy, abs=1.5 / pool.size)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), budget=st.floats(0.4, 1.6), target=st.floats(0.2, 0.8),
+       goal=st.sampled_from(list(cal.Goal)), margin=st.sampled_from([0.0, 1.0]))
+def test_monotonicity_shortcuts_never_change_the_answer(seed, budget, target, goal, margin):
+    pool = small_pool(n=150, seed=seed)
+    objective = cal.Objective(goal=goal, budget_gmacs=budget, target_accuracy=target, margin_sigmas=margin)
+    pruned = cal.search(pool, objective, percentiles=COARSE, max_models=3, prune=True)
+    full = cal.search(pool, objective, percentiles=COARSE, max_models=3, prune=False)
+    assert pruned.sequences <= full.sequences
+    assert (pruned.best is None) == (full.best is None)
+    if full.best is not None:
+        assert pruned.best.accuracy == full.best.accuracy
+        assert pruned.best.avg_gmacs == pytest.approx(full.best.avg_gmacs, abs=1e-12)
+
+
+def test_sequences_repeat_only_independent_copies():
+    single = small_pool(keys=("a", "b", "c"))
+    seqs = list(cal.sequences(single, 4))
+    assert len(seqs) == 3 + 6 + 6  # ordered choices without repeating an entry
+    assert all(len(set(s)) == len(s) for s in seqs)
+    copies = cal.synthetic_pool(50, 5, [1.0, 1.0], [1.0, 2.0], copies=2)  # m0#1, m0#2, m1#1, m1#2
+    seqs = [tuple(copies.keys[i] for i in s) for s in cal.sequences(copies, 2)]
+    assert ("m0#1", "m0#2") in seqs and ("m0#2", "m0#1") not in seqs and ("m0#1", "m1#1") in seqs
+    assert len(seqs) == 2 + 4
+    eight = cal.synthetic_pool(8, 3, [1.0] * 8, [1.0] * 8, copies=4)
+    assert sum(1 for s in cal.sequences(eight, 4) if len(s) >= 2) == 4672  # the paper's count
+
+
+def test_beam_strategy_finds_a_feasible_answer_no_better_than_exhaustive():
+    pool = small_pool(n=300, seed=2, keys=("a", "b", "c", "d"), gmacs=(0.3, 0.5, 0.8, 1.1))
+    objective = cal.Objective(goal="max_accuracy", budget_gmacs=0.8)
+    full = cal.search(pool, objective, percentiles=COARSE, max_models=3)
+    beam = cal.search(pool, objective, percentiles=COARSE, max_models=3, strategy="beam", beam_width=2)
+    assert beam.sequences < full.sequences
+    assert beam.best.avg_gmacs <= 0.8 + 1e-12
+    assert beam.best.accuracy <= full.best.accuracy
+
+
+def test_margin_keeps_a_new_set_within_budget_more_often():
+    pool = small_pool(n=400, seed=7)
+    loose = cal.search(pool, cal.Objective(goal="max_accuracy", budget_gmacs=0.7), percentiles=COARSE).best
+    safe = cal.search(pool, cal.Objective(goal="max_accuracy", budget_gmacs=0.7, margin_sigmas=2.0),
+                      percentiles=COARSE).best
+    assert safe.avg_gmacs <= loose.avg_gmacs
+
+
+def test_frontier_is_pareto_and_holds_the_solitary_extremes():
+    pool = small_pool(seed=4)
+    res = cal.search(pool, cal.Objective(goal="max_accuracy", budget_gmacs=10.0), percentiles=COARSE,
+                     max_models=3, frontier=True, prune=False)
+    front = res.frontier
+    assert all(b.avg_gmacs >= a.avg_gmacs and b.accuracy > a.accuracy for a, b in itertools.pairwise(front))
+    assert front[0].avg_gmacs == pytest.approx(min(pool.gmacs))
+
+
+def write_scores(folder: Path, pool: cal.Pool, extra_ids: int = 0) -> str:
+    rows = []
+    for m, key in enumerate(pool.keys):
+        for i in range(pool.size):
+            rows.append({"id": f"r{i}", "uri": f"/x/r{i}.jpg", "label": int(pool.labels[i]), "model": key,
+                         "gmacs": float(pool.gmacs[m]), "logits": pool.logits[m, i].tolist()})
+    for i in range(extra_ids):  # scored by one entry only (a dead letter elsewhere): dropped
+        rows.append({"id": f"lone{i}", "uri": f"/x/lone{i}.jpg", "label": 0, "model": pool.keys[0],
+                     "gmacs": float(pool.gmacs[0]), "logits": pool.logits[0, 0].tolist()})
+    os.makedirs(folder / "scores", exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=score.SCORES_SCHEMA), folder / "scores" / "part-0.parquet")
+    return str(folder)
+
+
+def test_calibrate_writes_a_config_that_the_cascade_loads_and_that_replays(tmp_path):
+    pool = small_pool(n=300, classes=1000, seed=1, keys=KEYS, gmacs=GMACS)
+    scores = write_scores(tmp_path / "scores", pool, extra_ids=2)
+    out = tmp_path / "calib"
+    summary = calibrate.run(["--scores", scores, "--output", str(out), "--budget", "match:lite2@260",
+                             "--max_models", "3", "--percentile_step", "10", "--folds", "3",
+                             "--margin_sigmas", "0.5", "output=out/calibrated"])
+    assert summary["records"] == 300 and summary["dropped_records"] == 2
+    cfg = schema.load(str(out / "cascade.yaml"))  # what pipelines.cascade does with --config
+    choice = summary["choice"]
+    assert [f"{s.model}@{s.resolution}" for s in cfg.stages] == choice["models"].split(" -> ")
+    assert cfg.output == "out/calibrated"
+    thresholds = [s.threshold for s in cfg.stages[:-1]]
+    assert thresholds == choice["thresholds"]  # written exactly
+    replayed = cal.replay(pool, choice["models"].split(" -> "), thresholds, cfg.confidence, cfg.aggregation)
+    assert replayed.accuracy == choice["accuracy"] and replayed.avg_gmacs <= pool.gmacs[3] + 1e-9
+    frontier = pq.read_table(out / "frontier.parquet")
+    assert frontier.schema.equals(calibrate.FRONTIER_SCHEMA)
+    kinds = set(frontier.column("kind").to_pylist())
+    assert {"solitary", "ensemble"} <= kinds
+    for name in ("frontier.md", "report.md", "calibration.json", "accuracy_vs_gmacs.png", "t1_sweep.png",
+                 "confidence_topk.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "calibration.json").read_text())["choice"] == choice
+
+
+def test_calibrate_min_cost_matching_a_model_and_a_where_filter(tmp_path):
+    pool = small_pool(n=200, classes=1000, seed=2, keys=KEYS, gmacs=GMACS)
+    scores = write_scores(tmp_path / "scores", pool)
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["uri", "label", "variant", "id"])
+        for i in range(pool.size):
+            w.writerow([f"/x/r{i}.jpg", int(pool.labels[i]), "clean" if i % 2 else "noise", f"r{i}"])
+    summary = calibrate.run(["--scores", scores, "--output", str(tmp_path / "c"), "--objective", "min_cost",
+                             "--target", "match:lite2@260", "--only", "lite0@224,lite1@240,lite2@260",
+                             "--manifest", str(manifest), "--where", "variant=clean", "--folds", "0",
+                             "--margin_sigmas", "0", "--percentile_step", "5", "--no_plots"])
+    assert summary["records"] == 100
+    clean = pool.subset(np.arange(1, 200, 2))
+    assert summary["choice"]["accuracy"] >= clean.solitary_accuracy("lite2@260")
+    assert summary["choice"]["models"] in ("lite0@224 -> lite1@240 -> lite2@260", "lite0@224 -> lite1@240",
+                                           "lite0@224", "lite0@224 -> lite1@240 -> lite2@260")
+    schema.load(str(tmp_path / "c" / "cascade.yaml"))
+
+
+def test_score_pipeline_on_real_images(tmp_path):
+    """Four real images through pipelines.score: the logits equal the model's on the same preprocessing,
+    and inputs = scored + dead letters (one missing file)."""
+    if not (SAMPLE / "labels.csv").exists():
+        pytest.skip(f"the shared ImageNet sample is absent ({SAMPLE}); it lies beside the checkout")
+    with open(SAMPLE / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))[:4]
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["uri", "label"])
+        for r in rows:
+            w.writerow([str(SAMPLE / r["path"]), r["class_index"]])
+        w.writerow([str(tmp_path / "missing.jpg"), 1])
+    out = tmp_path / "scores"
+    manifest_out = score.run(["--models", "lite0@224", "--input", str(manifest), "--output", str(out),
+                              "--batch_size", "4"])
+    assert manifest_out["invariant_holds"]
+    assert manifest_out["counts"]["entries"]["lite0@224"] == {"scored": 4, "dead_letters": 0}
+    assert manifest_out["counts"]["read_dead_letters"] == 1
+    pool, info = calibrate.load_pool(str(out))
+    assert pool.keys == ("lite0@224",) and pool.logits.shape == (1, 4, 1000) and info["records"] == 4
+    assert sorted(pool.labels.tolist()) == sorted(int(r["class_index"]) for r in rows)
+    assert pool.solitary_accuracy("lite0@224") >= 0.75  # clean ImageNet images, one per class
+
+
+def test_report_of_a_real_run_reads_its_tables(tmp_path):
+    from pipelines import report
+    from transforms.outputs import EXIT_STATS_SCHEMA, PREDICTIONS_SCHEMA
+
+    run_dir = tmp_path / "run"
+    preds = [{"id": f"r{i}", "uri": f"/x/{i}", "label": i % 3, "pred_class": 0, "pred_name": "a",
+              "confidence": i / 10, "exit_stage": 1 + i % 2, "gmacs": 0.4, "top5_classes": [0],
+              "top5_probs": [0.5]} for i in range(10)]
+    stats = [{"stage": s, "model": "lite0", "resolution": 224, "threshold": 0.5 if s == 1 else None,
+              "stage_gmacs": 0.4, "cumulative_gmacs": 0.4 * s, "records_in": 10, "records_exited": 5,
+              "records_failed": 0, "exit_ratio": 0.5, "share_of_predictions": 0.5, "labelled_exited": 5,
+              "accuracy_exited": 0.4, "total_inputs": 10, "predictions": 10, "dead_letters": 0, "avg_gmacs": 0.6,
+              "worst_case_gmacs": 0.8, "last_model_gmacs": 0.4, "accuracy": 0.4} for s in (1, 2)]
+    for name, rows, sch in (("predictions", preds, PREDICTIONS_SCHEMA), ("exit_stats", stats, EXIT_STATS_SCHEMA)):
+        os.makedirs(run_dir / name)
+        pq.write_table(pa.Table.from_pylist(rows, schema=sch), run_dir / name / "part-0.parquet")
+    pngs = report.run(["--run", str(run_dir), "--output", str(tmp_path / "plots")])
+    assert pngs == ["exit_ratios.png", "confidence_topk.png"]
+    assert all((tmp_path / "plots" / p).stat().st_size > 0 for p in pngs)
+    curve = report.topk_curve(np.array([0.9, 0.8, 0.1]), np.array([True, False, True]), np.array([1 / 3, 1.0]))
+    assert curve.tolist() == [1.0, 2 / 3]
