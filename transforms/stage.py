@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -60,7 +60,33 @@ def resolve_device(device: str) -> torch.device:
 _AUTOCAST = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
 
-class ClassifierHandler(ModelHandler[np.ndarray, Any, torch.nn.Module]):
+class LoadedClassifier:
+    """A model loaded on its device: called with a ``(N, H, W, 3)`` uint8 batch, returns ``(N, C)`` float32
+    logits. Numpy in and out, so that with ``model_sharing: machine`` the one copy in a machine can serve
+    the other processes through Beam's cross-process proxy, which pickles arguments and results."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, spec: registry.ModelSpec,
+                 stage: StageConfig):
+        self.module = module
+        self.device = device
+        self.spec = spec
+        self.channels_last = stage.channels_last
+        self.dtype = _AUTOCAST.get(Precision(stage.precision))
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        host = torch.from_numpy(np.ascontiguousarray(batch))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        x = to_model_input(host.to(self.device, non_blocking=True), self.spec.input)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+        with torch.inference_mode(), autocast:
+            logits = self.module(x)
+        return logits.float().cpu().numpy()
+
+
+class ClassifierHandler(ModelHandler[np.ndarray, Any, LoadedClassifier]):
     """A RunInference model handler for one registry model at one resolution.
 
     ``run_inference`` returns float32 logits per example. If the model raises on a batch, the batch is
@@ -74,9 +100,8 @@ class ClassifierHandler(ModelHandler[np.ndarray, Any, torch.nn.Module]):
         self.stage = stage
         self.runtime = runtime
         self.stage_number = stage_number
-        self._device: Optional[torch.device] = None
 
-    def load_model(self) -> torch.nn.Module:
+    def load_model(self) -> LoadedClassifier:
         if self.runtime.torch_threads > 0:
             torch.set_num_threads(self.runtime.torch_threads)
         device = resolve_device(self.runtime.device)
@@ -85,26 +110,18 @@ class ClassifierHandler(ModelHandler[np.ndarray, Any, torch.nn.Module]):
             model = model.to(memory_format=torch.channels_last)
         if self.stage.compile:
             model = torch.compile(model)
-        log.info("stage %d: loaded %s on %s", self.stage_number, self.spec.key, device)
-        return model
+        log.info("stage %d: loaded %s on %s (pid %d)", self.stage_number, self.spec.key, device, os.getpid())
+        return LoadedClassifier(model, device, self.spec, self.stage)
 
-    def _forward(self, model: torch.nn.Module, batch: Sequence[np.ndarray]) -> np.ndarray:
-        device = next(iter(model.parameters()), torch.empty(0)).device
-        host = torch.from_numpy(np.stack(batch))
-        if device.type == "cuda":
-            host = host.pin_memory()
-        x = to_model_input(host.to(device, non_blocking=True), self.spec.input)
-        if self.stage.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        dtype = _AUTOCAST.get(Precision(self.stage.precision))
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-        out = logits.float().cpu().numpy()
+    def _forward(self, model: LoadedClassifier, batch: Sequence[np.ndarray]) -> np.ndarray:
+        out = model(np.stack(batch))
         if out.shape != (len(batch), self.spec.num_classes):
-            raise ValueError(f"model returned shape {tuple(out.shape)}, expected ({len(batch)}, {self.spec.num_classes})")
+            raise ValueError(
+                f"model returned shape {tuple(out.shape)}, expected ({len(batch)}, {self.spec.num_classes})"
+            )
         return out
 
-    def _infer(self, model: torch.nn.Module, batch: Sequence[np.ndarray]) -> list:
+    def _infer(self, model: LoadedClassifier, batch: Sequence[np.ndarray]) -> list:
         try:
             return list(self._forward(model, batch))
         except Exception as err:  # a bad batch must not fail the job: bisect down to the culprit
