@@ -282,3 +282,30 @@ def test_dataflow_broken_option_fails_before_any_work(tmp_path, change, message)
         cascade.run(argv)
     assert time.monotonic() - started < 10  # before building any model
     assert not (tmp_path / "out").exists()
+
+
+FLINK_FLAGS = [
+    "--runner=FlinkRunner",
+    "--flink_master=flink-jobmanager:8081",
+    "--flink_version=1.20",
+    "--flink_job_server_jar=/opt/beam/beam-runners-flink-1.20-job-server-2.77.0.jar",
+    "--environment_type=DOCKER",
+    "--environment_config=us-central1-docker.pkg.dev/my-project/cascade/cascade:0.1.0",
+    "--parallelism=16",
+]
+
+
+def test_flink_command_of_the_docs_parses():
+    """The Flink command of docs/RUNNERS.md: our flags, the profile and Beam's Flink options all parse
+    (Flink itself, and its job-server jar from Maven Central, cannot run here)."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions, PipelineOptions, PortableOptions
+
+    cfg, beam_args, _ = cascade.parse(["--config", "flink", "--input", "s3://b/in.csv", "--output", "s3://b/out",
+                                       *FLINK_FLAGS])
+    assert beam_args == FLINK_FLAGS
+    assert (cfg.device, cfg.model_sharing.value, cfg.torch_threads) == ("cpu", "process", 1)
+    options = PipelineOptions(beam_args)
+    flink = options.view_as(FlinkRunnerOptions)
+    assert flink.flink_version in FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS
+    assert flink.flink_job_server_jar.endswith("-job-server-2.77.0.jar")
+    assert options.view_as(PortableOptions).environment_type == "DOCKER"
