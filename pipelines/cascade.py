@@ -24,7 +24,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from configs import schema
 from models import registry
-from pipelines import common
+from pipelines import common, runners
 from transforms.io import DEAD, ReadInputs
 from transforms.outputs import (
     DEAD_LETTER_SCHEMA,
@@ -171,26 +171,36 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
 
 
 def _run(cfg, beam_args, profile, test_pipeline) -> dict:
-    if cfg.input.lower().endswith((".csv", ".parquet")):
+    options = PipelineOptions(beam_args)
+    problems = runners.dataflow_problems(options)
+    if problems:
+        raise SystemExit("invalid pipeline options:\n  " + "\n  ".join(problems))
+    dry_run = runners.is_dry_run(options)
+    p = test_pipeline or beam.Pipeline(options=options)  # Beam validates the options here, before any work
+    if cfg.input.lower().endswith((".csv", ".parquet")) and not dry_run:
         from transforms.io import manifest_columns
 
         try:
             manifest_columns(cfg.input)
         except (OSError, ValueError) as err:
             raise SystemExit(f"invalid input: {err}") from None
-    common.prepare_output(cfg.output, cfg.overwrite)
+    if not dry_run:
+        common.prepare_output(cfg.output, cfg.overwrite)
     infos = stage_infos(cfg)
-    options = PipelineOptions(beam_args)
     threads = cfg.torch_threads
     direct = options.view_as(DirectOptions)
     if not threads and direct.direct_running_mode == "multi_processing":
         threads = default_threads(direct.direct_num_workers or os.cpu_count() or 1)
     runtime = StageRuntime(cfg.confidence, cfg.aggregation, cfg.decode.max_pixels, cfg.decode.draft,
                            cfg.device, cfg.model_sharing, threads)
-    p = test_pipeline or beam.Pipeline(options=options)
     build(p, cfg, infos, runtime)
     started = time.time()
     result = p.run()
+    if dry_run:
+        job = runners.dataflow_job(result)
+        print("\n".join(runners.summarize_dataflow_job(job)))
+        return {"dry_run": True, "config": schema.to_yaml(cfg), "profile": profile, "beam_args": list(beam_args),
+                "dataflow_job": job}
     result.wait_until_finish()
     elapsed = time.time() - started
     counts, lines = summarize(cfg, listed_inputs(result))

@@ -198,7 +198,8 @@ def calibration_report(pool: cal.Pool, summary: dict, rows: list[dict], output: 
     if summary.get("cv"):
         cv = sorted(summary["cv"], key=lambda r: -r["cv_accuracy"])[:10]
         lines += ["## Cross-validation (top 10 sequences by held-out accuracy)", "",
-                  "| models | CV accuracy | CV avg GMACs | CV share past stage 1 | qualifies |", "|---|---:|---:|---:|:-:|",
+                  "| models | CV accuracy | CV avg GMACs | CV share past stage 1 | qualifies |",
+                  "|---|---:|---:|---:|:-:|",
                   *[f"| {r['models']} | {r['cv_accuracy']:.2%} | {r['cv_avg_gmacs']:.3f} | {r['cv_past_first']:.1%} | "
                     f"{'yes' if r['qualifies'] else ''} |" for r in cv], ""]
     from pipelines.calibrate import markdown_table

@@ -93,7 +93,7 @@ def test_bad_inputs_become_dead_letters_and_good_ones_are_unchanged(tmp_path, sa
     rows = good + [{"uri": str(tmp_path / "missing.jpg"), "label": 1},
                    {"uri": str(tmp_path / "empty.jpg"), "label": 2},
                    {"uri": str(tmp_path / "text.jpg"), "label": 3}]
-    clean = run_cascade(tmp_path / "clean", write_manifest(tmp_path / "good.csv", good), "stages.0.threshold=0")
+    run_cascade(tmp_path / "clean", write_manifest(tmp_path / "good.csv", good), "stages.0.threshold=0")
     mixed = run_cascade(tmp_path / "mixed", write_manifest(tmp_path / "mixed.csv", rows), "stages.0.threshold=0")
     dead = rows_by_uri(tmp_path / "mixed", "dead_letter")
     assert dead[str(tmp_path / "missing.jpg")]["error"] == "file not found"

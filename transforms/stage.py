@@ -51,7 +51,25 @@ class StageRuntime:
     torch_threads: int = 0
 
 
-class ClassifierHandler(ModelHandler[np.ndarray, Any, torch.nn.Module]):
+class LoadedClassifier:
+    """A model loaded on its device: called with a ``(N, H, W, 3)`` uint8 batch, returns ``(N, C)`` float32
+    logits. Numpy in and out, so that with ``model_sharing: machine`` the one copy in a machine can serve
+    the other processes through Beam's cross-process proxy, which pickles arguments and results."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, spec: registry.ModelSpec,
+                 stage: StageConfig):
+        self.module = module
+        self.device = device
+        self.spec = spec
+        self.channels_last = stage.channels_last
+        self.precision = stage.precision
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return inference.forward(self.module, self.spec, batch, channels_last=self.channels_last,
+                                 precision=self.precision, device=self.device)
+
+
+class ClassifierHandler(ModelHandler[np.ndarray, Any, LoadedClassifier]):
     """A RunInference model handler for one registry model at one resolution.
 
     ``run_inference`` returns float32 logits per example. If the model raises on a batch, the batch is
@@ -66,19 +84,19 @@ class ClassifierHandler(ModelHandler[np.ndarray, Any, torch.nn.Module]):
         self.runtime = runtime
         self.stage_number = stage_number
 
-    def load_model(self) -> torch.nn.Module:
+    def load_model(self) -> LoadedClassifier:
         if self.runtime.torch_threads > 0:
             torch.set_num_threads(self.runtime.torch_threads)
-        model = inference.load(self.spec, self.runtime.device, channels_last=self.stage.channels_last,
+        device = inference.resolve_device(self.runtime.device)
+        model = inference.load(self.spec, device, channels_last=self.stage.channels_last,
                                compile=self.stage.compile)
-        log.info("stage %d: loaded %s", self.stage_number, self.spec.key)
-        return model
+        log.info("stage %d: loaded %s on %s (pid %d)", self.stage_number, self.spec.key, device, os.getpid())
+        return LoadedClassifier(model, device, self.spec, self.stage)
 
-    def _forward(self, model: torch.nn.Module, batch: Sequence[np.ndarray]) -> np.ndarray:
-        return inference.forward(model, self.spec, batch, channels_last=self.stage.channels_last,
-                                 precision=self.stage.precision)
+    def _forward(self, model: LoadedClassifier, batch: Sequence[np.ndarray]) -> np.ndarray:
+        return model(np.stack(batch))
 
-    def _infer(self, model: torch.nn.Module, batch: Sequence[np.ndarray]) -> list:
+    def _infer(self, model: LoadedClassifier, batch: Sequence[np.ndarray]) -> list:
         try:
             return list(self._forward(model, batch))
         except Exception as err:  # a bad batch must not fail the job: bisect down to the culprit
