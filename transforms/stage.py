@@ -154,7 +154,7 @@ class Preprocess(beam.DoFn):
 def prediction_row(record: Record, combined: np.ndarray, conf: float, spec: registry.ModelSpec) -> dict:
     probs = committee.softmax(combined)
     top = np.argsort(-probs, kind="stable")[:TOP_K]
-    return {
+    row = {
         "id": record.id,
         "uri": record.uri,
         "label": record.label,
@@ -166,6 +166,8 @@ def prediction_row(record: Record, combined: np.ndarray, conf: float, spec: regi
         "top5_classes": [int(c) for c in top],
         "top5_probs": [float(probs[c]) for c in top],
     }
+    row.update(record.columns(combined))
+    return row
 
 
 class Route(beam.DoFn):
