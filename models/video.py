@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import enum
 import io
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Optional
 
 import av
 import numpy as np
@@ -97,16 +99,18 @@ class _Fps(_Selector):
 
 
 class _Uniform(_Selector):
-    """Targets at the centres of K equal segments of the declared duration; each takes the first frame
-    at or after it (a frame can serve several targets in a very short video)."""
+    """Targets at the centres of K equal segments of the stream's span; each takes the frame on screen at
+    that instant (a frame can serve several targets in a very short video)."""
 
-    def __init__(self, clips: int, start: Fraction, duration: Fraction):
-        self.targets = [start + (k + Fraction(1, 2)) * duration / clips for k in range(clips)]
+    def __init__(self, clips: int, start: Fraction, span: Fraction, period: Fraction):
+        self.targets = [start + (k + Fraction(1, 2)) * span / clips for k in range(clips)]
+        self.period = period
         self.next = 0
 
     def take(self, index: int, t: Fraction) -> int:
         first = self.next
-        while self.next < len(self.targets) and self.targets[self.next] <= t:
+        while self.next < len(self.targets) and (self.targets[self.next] < t + self.period
+                                                 or self.targets[self.next] <= t):
             self.next += 1
         return self.next - first
 
@@ -177,7 +181,8 @@ def _measured_duration(fh: BinaryIO) -> Optional[Fraction]:
     return None if first is None else end - first
 
 
-def read_video(fh: BinaryIO, plan: SamplingPlan, *, short_side: int, max_pixels: int = 100_000_000) -> list[SampledFrame]:
+def read_video(fh: BinaryIO, plan: SamplingPlan, *, short_side: int,
+               max_pixels: int = 100_000_000) -> list[SampledFrame]:
     """Decode ``fh`` to its end and return the sampled frames, or raise ``BadVideo`` saying why not:
     not a video, no video stream, zero-length stream, no decodable frame, corrupt or truncated, too big."""
     container = _open(fh)
@@ -211,6 +216,8 @@ def _decode(container, stream, plan: SamplingPlan, short_side: int, declared: Op
     tb = stream.time_base or Fraction(1, 1)
     start = Fraction(stream.start_time or 0) * tb
     declared_frames = stream.frames or None
+    rate = stream.average_rate or stream.guessed_rate
+    period = Fraction(1) / Fraction(rate) if rate else Fraction(0)
     if plan.mode is Sampling.EVERY_N:
         selector = _EveryN(plan.every_n)
     elif plan.mode is Sampling.FPS:
@@ -218,10 +225,8 @@ def _decode(container, stream, plan: SamplingPlan, short_side: int, declared: Op
     elif not span:
         raise BadVideo("zero-length video stream (no duration and no timed packet)")
     else:
-        selector = _Uniform(plan.clips, start, span)
+        selector = _Uniform(plan.clips, start, span, period)
     crops = plan.crops if plan.mode is Sampling.UNIFORM else 1
-    rate = stream.average_rate or stream.guessed_rate
-    period = Fraction(1) / Fraction(rate) if rate else Fraction(0)
     frames: list[SampledFrame] = []
     packets = decoded = 0
     last = None
@@ -253,13 +258,16 @@ def _decode(container, stream, plan: SamplingPlan, short_side: int, declared: Op
     if declared_frames and decoded < plan.min_coverage * declared_frames:
         raise BadVideo(f"truncated video: decoded {decoded} of {declared_frames} declared frames")
     if declared and covered < plan.min_coverage * declared:
-        raise BadVideo(f"truncated video: decoded frames cover {float(covered):.2f} s of {float(declared):.2f} s declared")
+        raise BadVideo(f"truncated video: decoded frames cover {float(covered):.2f} s of "
+                       f"{float(declared):.2f} s declared")
     if selector.left():
-        frames.extend([SampledFrame(decoded - 1, float(last_t), _views(last, short_side, crops))] * selector.left())
+        tail = SampledFrame(decoded - 1, float(last_t), _views(last, short_side, crops))
+        frames.extend([tail] * selector.left())
     return frames
 
 
-def pan_zoom_frames(image: Image.Image, n_frames: int, size: tuple[int, int], zoom: float = 0.8) -> Iterator[np.ndarray]:
+def pan_zoom_frames(image: Image.Image, n_frames: int, size: tuple[int, int],
+                    zoom: float = 0.8) -> Iterator[np.ndarray]:
     """A slow pan (left to right) and zoom (in to ``zoom`` of the view) over ``image``: ``n_frames`` RGB
     arrays of ``size`` (width, height)."""
     image = image.convert("RGB")
@@ -275,28 +283,30 @@ def pan_zoom_frames(image: Image.Image, n_frames: int, size: tuple[int, int], zo
         yield np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)))
 
 
-def write_video(path: str, frames: Iterator[np.ndarray], fps: int = 10, codec: Optional[str] = None) -> int:
+def write_video(path: str, frames: Iterable[np.ndarray], fps: int = 10, codec: str | None = None) -> int:
     """Encode RGB frames to ``path`` (codec from the extension: mp4/mkv H.264, webm VP9, avi MPEG-4 Part 2,
-    fast settings); returns the number of frames written."""
-    ext = path[path.rfind("."):].lower()
-    codec = codec or CODECS[ext]
+    fast settings); returns the number of frames written (0 writes a zero-length stream)."""
+    codec = codec or CODECS[path[path.rfind("."):].lower()]
+    frames = iter(frames)
+    first = next(frames, None)
     count = 0
     with av.open(path, mode="w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.pix_fmt = "yuv420p"
-        stream.options = {"libx264": {"preset": "veryfast", "crf": "20"},
-                          "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0"},
-                          "mpeg4": {"qscale": "3"}}.get(codec, {})
-        if codec == "mpeg4":
+        stream.height, stream.width = (240, 320) if first is None else first.shape[:2]
+        if codec == "libx264":
+            stream.options = {"preset": "veryfast", "crf": "20"}
+        elif codec == "libvpx-vp9":
+            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0"}
+        elif codec == "mpeg4":
             stream.codec_context.qscale = 3
-        for array in frames:
-            if count == 0:
-                stream.height, stream.width = array.shape[:2]
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                container.mux(packet)
-            count += 1
-        if count == 0:
+        if first is None:
             container.start_encoding()
+        else:
+            for array in itertools.chain([first], frames):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                    container.mux(packet)
+                count += 1
         for packet in stream.encode():
             container.mux(packet)
     return count

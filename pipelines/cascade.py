@@ -196,11 +196,12 @@ def check_invariant(counts: dict) -> Optional[str]:
 def frame_summary(cfg: schema.CascadeConfig, counts: dict, videos_listed: Optional[int],
                   videos_sampled: Optional[int]) -> list[str]:
     """At frame granularity: the per-video table's counts (added to ``counts``) and summary lines."""
-    table = common.read_table(cfg.output, VIDEO_PREDICTIONS) if common.count_rows(cfg.output, VIDEO_PREDICTIONS) else None
-    rows = [] if table is None else table.select(["label", "pred_class"]).to_pylist()
+    rows = []
+    if common.count_rows(cfg.output, VIDEO_PREDICTIONS):
+        rows = common.read_table(cfg.output, VIDEO_PREDICTIONS).select(["label", "pred_class"]).to_pylist()
     counts.update(videos_listed=videos_listed, videos_sampled=videos_sampled, video_predictions=len(rows))
-    lines = [f"videos: {videos_listed} listed, {videos_sampled} sampled into {counts['inputs_listed']} frame "
-             f"records (read failures included) -> {len(rows)} rows in {VIDEO_PREDICTIONS}"]
+    lines = [(f"videos: {videos_listed} listed, {videos_sampled} sampled into {counts['inputs_listed']} frame "
+              f"records (read failures included) -> {len(rows)} rows in {VIDEO_PREDICTIONS}")]
     labelled = [r for r in rows if r["label"] is not None]
     if labelled:
         correct = sum(r["label"] == r["pred_class"] for r in labelled)
