@@ -71,12 +71,16 @@ def demo_video_manifest(folder: str, seconds: float = 3.0, fps: int = 10) -> str
 
     rows = []
     for photo in demo_photos():
-        with Image.open(photo) as im:
-            if im.mode != "RGB" or min(im.size) < 128:
-                continue
-            uri = os.path.join(folder, f"{os.path.splitext(os.path.basename(photo))[0]}"
-                                       f"{('.mp4', '.webm', '.avi')[len(rows) % 3]}")
-            write_video(uri, pan_zoom_frames(im, int(seconds * fps), (320, 240)), fps)
+        try:
+            im = Image.open(photo)
+            im.load()
+        except OSError:  # a few files there are not plain photos (multipage TIFFs)
+            continue
+        if im.mode != "RGB" or min(im.size) < 128:
+            continue
+        uri = os.path.join(folder, f"{os.path.splitext(os.path.basename(photo))[0]}"
+                                   f"{('.mp4', '.webm', '.avi')[len(rows) % 3]}")
+        write_video(uri, pan_zoom_frames(im, int(seconds * fps), (320, 240)), fps)
         rows.append(uri)
     path = os.path.join(folder, "demo_video_manifest.csv")
     with open(path, "w") as fh:
