@@ -221,16 +221,22 @@ class CascadeStage(beam.PTransform):
     def expand(self, records):
         if self.stage_number > 1:  # escalated records of all bundles meet again, so batches stay full
             records = records | "Rebatch" >> beam.Reshuffle()
-        ready = records | "Preprocess" >> beam.ParDo(
-            Preprocess(self.spec, self.runtime, self.stage_number)
-        ).with_outputs(DEAD, main="ready")
-        handler = KeyedModelHandler(ClassifierHandler(self.spec, self.stage, self.runtime, self.stage_number))
-        inferred = ready.ready | "Infer" >> RunInference(handler)
+        inferred, failed = self.classify(records)
         routed = inferred | "Route" >> beam.ParDo(
             Route(self.spec, self.stage.threshold, self.is_last, self.gmacs, self.runtime, self.stage_number)
         ).with_outputs(DEAD, CONTINUE, main=EXITED)
-        dead = (ready[DEAD], routed[DEAD]) | "Failures" >> beam.Flatten()
+        dead = (failed, routed[DEAD]) | "Failures" >> beam.Flatten()
         return {EXITED: routed[EXITED], CONTINUE: routed[CONTINUE], DEAD: dead}
+
+    def classify(self, records):
+        """Records -> ((record, PredictionResult) pairs for ``Route``, dead letters)."""
+        ready = records | "Preprocess" >> beam.ParDo(
+            Preprocess(self.spec, self.runtime, self.stage_number)
+        ).with_outputs(DEAD, main="ready")
+        return ready.ready | "Infer" >> RunInference(self.handler()), ready[DEAD]
+
+    def handler(self) -> KeyedModelHandler:
+        return KeyedModelHandler(ClassifierHandler(self.spec, self.stage, self.runtime, self.stage_number))
 
 
 def default_threads(workers: int) -> int:

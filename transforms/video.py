@@ -15,16 +15,16 @@ import apache_beam as beam
 import fsspec
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.base import PredictionResult, RunInference
 
-from configs.schema import Granularity, StageConfig
+from configs.schema import Granularity
 from models import committee, registry
 from models.preprocess import BadInput, load_image
 from models.video import BadVideo, SamplingPlan, read_video
 from transforms.io import DEAD, dead
 from transforms.progress import NAMESPACE, progress
 from transforms.records import DeadLetter, FrameRecord, Record, VideoRecord
-from transforms.stage import CONTINUE, EXITED, ClassifierHandler, InferenceFailure, Route, StageRuntime
+from transforms.stage import CascadeStage, InferenceFailure, StageRuntime
 
 VIEWS = "views"
 
@@ -102,31 +102,20 @@ def mean_over_views(element, model_id: str):
         yield record, PredictionResult(None, inference, model_id)
 
 
-class VideoStage(beam.PTransform):
-    """Video records in -> {exited: one prediction row per video, continue: video records, dead_letter}.
+class VideoStage(CascadeStage):
+    """A cascade stage whose records are videos: one prediction row per exiting video.
 
     ``gmacs`` is the cost of the stage per video (views x the model's GMACs)."""
 
-    def __init__(self, stage: StageConfig, spec: registry.ModelSpec, gmacs: float, runtime: StageRuntime,
-                 stage_number: int, is_last: bool):
-        super().__init__()
-        self.stage = stage
-        self.spec = spec
-        self.gmacs = gmacs
-        self.runtime = runtime
-        self.stage_number = stage_number
-        self.is_last = is_last
-
-    def expand(self, records):
-        if self.stage_number > 1:
-            records = records | "Rebatch" >> beam.Reshuffle()
+    def classify(self, records):
+        """Videos -> their views, batched with other videos' views -> logits regrouped by video -> (video,
+        mean of its views' logits) for ``Route``; plus the videos whose views do not decode."""
         split = records | "SplitViews" >> beam.ParDo(
             SplitViews(self.spec, self.runtime, self.stage_number)
         ).with_outputs(DEAD, VIEWS, main="videos")
-        handler = KeyedModelHandler(ClassifierHandler(self.spec, self.stage, self.runtime, self.stage_number))
         logits = (
             split[VIEWS]
-            | "Infer" >> RunInference(handler)
+            | "Infer" >> RunInference(self.handler())
             | "ByVideo" >> beam.MapTuple(lambda view, result: (view[0], result.inference))
         )
         regrouped = (
@@ -134,11 +123,7 @@ class VideoStage(beam.PTransform):
             | "Regroup" >> beam.CoGroupByKey()
             | "MeanOverViews" >> beam.FlatMap(mean_over_views, self.spec.key)
         )
-        routed = regrouped | "Route" >> beam.ParDo(
-            Route(self.spec, self.stage.threshold, self.is_last, self.gmacs, self.runtime, self.stage_number)
-        ).with_outputs(DEAD, CONTINUE, main=EXITED)
-        failures = (split[DEAD], routed[DEAD]) | "Failures" >> beam.Flatten()
-        return {EXITED: routed[EXITED], CONTINUE: routed[CONTINUE], DEAD: failures}
+        return regrouped, split[DEAD]
 
 
 class MeanLogitsFn(beam.CombineFn):
