@@ -186,11 +186,14 @@ def sampling_plan(video: VideoConfig) -> SamplingPlan:
                         video.max_frames, video.min_coverage)
 
 
+def granularity(cfg: CascadeConfig) -> Optional[Granularity]:
+    """What a record is for video inputs; None for images."""
+    return None if cfg.video is None else Granularity(cfg.video.granularity)
+
+
 def views_per_record(cfg: CascadeConfig) -> int:
     """Model inputs per record: 1 for an image or a frame, clips x crops for a video."""
-    if cfg.video is None or Granularity(cfg.video.granularity) is not Granularity.VIDEO:
-        return 1
-    return sampling_plan(cfg.video).views
+    return sampling_plan(cfg.video).views if granularity(cfg) is Granularity.VIDEO else 1
 
 
 def validate_video(video: VideoConfig) -> None:

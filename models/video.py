@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import io
 import itertools
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -281,6 +282,25 @@ def pan_zoom_frames(image: Image.Image, n_frames: int, size: tuple[int, int],
         left = (image.width - w) * (0.25 + 0.5 * u)
         top = (image.height - h) / 2
         yield np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)))
+
+
+def pan_zoom_videos(photos: Iterable[str], folder: str, seconds: float = 3.0, fps: int = 10) -> list[str]:
+    """A short pan-and-zoom video in ``folder`` over each colour photo of ``photos`` that PIL can open
+    (mp4, webm and avi in turn); returns their paths."""
+    paths = []
+    for photo in photos:
+        try:
+            im = Image.open(photo)
+            im.load()
+        except OSError:  # not a plain photo (e.g. a multipage TIFF)
+            continue
+        if im.mode != "RGB" or min(im.size) < 128:
+            continue
+        stem = os.path.splitext(os.path.basename(photo))[0]
+        path = os.path.join(folder, f"{stem}{('.mp4', '.webm', '.avi')[len(paths) % 3]}")
+        write_video(path, pan_zoom_frames(im, int(seconds * fps), (320, 240)), fps)
+        paths.append(path)
+    return paths
 
 
 def write_video(path: str, frames: Iterable[np.ndarray], fps: int = 10, codec: str | None = None) -> int:

@@ -62,29 +62,13 @@ def demo_manifest(folder: str) -> str:
     return path
 
 
-def demo_video_manifest(folder: str, seconds: float = 3.0, fps: int = 10) -> str:
-    """Encode a short pan-and-zoom video over each of the colour demo photos (mp4, webm and avi in turn)
-    and write their manifest; returns its path."""
-    from PIL import Image
+def demo_video_manifest(folder: str) -> str:
+    """Encode a short pan-and-zoom video over each colour demo photo and write their manifest; returns its path."""
+    from models.video import pan_zoom_videos
 
-    from models.video import pan_zoom_frames, write_video
-
-    rows = []
-    for photo in demo_photos():
-        try:
-            im = Image.open(photo)
-            im.load()
-        except OSError:  # a few files there are not plain photos (multipage TIFFs)
-            continue
-        if im.mode != "RGB" or min(im.size) < 128:
-            continue
-        uri = os.path.join(folder, f"{os.path.splitext(os.path.basename(photo))[0]}"
-                                   f"{('.mp4', '.webm', '.avi')[len(rows) % 3]}")
-        write_video(uri, pan_zoom_frames(im, int(seconds * fps), (320, 240)), fps)
-        rows.append(uri)
     path = os.path.join(folder, "demo_video_manifest.csv")
     with open(path, "w") as fh:
-        fh.write("uri\n" + "".join(f"{uri}\n" for uri in rows))
+        fh.write("uri\n" + "".join(f"{uri}\n" for uri in pan_zoom_videos(demo_photos(), folder)))
     return path
 
 
@@ -127,9 +111,10 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, infos: list[StageInfo], r
     if video is not None:
         short_side = max(spec.input.resize_to for spec in specs)
         reader = DecodeVideos(schema.sampling_plan(video), video.granularity, short_side, cfg.decode.max_pixels)
-        per_video = schema.Granularity(video.granularity) is schema.Granularity.VIDEO
-        stage_type = VideoStage if per_video else CascadeStage
-        predictions_schema = PREDICTIONS_SCHEMA if per_video else FRAME_PREDICTIONS_SCHEMA
+        if schema.granularity(cfg) is schema.Granularity.VIDEO:
+            stage_type = VideoStage
+        else:
+            predictions_schema = FRAME_PREDICTIONS_SCHEMA
     inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes, reader)
     records = inputs["records"]
     exited, dead = [], [inputs[DEAD]]
@@ -259,8 +244,7 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
     result.wait_until_finish()
     elapsed = time.time() - started
     listed = listed_inputs(result)
-    frames = cfg.video is not None and schema.views_per_record(cfg) == 1 and \
-        schema.Granularity(cfg.video.granularity) is schema.Granularity.FRAME
+    frames = schema.granularity(cfg) is schema.Granularity.FRAME
     if frames:  # the records are frames: a video becomes as many records as frames sampled from it
         videos_listed, videos_sampled = listed, listed_inputs(result, "videos_sampled")
         if listed is not None:
