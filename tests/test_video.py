@@ -9,6 +9,7 @@ import math
 import os
 from pathlib import Path
 
+import fsspec
 import pytest
 from PIL import Image
 
@@ -113,6 +114,16 @@ def test_sampling_picks_the_planned_frames(tmp_path, sample, ext, plan, expected
     # downscaled so that the shorter side is the largest any stage resizes to; crops are squares of it
     assert all(min(v.size) == 297 for v in views)
     assert views[0].size == ((396, 297) if len(views) == 1 else (297, 297))
+
+
+def test_reads_through_fsspec_file_objects(tmp_path, sample):
+    """The reader only needs a seekable file object: what fsspec gives for gs://, s3://, memory://..."""
+    path = encode(sample[1][0], tmp_path / "v.webm", 20)
+    with fsspec.open("memory://videos/v.webm", "wb") as fh:
+        fh.write(Path(path).read_bytes())
+    with fsspec.open("memory://videos/v.webm", "rb") as fh:
+        frames = read_video(fh, SamplingPlan(Sampling.EVERY_N, every_n=5), short_side=256)
+    assert [f.index for f in frames] == [0, 5, 10, 15]
 
 
 def test_a_short_video_still_gives_every_uniform_view(tmp_path, sample):
