@@ -20,6 +20,7 @@ from models import registry
 from models.committee import Aggregation, Confidence
 from models.inference import Precision
 from models.preprocess import INTERPOLATIONS
+from models.video import Sampling, SamplingPlan
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,6 +67,25 @@ class DecodeConfig:
     draft: bool = True  # JPEG DCT-domain downscaling towards the stage's resize size
 
 
+class Granularity(str, enum.Enum):
+    FRAME = "frame"  # every sampled frame is a record; plus one row per video (mean of its frames' logits)
+    VIDEO = "video"  # a video is the record: each stage runs on all its views, and it exits as a whole
+
+
+@dataclass
+class VideoConfig:
+    """Inputs are videos (see docs/VIDEO.md)."""
+
+    granularity: Granularity = Granularity.FRAME
+    sampling: Sampling = Sampling.EVERY_N  # every_n | fps | uniform (uniform only, at video granularity)
+    every_n: int = 30  # every_n: frames 0, n, 2n, ... of the decoded stream
+    fps: float = 1.0  # fps: frames per second of video time
+    clips: int = 10  # uniform: K temporal positions, the centres of K equal segments
+    crops: int = 1  # uniform: S square crops along the longer side per position (video granularity)
+    max_frames: int = 5000  # sampled frames kept per video while it decodes; more -> dead letter
+    min_coverage: float = 0.9  # decoded frames must cover this share of the declared length, else truncated
+
+
 @dataclass
 class CascadeConfig:
     input: str = ""  # glob of image URLs, or a manifest (.csv / .parquet); empty: the embedded demo set
@@ -80,6 +100,7 @@ class CascadeConfig:
     model_sharing: ModelSharing = ModelSharing.PROCESS
     torch_threads: int = 0  # intra-op threads per worker process; 0: cores / worker processes
     output_shards: int = 0  # Parquet files per table; 0: let the runner decide
+    video: Optional[VideoConfig] = None  # set: the inputs are videos, sampled and classified as it says
 
 
 def profile_path(name_or_path: str) -> str:
@@ -167,6 +188,37 @@ def stage_specs(cfg: CascadeConfig) -> list[registry.ModelSpec]:
     return [registry.get(s.model, s.resolution) for s in cfg.stages]
 
 
+def sampling_plan(video: VideoConfig) -> SamplingPlan:
+    return SamplingPlan(Sampling(video.sampling), video.every_n, video.fps, video.clips, video.crops,
+                        video.max_frames, video.min_coverage)
+
+
+def granularity(cfg: CascadeConfig) -> Optional[Granularity]:
+    """What a record is for video inputs; None for images."""
+    return None if cfg.video is None else Granularity(cfg.video.granularity)
+
+
+def views_per_record(cfg: CascadeConfig) -> int:
+    """Model inputs per record: 1 for an image or a frame, clips x crops for a video."""
+    return sampling_plan(cfg.video).views if granularity(cfg) is Granularity.VIDEO else 1
+
+
+def validate_video(video: VideoConfig) -> None:
+    granularity, sampling = Granularity(video.granularity), Sampling(video.sampling)
+    if granularity is Granularity.VIDEO and sampling is not Sampling.UNIFORM:
+        raise ConfigError("video.sampling: video granularity needs uniform sampling (a fixed number of views "
+                          f"per video, clips x crops), got {sampling.value}")
+    if granularity is Granularity.FRAME and video.crops != 1:
+        raise ConfigError(f"video.crops: spatial crops are views of a video (granularity video); got {video.crops}")
+    for key in ("every_n", "clips", "crops", "max_frames"):
+        if getattr(video, key) < 1:
+            raise ConfigError(f"video.{key}: must be >= 1, got {getattr(video, key)}")
+    if not video.fps > 0:
+        raise ConfigError(f"video.fps: must be > 0, got {video.fps}")
+    if not 0 <= video.min_coverage <= 1:
+        raise ConfigError(f"video.min_coverage: must be in [0, 1], got {video.min_coverage}")
+
+
 def validate(cfg: CascadeConfig) -> None:
     """Cross-field rules, each failing with the key it concerns."""
     if not cfg.stages:
@@ -210,3 +262,5 @@ def validate(cfg: CascadeConfig) -> None:
         raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
     if not cfg.output:
         raise ConfigError("output: an output folder is needed")
+    if cfg.video is not None:
+        validate_video(cfg.video)

@@ -29,28 +29,46 @@ from transforms.io import DEAD, ReadInputs
 from transforms.outputs import (
     DEAD_LETTER_SCHEMA,
     EXIT_STATS_SCHEMA,
+    FRAME_PREDICTIONS_SCHEMA,
     PREDICTIONS_SCHEMA,
+    VIDEO_PREDICTIONS_SCHEMA,
     ExitStats,
     StageInfo,
     WriteTable,
 )
 from transforms.progress import NAMESPACE
 from transforms.stage import CONTINUE, EXITED, CascadeStage, StageRuntime, default_threads
+from transforms.video import DecodeVideos, VideoPredictions, VideoStage
 
 DEFAULT_PROFILE = "lite_cascade"
 DEMO_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".tif")
+VIDEO_PREDICTIONS = "video_predictions"
 log = logging.getLogger("cascade")
 
 
-def demo_manifest(folder: str) -> str:
-    """Write a manifest of the photos that ship inside scikit-image (no download) and return its path."""
+def demo_photos() -> list[str]:
+    """The photos that ship inside scikit-image (no download)."""
     import skimage
 
     data_dir = os.path.join(os.path.dirname(skimage.__file__), "data")
-    photos = sorted(f for f in os.listdir(data_dir) if f.lower().endswith(DEMO_SUFFIXES))
+    return [os.path.join(data_dir, f) for f in sorted(os.listdir(data_dir)) if f.lower().endswith(DEMO_SUFFIXES)]
+
+
+def demo_manifest(folder: str) -> str:
+    """Write a manifest of the demo photos and return its path."""
     path = os.path.join(folder, "demo_manifest.csv")
     with open(path, "w") as fh:
-        fh.write("uri\n" + "".join(f"{os.path.join(data_dir, p)}\n" for p in photos))
+        fh.write("uri\n" + "".join(f"{p}\n" for p in demo_photos()))
+    return path
+
+
+def demo_video_manifest(folder: str) -> str:
+    """Encode a short pan-and-zoom video over each colour demo photo and write their manifest; returns its path."""
+    from models.video import pan_zoom_videos
+
+    path = os.path.join(folder, "demo_video_manifest.csv")
+    with open(path, "w") as fh:
+        fh.write("uri\n" + "".join(f"{uri}\n" for uri in pan_zoom_videos(demo_photos(), folder)))
     return path
 
 
@@ -80,18 +98,28 @@ def stage_infos(cfg: schema.CascadeConfig) -> list[StageInfo]:
             raise SystemExit(f"invalid config: stages.{i}.model: {err}") from None
         last = i == len(cfg.stages) - 1
         infos.append(StageInfo(i + 1, spec.key, spec.input.resolution, None if last else stage.threshold,
-                               registry.gmacs(spec)))
+                               registry.gmacs(spec) * schema.views_per_record(cfg)))
     return infos
 
 
 def build(p: beam.Pipeline, cfg: schema.CascadeConfig, infos: list[StageInfo], runtime: StageRuntime) -> None:
-    """Add the cascade to pipeline ``p``: read -> stage 1 -> ... -> stage n -> Parquet tables."""
-    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes)
+    """Add the cascade to pipeline ``p``: read -> stage 1 -> ... -> stage n -> Parquet tables.
+    With ``cfg.video``, inputs are videos: frame records through the same stages, or videos through
+    ``VideoStage``; at frame granularity a ``video_predictions`` table is added."""
+    specs = schema.stage_specs(cfg)
+    video, reader, stage_type, predictions_schema = cfg.video, None, CascadeStage, PREDICTIONS_SCHEMA
+    if video is not None:
+        short_side = max(spec.input.resize_to for spec in specs)
+        reader = DecodeVideos(schema.sampling_plan(video), video.granularity, short_side, cfg.decode.max_pixels)
+        if schema.granularity(cfg) is schema.Granularity.VIDEO:
+            stage_type = VideoStage
+        else:
+            predictions_schema = FRAME_PREDICTIONS_SCHEMA
+    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes, reader)
     records = inputs["records"]
     exited, dead = [], [inputs[DEAD]]
-    specs = schema.stage_specs(cfg)
     for info, stage, spec in zip(infos, cfg.stages, specs):
-        out = records | f"Stage{info.number}" >> CascadeStage(
+        out = records | f"Stage{info.number}" >> stage_type(
             stage, spec, info.gmacs, runtime, info.number, is_last=info.number == len(infos)
         )
         exited.append(out[EXITED])
@@ -99,7 +127,14 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, infos: list[StageInfo], r
         records = out[CONTINUE]
     predictions = exited | "MergeExits" >> beam.Flatten()
     dead_letters = dead | "MergeDeadLetters" >> beam.Flatten()
-    predictions | "WritePredictions" >> WriteTable(cfg.output, "predictions", PREDICTIONS_SCHEMA, cfg.output_shards)
+    predictions | "WritePredictions" >> WriteTable(cfg.output, "predictions", predictions_schema, cfg.output_shards)
+    if predictions_schema is FRAME_PREDICTIONS_SCHEMA:
+        (
+            predictions
+            | "VideoPredictions" >> VideoPredictions(specs[-1], runtime.confidence)
+            | "WriteVideoPredictions" >> WriteTable(cfg.output, VIDEO_PREDICTIONS, VIDEO_PREDICTIONS_SCHEMA,
+                                                    cfg.output_shards)
+        )
     (
         dead_letters
         | "DeadLetterRows" >> beam.Map(lambda d: d.as_row())
@@ -144,12 +179,30 @@ def check_invariant(counts: dict) -> Optional[str]:
                 f"tallied, dead letters {counts['dead_letters']} vs {counts['exit_stats_dead_letters']} tallied")
     if counts["inputs_listed"] is not None and counts["inputs_listed"] != total:
         return f"{counts['inputs_listed']} inputs listed but {total} = predictions + dead letters written"
+    if counts.get("videos_sampled") is not None and counts["videos_sampled"] != counts["video_predictions"]:
+        return f"{counts['videos_sampled']} videos sampled but {counts['video_predictions']} video predictions written"
     return None
 
 
-def listed_inputs(result) -> Optional[int]:
+def frame_summary(cfg: schema.CascadeConfig, counts: dict, videos_listed: Optional[int],
+                  videos_sampled: Optional[int]) -> list[str]:
+    """At frame granularity: the per-video table's counts (added to ``counts``) and summary lines."""
+    rows = []
+    if common.count_rows(cfg.output, VIDEO_PREDICTIONS):
+        rows = common.read_table(cfg.output, VIDEO_PREDICTIONS).select(["label", "pred_class"]).to_pylist()
+    counts.update(videos_listed=videos_listed, videos_sampled=videos_sampled, video_predictions=len(rows))
+    lines = [(f"videos: {videos_listed} listed, {videos_sampled} sampled into {counts['inputs_listed']} frame "
+              f"records (read failures included) -> {len(rows)} rows in {VIDEO_PREDICTIONS}")]
+    labelled = [r for r in rows if r["label"] is not None]
+    if labelled:
+        correct = sum(r["label"] == r["pred_class"] for r in labelled)
+        lines.append(f"video accuracy (mean of frame logits) on labelled videos: {correct / len(labelled):.2%}")
+    return lines
+
+
+def listed_inputs(result, name: str = "inputs_listed") -> Optional[int]:
     try:
-        wanted = beam.metrics.MetricsFilter().with_namespace(NAMESPACE).with_name("inputs_listed")
+        wanted = beam.metrics.MetricsFilter().with_namespace(NAMESPACE).with_name(name)
         query = result.metrics().query(wanted)
     except (NotImplementedError, AttributeError):
         return None
@@ -165,7 +218,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     cfg, beam_args, profile = parse(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if not cfg.input:
-            cfg = dataclasses.replace(cfg, input=demo_manifest(tmp))
+            cfg = dataclasses.replace(cfg, input=demo_manifest(tmp) if cfg.video is None else demo_video_manifest(tmp))
             print(f"no --input given: running the embedded demo set ({cfg.input})")
         return _run(cfg, beam_args, profile, test_pipeline)
 
@@ -185,7 +238,7 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
         except (OSError, ValueError) as err:
             raise SystemExit(f"invalid input: {err}") from None
     if not dry_run:
-        common.prepare_output(cfg.output, cfg.overwrite)
+        common.prepare_output(cfg.output, cfg.overwrite, (*common.TABLES, VIDEO_PREDICTIONS))
     infos = stage_infos(cfg)
     threads = cfg.torch_threads
     direct = options.view_as(DirectOptions)
@@ -203,14 +256,22 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
                 "dataflow_job": job}
     result.wait_until_finish()
     elapsed = time.time() - started
-    counts, lines = summarize(cfg, listed_inputs(result))
+    listed = listed_inputs(result)
+    frames = schema.granularity(cfg) is schema.Granularity.FRAME
+    if frames:  # the records are frames: a video becomes as many records as frames sampled from it
+        videos_listed, videos_sampled = listed, listed_inputs(result, "videos_sampled")
+        if listed is not None:
+            listed += listed_inputs(result, "frames_sampled") - videos_sampled
+    counts, lines = summarize(cfg, listed)
+    if frames:
+        lines += frame_summary(cfg, counts, videos_listed, videos_sampled)
     problem = check_invariant(counts)
     manifest = {
         "config": schema.to_yaml(cfg),
         "profile": profile,
         "beam_args": list(beam_args),
         "versions": common.versions("apache-beam", "torch", "torchvision", "pyarrow", "numpy", "pillow",
-                                    "omegaconf", "cascade-inference"),
+                                    "omegaconf", "cascade-inference", *(("av",) if cfg.video else ())),
         "stages": [dataclasses.asdict(i) for i in infos],
         "counts": counts,
         "invariant_holds": problem is None,

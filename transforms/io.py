@@ -135,14 +135,19 @@ class ReadBytes(beam.DoFn):
 
 
 class ReadInputs(beam.PTransform):
-    """Source (glob or manifest URL) -> PCollection[Record] with bytes, plus a ``dead_letter`` output."""
+    """Source (glob or manifest URL) -> PCollection[Record] with bytes, plus a ``dead_letter`` output.
 
-    def __init__(self, source: str, max_bytes: int):
+    ``reader`` replaces ``ReadBytes`` (a DoFn from a listed Record to records and dead letters), e.g. one
+    that decodes videos into frame records."""
+
+    def __init__(self, source: str, max_bytes: int, reader: Optional[beam.DoFn] = None):
         super().__init__()
         self.source = source
         self.max_bytes = max_bytes
+        self.reader = reader
 
     def expand(self, pbegin):
+        reader = self.reader or ReadBytes(self.max_bytes)
         listed = (
             pbegin
             | "Source" >> beam.Create([self.source])
@@ -151,7 +156,7 @@ class ReadInputs(beam.PTransform):
         read = (
             listed.records
             | "Spread" >> beam.Reshuffle()
-            | "ReadBytes" >> beam.ParDo(ReadBytes(self.max_bytes)).with_outputs(DEAD, main="records")
+            | (type(reader).__name__) >> beam.ParDo(reader).with_outputs(DEAD, main="records")
         )
         dead = (listed[DEAD], read[DEAD]) | "ReadFailures" >> beam.Flatten()
         return {"records": read.records, DEAD: dead}

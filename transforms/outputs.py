@@ -30,6 +30,30 @@ PREDICTIONS_SCHEMA = pa.schema(
     ]
 )
 
+# Frame granularity: one row per sampled frame, with where it sits in its video.
+FRAME_PREDICTIONS_SCHEMA = pa.schema(
+    list(PREDICTIONS_SCHEMA)
+    + [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("frame_index", pa.int64(), nullable=False),
+        pa.field("timestamp_s", pa.float64(), nullable=False),
+    ]
+)
+
+# Frame granularity: one row per video, the mean of its frames' final logits.
+VIDEO_PREDICTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("label", pa.int32()),
+        pa.field("pred_class", pa.int32(), nullable=False),
+        pa.field("pred_name", pa.string()),
+        pa.field("confidence", pa.float64(), nullable=False),
+        pa.field("frames", pa.int64(), nullable=False),
+        pa.field("gmacs", pa.float64(), nullable=False),
+    ]
+)
+
 DEAD_LETTER_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),

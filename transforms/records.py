@@ -26,6 +26,31 @@ class Record:
     stages_run: int = 0
     gmacs: float = 0.0
 
+    def columns(self, combined: np.ndarray) -> dict:
+        """Columns this kind of record adds to its prediction row (none for an image)."""
+        return {}
+
+
+@dataclass
+class FrameRecord(Record):
+    """A sampled video frame (``data`` holds it JPEG-encoded); its row also carries the frame's final
+    combined logits, for the per-video mean (the predictions sink writes only its schema's columns)."""
+
+    video_id: str = ""
+    frame_index: int = 0
+    timestamp_s: float = 0.0
+
+    def columns(self, combined: np.ndarray) -> dict:
+        return {"video_id": self.video_id, "frame_index": self.frame_index, "timestamp_s": self.timestamp_s,
+                "logits": np.asarray(combined, dtype=np.float64)}
+
+
+@dataclass
+class VideoRecord(Record):
+    """A whole video at video granularity: all its views (JPEG-encoded), classified together."""
+
+    views: tuple[bytes, ...] = ()
+
 
 @dataclass(frozen=True)
 class DeadLetter:

@@ -146,7 +146,7 @@ class Preprocess(beam.DoFn):
 def prediction_row(record: Record, combined: np.ndarray, conf: float, spec: registry.ModelSpec) -> dict:
     probs = committee.softmax(combined)
     top = np.argsort(-probs, kind="stable")[:TOP_K]
-    return {
+    row = {
         "id": record.id,
         "uri": record.uri,
         "label": record.label,
@@ -158,6 +158,8 @@ def prediction_row(record: Record, combined: np.ndarray, conf: float, spec: regi
         "top5_classes": [int(c) for c in top],
         "top5_probs": [float(probs[c]) for c in top],
     }
+    row.update(record.columns(combined))
+    return row
 
 
 class Route(beam.DoFn):
@@ -222,12 +224,20 @@ class CascadeStage(beam.PTransform):
     def expand(self, records):
         if self.stage_number > 1:  # escalated records of all bundles meet again, so batches stay full
             records = records | "Rebatch" >> beam.Reshuffle()
-        inferred, undecodable = classify(records, self.spec, self.stage, self.runtime, self.stage_number)
+        inferred, failed = self.classify(records)
         routed = inferred | "Route" >> beam.ParDo(
             Route(self.spec, self.stage.threshold, self.is_last, self.gmacs, self.runtime, self.stage_number)
         ).with_outputs(DEAD, CONTINUE, main=EXITED)
-        dead = (undecodable, routed[DEAD]) | "Failures" >> beam.Flatten()
+        dead = (failed, routed[DEAD]) | "Failures" >> beam.Flatten()
         return {EXITED: routed[EXITED], CONTINUE: routed[CONTINUE], DEAD: dead}
+
+    def classify(self, records):
+        """Records -> ((record, PredictionResult) pairs for ``Route``, dead letters). ``VideoStage`` overrides
+        this step only: the routing of a record is the same whatever it is made of."""
+        return classify(records, self.spec, self.stage, self.runtime, self.stage_number)
+
+    def handler(self) -> KeyedModelHandler:
+        return KeyedModelHandler(ClassifierHandler(self.spec, self.stage, self.runtime, self.stage_number))
 
 
 def default_threads(workers: int) -> int:
