@@ -23,6 +23,7 @@ import fsspec
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from configs import schema
@@ -317,6 +318,50 @@ def test_poisonous_record_is_dead_lettered_and_its_neighbours_predicted_once(tmp
     assert manifest["invariant_holds"] and manifest["counts"]["inputs_listed"] == 7
     stats = read_table(str(tmp_path / "out"), "exit_stats").to_pylist()
     assert (stats[0]["records_in"], stats[0]["records_exited"], stats[0]["records_failed"]) == (7, 6, 1)
+
+
+# ---- safe loading: checked per stage before any work -------------------------------------------------------
+
+def user_model_config(arch: str, weights: str, num_classes: int) -> schema.CascadeConfig:
+    return schema.load(None, [f"models.mine.arch={arch}", f"models.mine.weights={weights}",
+                              f"models.mine.num_classes={num_classes}", "models.mine.resolution=32",
+                              "stages.0.model=mine"])
+
+
+def test_a_checkpoint_with_another_class_count_fails_up_front_naming_the_stage(tmp_path):
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "ten.pt")
+    cfg = user_model_config("torchvision:resnet18", str(tmp_path / "ten.pt"), 1000)
+    with pytest.raises(SystemExit, match=r"^invalid config: stages\.0\.model: model 'mine': checkpoint .*ten\.pt' "
+                                         r"does not fit torchvision:resnet18 with num_classes=1000: 2 shape "
+                                         r"mismatches: fc\.weight is \(10, 512\) in the checkpoint but \(1000, 512\) "
+                                         r"in the model"):
+        cascade.stage_infos(cfg)
+
+
+def test_a_torchscript_model_with_another_class_count_fails_up_front(poisoned_model):
+    cfg = user_model_config("torchscript", poisoned_model, 1000)
+    with pytest.raises(SystemExit, match=r"^invalid config: stages\.0\.model: model 'mine': returns shape \(1, 10\) "
+                                         r"for one image, but its entry says num_classes=1000"):
+        cascade.stage_infos(cfg)
+
+
+class RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
+
+
+def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "marker"
+    state = torchvision.models.resnet18(num_classes=10).state_dict()
+    torch.save({**state, "extra": RunsCode(str(marker))}, tmp_path / "evil.pt")
+    cfg = user_model_config("torchvision:resnet18", str(tmp_path / "evil.pt"), 10)
+    with pytest.raises(SystemExit, match=r"^invalid config: stages\.0\.model: weights at .*evil\.pt' are not plain "
+                                         r"tensors and were refused \(torch\.load weights_only=True"):
+        cascade.stage_infos(cfg)
+    assert not marker.exists()
 
 
 # ---- the count invariant ----------------------------------------------------------------------------------
