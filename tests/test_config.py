@@ -36,6 +36,9 @@ def test_profile_loads_and_overrides_apply():
         (["torch_threads=-1"], r"torch_threads: must be >= 0"),
         (["output_shards=-1"], r"output_shards: must be >= 0"),
     ],
+    ids=["threshold-above-1", "threshold-below-0", "unknown-model", "batch-size-0", "resolution-too-small",
+         "unknown-confidence", "unknown-stage-key", "unknown-key", "unknown-device", "max-pixels-0", "empty-output",
+         "batch-size-not-int", "last-stage-threshold", "max-bytes-0", "negative-threads", "negative-shards"],
 )
 def test_invalid_config_names_the_key(overrides, message):
     with pytest.raises(schema.ConfigError, match=message):
@@ -55,6 +58,7 @@ USER_MODEL = ["models.tiny.arch=torchvision:resnet18", "models.tiny.weights=/now
         (["models.tiny.interpolation=box"], r"models\.tiny\.interpolation: 'box' is not one of"),
         (["models.tiny.std=[1,0,1]"], r"models\.tiny\.mean/std: need 3 values each, std > 0"),
     ],
+    ids=["unknown-arch", "num-classes-0", "resolution-too-small", "crop-pct-above-1", "unknown-interpolation", "std-0"],
 )
 def test_invalid_user_model_names_the_key(overrides, message):
     with pytest.raises(schema.ConfigError, match=message):

@@ -105,6 +105,8 @@ def corpus(photo: Image.Image) -> dict[str, tuple[bytes | None, str | tuple[int,
         "thin-1x5000.png": (encode(Image.new("RGB", (1, 5000), "green"), "PNG"), CLASSIFIED),
         "photo.tif": (encode(small, "TIFF"), CLASSIFIED),
         "photo.bmp": (encode(small, "BMP"), CLASSIFIED),
+        "one-bit.png": (encode(small.convert("1"), "PNG"), CLASSIFIED),
+        "float.tif": (encode(small.convert("F"), "TIFF"), CLASSIFIED),
         "bad-crc.png": (png_with_bad_crc(small), (1, UNREADABLE)),
         "truncated.png": (encode(small, "PNG")[:300], (1, UNREADABLE)),
     }
@@ -141,6 +143,8 @@ def runs(tmp_path_factory, sample_subset):
         if data is not None:
             (tmp / name).write_bytes(data)
         bad.append({"id": name, "uri": name})  # relative to the manifest: spaces, accents and all
+    bad.append({"id": "file-url", "uri": f"file://{tmp / 'café photo ü.jpg'}"})  # the same file as a URL
+    bad.append({"id": "percent-encoded", "uri": f"file://{tmp}/caf%C3%A9%20photo%20%C3%BC.jpg"})  # not decoded
     shutil.copy(good[1]["uri"], tmp / "first.jpg")
     shutil.copy(good[2]["uri"], tmp / "second.jpg")
     duplicates = [
@@ -163,7 +167,7 @@ def test_every_input_ends_in_exactly_one_table(runs):
                                        "dead_letters": len(dead), "exit_stats_predictions": len(predictions),
                                        "exit_stats_dead_letters": len(dead)}
     assert runs["mixed"]["invariant_holds"]
-    resolved = collections.Counter(os.path.join(runs["tmp"], r["uri"]) for r in rows)
+    resolved = collections.Counter(r["uri"] if "://" in r["uri"] else os.path.join(runs["tmp"], r["uri"]) for r in rows)
     assert collections.Counter(r["uri"] for r in predictions + dead) == resolved
     assert len({r["id"] for r in predictions}) == len(predictions)  # ids are keys
 
@@ -178,6 +182,7 @@ def test_each_bad_input_has_its_stage_and_reason(runs):
         assert name in dead, name
         assert dead[name]["stage"] == stage, (name, dead[name])
         assert re.search(reason, dead[name]["error"]), (name, dead[name]["error"])
+    assert (dead["percent-encoded"]["stage"], dead["percent-encoded"]["error"]) == (0, "file not found")
 
 
 def test_decodable_inputs_are_classified(runs):
@@ -188,6 +193,8 @@ def test_decodable_inputs_are_classified(runs):
             assert 0 < predictions[name]["confidence"] <= 1, name
     # the EXIF-rotated copy of good0 is rotated upright before inference: same class as the photo itself
     assert predictions["exif-rotated.jpg"]["pred_class"] == predictions["café photo ü.jpg"]["pred_class"]
+    assert predictions["file-url"]["uri"] == f"file://{runs['tmp'] / 'café photo ü.jpg'}"
+    assert predictions["file-url"]["pred_class"] == predictions["café photo ü.jpg"]["pred_class"]
 
 
 def test_duplicate_ids_keep_the_first_listed_and_dead_letter_the_others(runs):
@@ -426,6 +433,14 @@ def test_overwrite_removes_the_manifest_before_the_tables(tmp_path, monkeypatch)
     common.prepare_output(str(out), overwrite=True)
     assert removed[:4] == [common.MANIFEST, *common.TABLES]
     assert os.listdir(out) == []
+
+
+def test_a_manifest_without_a_uri_column_is_refused_before_any_work(tmp_path):
+    (tmp_path / "m.csv").write_text("file,label\na.jpg,1\n")
+    with pytest.raises(SystemExit, match=r"^invalid input: manifest .*m\.csv: needs a column named one of "
+                                         r"\('uri', 'path'\); has \['file', 'label'\]$"):
+        run(tmp_path, tmp_path / "out", str(tmp_path / "m.csv"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_unwritable_output_is_refused_before_any_work(tmp_path):
