@@ -145,7 +145,7 @@ class ReadBytes(beam.DoFn):
         except FileNotFoundError:
             yield dead(record.id, record.uri, "file not found")
             return
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, ImportError) as err:  # ImportError: a protocol whose fsspec package is absent
             yield dead(record.id, record.uri, f"could not read: {type(err).__name__}: {err}")
             return
         yield dataclasses.replace(record, data=data)
