@@ -31,7 +31,9 @@ from models import registry
 from models.preprocess import BadInput, decode, load_image
 from pipelines import cascade, common
 from pipelines.common import read_table
+from transforms.io import ReadBytes
 from transforms.outputs import DEAD_LETTER_SCHEMA, WriteTable
+from transforms.records import DeadLetter, Record
 from transforms.stage import ClassifierHandler, InferenceFailure, StageRuntime
 
 ONE_STAGE = "stages:\n  - {model: lite0, resolution: 224, batch_size: 8}\n"
@@ -145,6 +147,7 @@ def runs(tmp_path_factory, sample_subset):
         bad.append({"id": name, "uri": name})  # relative to the manifest: spaces, accents and all
     bad.append({"id": "file-url", "uri": f"file://{tmp / 'café photo ü.jpg'}"})  # the same file as a URL
     bad.append({"id": "percent-encoded", "uri": f"file://{tmp}/caf%C3%A9%20photo%20%C3%BC.jpg"})  # not decoded
+    bad.append({"id": "unknown-protocol", "uri": "nosuchfs://bucket/a.jpg"})
     shutil.copy(good[1]["uri"], tmp / "first.jpg")
     shutil.copy(good[2]["uri"], tmp / "second.jpg")
     duplicates = [
@@ -183,6 +186,18 @@ def test_each_bad_input_has_its_stage_and_reason(runs):
         assert dead[name]["stage"] == stage, (name, dead[name])
         assert re.search(reason, dead[name]["error"]), (name, dead[name]["error"])
     assert (dead["percent-encoded"]["stage"], dead["percent-encoded"]["error"]) == (0, "file not found")
+    assert (dead["unknown-protocol"]["stage"], dead["unknown-protocol"]["error"]) == (
+        0, "could not read: ValueError: Protocol not known: nosuchfs")
+
+
+def test_a_protocol_whose_package_is_absent_is_a_dead_letter(monkeypatch):
+    def absent(*args, **kwargs):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec, "open", absent)
+    (out,) = ReadBytes(100).process(Record(id="a", uri="s3://bucket/a.jpg"))
+    assert out.value == DeadLetter("a", "s3://bucket/a.jpg", 0,
+                                   "could not read: ImportError: Install s3fs to access S3")
 
 
 def test_decodable_inputs_are_classified(runs):
