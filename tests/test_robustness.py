@@ -14,13 +14,17 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
 import apache_beam as beam
 import fsspec
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
@@ -35,6 +39,8 @@ from transforms.io import ReadBytes
 from transforms.outputs import DEAD_LETTER_SCHEMA, WriteTable
 from transforms.records import DeadLetter, Record
 from transforms.stage import ClassifierHandler, InferenceFailure, StageRuntime
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ONE_STAGE = "stages:\n  - {model: lite0, resolution: 224, batch_size: 8}\n"
 MAX_PIXELS = 20_000_000  # set in the config: the bomb's reason must quote it
@@ -430,6 +436,43 @@ def test_a_failed_run_leaves_no_manifest(tmp_path, monkeypatch, poisoned_model):
     with pytest.raises(Exception, match="killed while tallying"):
         run(tmp_path, tmp_path / "out", str(tmp_path / "*.jpg"), config=poisoned_config(poisoned_model))
     assert not (tmp_path / "out" / common.MANIFEST).exists()
+
+
+KILLED_IN_THE_SINK = """
+import os, signal
+from apache_beam.io import parquetio
+from pipelines import cascade
+
+write = parquetio._ParquetSink.write_record
+
+def write_then_die(self, writer, table):  # the process is killed with a table file half written
+    write(self, writer, table)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+parquetio._ParquetSink.write_record = write_then_die
+cascade.main()
+"""
+
+
+def test_a_killed_run_leaves_no_file_that_looks_complete(tmp_path, sample_subset, poisoned_model):
+    """SIGKILL while a table file is being written: no manifest.json, the half-written file only in Beam's
+    temporary folder (which readers of <table>/*.parquet do not see); --overwrite then gives a whole run."""
+    (tmp_path / "config.yaml").write_text(poisoned_config(poisoned_model))
+    manifest = write_manifest(tmp_path / "m.csv", [{"uri": r["uri"]} for r in sample_subset[:2]] + [{"uri": "x.jpg"}])
+    args = ["--config", str(tmp_path / "config.yaml"), "--input", manifest, "--output", str(tmp_path / "out"),
+            "--runner=FnApiRunner"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_THE_SINK, *args], cwd=ROOT, capture_output=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    out = tmp_path / "out"
+    assert not (out / common.MANIFEST).exists()
+    assert list(out.glob("*/beam-temp-*/*")), "the half-written file should sit in a temporary folder"
+    for table in common.TABLES:
+        for f in common.table_files(str(out), table)[1]:  # what was finalized before the kill is whole
+            assert pq.ParquetFile(f).metadata.num_rows >= 0
+    rerun = cascade.run([*args, "--overwrite"])
+    assert rerun["invariant_holds"] and rerun["counts"]["inputs_listed"] == 3
+    assert not list(out.glob("*/beam-temp-*"))
 
 
 def test_overwrite_removes_the_manifest_before_the_tables(tmp_path, monkeypatch):
