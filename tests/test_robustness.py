@@ -2,7 +2,8 @@
 
 One run mixes the corpus with a few good sample images, one run has the good images alone (both share a
 module fixture and a one-stage Lite0 config, to stay cheap); a tiny TorchScript model that raises on a
-magic input tests failing batches; the rest (count invariant, output folder, sink retries) needs no model.
+magic input tests failing batches, and serves the other runs (count invariant, failed and killed runs);
+safe loading, the output folder rules and the sink's retries need no pipeline run.
 """
 
 from __future__ import annotations
