@@ -39,7 +39,7 @@ class StageConfig:
     model: str = MISSING  # registered model name (see models.registry) or a key of `models`
     resolution: Optional[int] = None  # input resolution; default: the model's own (another one = self-cascade)
     batch_size: int = 32  # images per inference batch; every batch but a bundle's last is full
-    threshold: float = 1.0  # exit when confidence >= threshold; 1 never exits; ignored on the last stage
+    threshold: float = 1.0  # exit when confidence >= threshold; 1 never exits; the last stage takes none
     precision: Precision = Precision.FP32  # autocast precision on CUDA; logits stay float32
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU and GPU)
     compile: bool = False  # torch.compile the model once per process
@@ -233,6 +233,10 @@ def validate(cfg: CascadeConfig) -> None:
             raise ConfigError(f"models.{name}.crop_pct: must be in (0, 1], got {mdef.crop_pct}")
         if len(mdef.mean) != 3 or len(mdef.std) != 3 or min(mdef.std) <= 0:
             raise ConfigError(f"models.{name}.mean/std: need 3 values each, std > 0")
+        if mdef.num_classes < 1:
+            raise ConfigError(f"models.{name}.num_classes: must be >= 1, got {mdef.num_classes}")
+        if not 16 <= mdef.resolution <= 4096:
+            raise ConfigError(f"models.{name}.resolution: must be in [16, 4096], got {mdef.resolution}")
     classes = None
     for i, stage in enumerate(cfg.stages):
         key = f"stages.{i}"
@@ -246,6 +250,9 @@ def validate(cfg: CascadeConfig) -> None:
             raise ConfigError(f"{key}.batch_size: must be > 0, got {stage.batch_size}")
         if not 0.0 <= stage.threshold <= 1.0:
             raise ConfigError(f"{key}.threshold: must be in [0, 1], got {stage.threshold}")
+        if i == len(cfg.stages) - 1 and stage.threshold != 1.0:
+            raise ConfigError(f"{key}.threshold: the last stage exits every record, so a cascade has one fewer "
+                              f"threshold than stages; leave it unset (got {stage.threshold})")
         if classes is not None and spec.num_classes != classes:
             raise ConfigError(
                 f"{key}.model: {spec.name} has {spec.num_classes} classes but stage 0 has {classes}; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import pickle
 from dataclasses import dataclass, field
 
 import fsspec
@@ -131,7 +132,12 @@ def resolve_weights(url: str) -> str:
 
 def _read_state_dict(url: str) -> dict[str, torch.Tensor]:
     with fsspec.open(resolve_weights(url), "rb") as fh:
-        state = torch.load(fh, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(fh, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:  # e.g. a pickled object that would run code: refused, never run
+            first = (str(err).strip() or type(err).__name__).splitlines()[0]
+            raise ValueError(f"weights at {url!r} are not plain tensors and were refused "
+                             f"(torch.load weights_only=True runs no code from a checkpoint): {first}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -152,11 +158,40 @@ def build(spec: ModelSpec, *, load_weights: bool = True) -> torch.nn.Module:
     model = _build_architecture(spec)
     if load_weights:
         state = _read_state_dict(spec.weights)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"model {spec.name!r}: checkpoint {spec.weights!r} does not fit {spec.arch}: {err}")
+        problems = state_dict_mismatch(model.state_dict(), state)
+        if problems:
+            raise ValueError(f"model {spec.name!r}: checkpoint {spec.weights!r} does not fit {spec.arch} with "
+                             f"num_classes={spec.num_classes}: {problems}")
+        model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], shown: int = 5) -> str:
+    """What keeps checkpoint ``got`` from fitting a model whose state dict is ``expected``, in words ("" if
+    it fits): shapes that differ (the classifier's first dimension is the class count), missing and extra keys."""
+    def listed(what: str, items: list[str]) -> str:
+        more = f" and {len(items) - shown} more" if len(items) > shown else ""
+        return f"{len(items)} {what}: {', '.join(items[:shown])}{more}"
+
+    shapes = [f"{k} is {tuple(got[k].shape)} in the checkpoint but {tuple(v.shape)} in the model"
+              for k, v in expected.items() if k in got and hasattr(got[k], "shape") and got[k].shape != v.shape]
+    missing = [k for k in expected if k not in got]
+    extra = [k for k in got if k not in expected]
+    parts = [listed(what, items) for what, items in (("shape mismatches", shapes), ("missing keys", missing),
+                                                      ("unexpected keys", extra)) if items]
+    return "; ".join(parts)
+
+
+def check_output(spec: ModelSpec, model: torch.nn.Module) -> None:
+    """Run ``model`` once on a blank input at the spec's resolution: its output must be ``(1, num_classes)``.
+    Catches a TorchScript file (whose state cannot be compared) with another class count than its entry."""
+    x = torch.zeros(1, 3, spec.input.resolution, spec.input.resolution)
+    with torch.inference_mode():
+        out = model(x)
+    shape = tuple(getattr(out, "shape", ()))
+    if shape != (1, spec.num_classes):
+        raise ValueError(f"model {spec.name!r}: returns shape {shape} for one image, but its entry says "
+                         f"num_classes={spec.num_classes}, so (1, {spec.num_classes}) was expected")
 
 
 @functools.lru_cache(maxsize=None)

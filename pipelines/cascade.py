@@ -88,12 +88,13 @@ def parse(argv: Optional[Sequence[str]]) -> tuple[schema.CascadeConfig, list[str
 
 
 def stage_infos(cfg: schema.CascadeConfig) -> list[StageInfo]:
-    """Each stage's model, resolution, threshold and GMACs; builds each model with its weights first,
-    so that a checkpoint that does not fit fails here, before any work, naming the stage."""
+    """Each stage's model, resolution, threshold and GMACs; builds each model with its weights and runs it
+    once first, so that a checkpoint that does not fit (shapes, class count) fails here, before any work,
+    naming the stage."""
     infos = []
     for i, (stage, spec) in enumerate(zip(cfg.stages, schema.stage_specs(cfg))):
         try:
-            registry.build(spec)
+            registry.check_output(spec, registry.build(spec))
         except (ValueError, OSError, RuntimeError) as err:
             raise SystemExit(f"invalid config: stages.{i}.model: {err}") from None
         last = i == len(cfg.stages) - 1

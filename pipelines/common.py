@@ -34,18 +34,25 @@ def setup_logging() -> None:
 
 def prepare_output(output: str, overwrite: bool, tables: Sequence[str] = TABLES) -> None:
     """Refuse an output folder holding anything unless ``overwrite``; with it, remove the earlier run's
-    tables and manifest, so that no stale file can be mistaken for this run's."""
+    manifest (first: a folder without one is incomplete) and tables, so that no stale file can be mistaken
+    for this run's. Then check that the folder is writable, before any work."""
     fs, path = fsspec.core.url_to_fs(output)
-    if fs.exists(path):
-        existing = fs.ls(path, detail=False)
-        if existing and not overwrite:
-            raise SystemExit(f"output folder {output} is not empty ({len(existing)} entries); "
-                             "pass --overwrite to replace an earlier run's outputs")
-        for name in (*tables, MANIFEST):
-            target = f"{path.rstrip('/')}/{name}"
-            if fs.exists(target):
-                fs.rm(target, recursive=True)
-    fs.makedirs(path, exist_ok=True)
+    try:
+        if fs.exists(path):
+            existing = fs.ls(path, detail=False)
+            if existing and not overwrite:
+                raise SystemExit(f"output folder {output} is not empty ({len(existing)} entries); "
+                                 "pass --overwrite to replace an earlier run's outputs")
+            for name in (MANIFEST, *tables):
+                target = f"{path.rstrip('/')}/{name}"
+                if fs.exists(target):
+                    fs.rm(target, recursive=True)
+        fs.makedirs(path, exist_ok=True)
+        probe = f"{path.rstrip('/')}/.write-probe"
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
+    except OSError as err:
+        raise SystemExit(f"output: cannot write to {output}: {type(err).__name__}: {err}") from None
 
 
 def table_files(output: str, name: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:

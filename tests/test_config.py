@@ -30,11 +30,44 @@ def test_profile_loads_and_overrides_apply():
         (["decode.max_pixels=0"], r"decode\.max_pixels"),
         (["output="], r"^output: "),
         (["stages.0.batch_size=many"], r"batch_size"),
+        (["stages.2.threshold=0.5"], r"stages\.2\.threshold: the last stage exits every record, so a cascade has "
+                                     r"one fewer threshold than stages"),
+        (["decode.max_bytes=0"], r"decode\.max_pixels / decode\.max_bytes: must be > 0"),
+        (["torch_threads=-1"], r"torch_threads: must be >= 0"),
+        (["output_shards=-1"], r"output_shards: must be >= 0"),
     ],
+    ids=["threshold-above-1", "threshold-below-0", "unknown-model", "batch-size-0", "resolution-too-small",
+         "unknown-confidence", "unknown-stage-key", "unknown-key", "unknown-device", "max-pixels-0", "empty-output",
+         "batch-size-not-int", "last-stage-threshold", "max-bytes-0", "negative-threads", "negative-shards"],
 )
 def test_invalid_config_names_the_key(overrides, message):
     with pytest.raises(schema.ConfigError, match=message):
         schema.load("lite_cascade", overrides)
+
+
+USER_MODEL = ["models.tiny.arch=torchvision:resnet18", "models.tiny.weights=/nowhere.pt"]  # weights not read here
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["models.tiny.arch=keras:resnet"], r"models\.tiny: model 'tiny': unknown arch 'keras:resnet'"),
+        (["models.tiny.num_classes=0"], r"models\.tiny\.num_classes: must be >= 1"),
+        (["models.tiny.resolution=4"], r"models\.tiny\.resolution: must be in \[16, 4096\]"),
+        (["models.tiny.crop_pct=1.5"], r"models\.tiny\.crop_pct: must be in \(0, 1\]"),
+        (["models.tiny.interpolation=box"], r"models\.tiny\.interpolation: 'box' is not one of"),
+        (["models.tiny.std=[1,0,1]"], r"models\.tiny\.mean/std: need 3 values each, std > 0"),
+    ],
+    ids=["unknown-arch", "num-classes-0", "resolution-too-small", "crop-pct-above-1", "unknown-interpolation", "std-0"],
+)
+def test_invalid_user_model_names_the_key(overrides, message):
+    with pytest.raises(schema.ConfigError, match=message):
+        schema.load("lite_cascade", [*USER_MODEL, *overrides])
+
+
+def test_a_user_model_needs_arch_and_weights():
+    with pytest.raises(schema.ConfigError, match=r"models\.tiny\.weights"):
+        schema.load("lite_cascade", ["models.tiny.arch=torchvision:resnet18"])
 
 
 def test_no_stages_is_refused():

@@ -1,7 +1,9 @@
 """Reading inputs: a glob of image URLs or a manifest (CSV / Parquet), all through fsspec.
 
-Listing happens in a DoFn, not on the driver, and is followed by a reshuffle so that reading bytes and
-the first stage spread over workers. Every input that cannot be listed or read becomes a dead letter.
+Listing happens in a DoFn, not on the driver, and is followed by a shuffle keyed by record id, so that
+reading bytes and the first stage spread over workers and duplicate ids meet: an id is a key, so the input
+listed first with it is kept and the others become dead letters. Every input that cannot be listed or read
+becomes a dead letter.
 """
 
 from __future__ import annotations
@@ -72,16 +74,17 @@ def dead(rid: str, uri: str, error: str) -> beam.pvalue.TaggedOutput:
 
 
 class ExpandSource(beam.DoFn):
-    """A glob or a manifest -> one Record (without bytes) per input; bad manifest rows -> dead letters.
-    Every input it yields is counted in ``inputs_listed``, the left side of the count invariant."""
+    """A glob or a manifest -> ``(id, (position in the listing, Record without bytes))`` per input; bad
+    manifest rows -> dead letters. Every input it yields is counted in ``inputs_listed``, the left side of
+    the count invariant."""
 
     def __init__(self):
         self.listed = Metrics.counter(NAMESPACE, "inputs_listed")
 
     def process(self, source: str):
-        for element in self._expand(source):
+        for position, element in enumerate(self._expand(source)):
             self.listed.inc()
-            yield element
+            yield element if isinstance(element, beam.pvalue.TaggedOutput) else (element.id, (position, element))
 
     def _expand(self, source: str):
         if not is_manifest(source):
@@ -110,6 +113,20 @@ class ExpandSource(beam.DoFn):
             yield Record(id=rid, uri=uri, label=label)
 
 
+class FirstOfId(beam.DoFn):
+    """``(id, [(position, Record), ...])`` -> the Record listed first with that id; any other -> a dead
+    letter. Ids key the output tables, so two inputs never share one, and the choice does not depend on
+    the order in which a shuffle delivers them (nor on a retry)."""
+
+    def process(self, element):
+        rid, listed = element
+        (_, kept), *others = sorted(listed, key=lambda item: item[0])
+        for _, record in others:
+            yield dead(record.id, record.uri, f"duplicate id {rid!r}: an earlier input has it ({kept.uri}) and is "
+                                              "the one kept; give each input its own id")
+        yield kept
+
+
 class ReadBytes(beam.DoFn):
     """Fill in a Record's encoded bytes; unreadable or oversized files -> dead letters."""
 
@@ -128,7 +145,7 @@ class ReadBytes(beam.DoFn):
         except FileNotFoundError:
             yield dead(record.id, record.uri, "file not found")
             return
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, ImportError) as err:  # ImportError: a protocol whose fsspec package is absent
             yield dead(record.id, record.uri, f"could not read: {type(err).__name__}: {err}")
             return
         yield dataclasses.replace(record, data=data)
@@ -153,10 +170,11 @@ class ReadInputs(beam.PTransform):
             | "Source" >> beam.Create([self.source])
             | "Expand" >> beam.ParDo(ExpandSource()).with_outputs(DEAD, main="records")
         )
-        read = (
+        unique = (
             listed.records
-            | "Spread" >> beam.Reshuffle()
-            | (type(reader).__name__) >> beam.ParDo(reader).with_outputs(DEAD, main="records")
+            | "GroupById" >> beam.GroupByKey()
+            | "FirstOfId" >> beam.ParDo(FirstOfId()).with_outputs(DEAD, main="records")
         )
-        dead = (listed[DEAD], read[DEAD]) | "ReadFailures" >> beam.Flatten()
+        read = unique.records | (type(reader).__name__) >> beam.ParDo(reader).with_outputs(DEAD, main="records")
+        dead = (listed[DEAD], unique[DEAD], read[DEAD]) | "ReadFailures" >> beam.Flatten()
         return {"records": read.records, DEAD: dead}

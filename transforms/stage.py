@@ -69,12 +69,23 @@ class LoadedClassifier:
                                  precision=self.precision, device=self.device)
 
 
+def failure_reason(err: Exception, limit: int = 300) -> str:
+    """One line saying why a model raised. TorchScript wraps the model's own error in its serialized
+    traceback, whose last line ("RuntimeError: ...") is the part a person needs."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, torch.jit.Error) and lines:
+        text = lines[-1].removeprefix("builtins.")
+    else:
+        text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class ClassifierHandler(ModelHandler[np.ndarray, Any, LoadedClassifier]):
     """A RunInference model handler for one registry model at one resolution.
 
     ``run_inference`` returns float32 logits per example. If the model raises on a batch, the batch is
     retried split in halves down to single examples, so only the examples that fail alone get an
-    ``InferenceFailure``; their neighbours are still classified.
+    ``InferenceFailure``; their neighbours are still classified. Non-finite logits fail their example too.
     """
 
     def __init__(self, spec: registry.ModelSpec, stage: StageConfig, runtime: StageRuntime, stage_number: int):
@@ -98,12 +109,14 @@ class ClassifierHandler(ModelHandler[np.ndarray, Any, LoadedClassifier]):
 
     def _infer(self, model: LoadedClassifier, batch: Sequence[np.ndarray]) -> list:
         try:
-            return list(self._forward(model, batch))
+            logits = self._forward(model, batch)
         except Exception as err:  # a bad batch must not fail the job: bisect down to the culprit
             if len(batch) == 1:
-                return [InferenceFailure(f"model {self.spec.key} failed: {type(err).__name__}: {err}")]
+                return [InferenceFailure(f"model {self.spec.key} failed: {failure_reason(err)}")]
             half = len(batch) // 2
             return self._infer(model, batch[:half]) + self._infer(model, batch[half:])
+        return [row if np.isfinite(row).all() else
+                InferenceFailure(f"model {self.spec.key} returned non-finite logits (NaN or inf)") for row in logits]
 
     def run_inference(self, batch, model, inference_args=None):
         return [PredictionResult(x, y, self.spec.key) for x, y in zip(batch, self._infer(model, batch))]
