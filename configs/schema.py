@@ -8,6 +8,7 @@ with a ``ConfigError`` whose message starts with the offending key. All of it ha
 from __future__ import annotations
 
 import enum
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -21,6 +22,8 @@ from models.committee import Aggregation, Confidence
 from models.inference import Precision
 from models.preprocess import INTERPOLATIONS
 from models.video import Sampling, SamplingPlan
+
+log = logging.getLogger("cascade.config")
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,7 +42,7 @@ class StageConfig:
     model: str = MISSING  # registered model name (see models.registry) or a key of `models`
     resolution: Optional[int] = None  # input resolution; default: the model's own (another one = self-cascade)
     batch_size: int = 32  # images per inference batch; every batch but a bundle's last is full
-    threshold: float = 1.0  # exit when confidence >= threshold; 1 never exits; the last stage takes none
+    threshold: float = 1.0  # exit when confidence >= threshold; 1 never exits; ignored on the last stage
     precision: Precision = Precision.FP32  # autocast precision on CUDA; logits stay float32
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU and GPU)
     compile: bool = False  # torch.compile the model once per process
@@ -251,8 +254,9 @@ def validate(cfg: CascadeConfig) -> None:
         if not 0.0 <= stage.threshold <= 1.0:
             raise ConfigError(f"{key}.threshold: must be in [0, 1], got {stage.threshold}")
         if i == len(cfg.stages) - 1 and stage.threshold != 1.0:
-            raise ConfigError(f"{key}.threshold: the last stage exits every record, so a cascade has one fewer "
-                              f"threshold than stages; leave it unset (got {stage.threshold})")
+            # accepted so that sweeps like "every threshold 0" stay one command; it decides nothing
+            log.warning("%s.threshold=%s is ignored: the last stage exits every record (a cascade has one fewer "
+                        "threshold than stages)", key, stage.threshold)
         if classes is not None and spec.num_classes != classes:
             raise ConfigError(
                 f"{key}.model: {spec.name} has {spec.num_classes} classes but stage 0 has {classes}; "

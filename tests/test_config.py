@@ -30,19 +30,25 @@ def test_profile_loads_and_overrides_apply():
         (["decode.max_pixels=0"], r"decode\.max_pixels"),
         (["output="], r"^output: "),
         (["stages.0.batch_size=many"], r"batch_size"),
-        (["stages.2.threshold=0.5"], r"stages\.2\.threshold: the last stage exits every record, so a cascade has "
-                                     r"one fewer threshold than stages"),
         (["decode.max_bytes=0"], r"decode\.max_pixels / decode\.max_bytes: must be > 0"),
         (["torch_threads=-1"], r"torch_threads: must be >= 0"),
         (["output_shards=-1"], r"output_shards: must be >= 0"),
     ],
     ids=["threshold-above-1", "threshold-below-0", "unknown-model", "batch-size-0", "resolution-too-small",
          "unknown-confidence", "unknown-stage-key", "unknown-key", "unknown-device", "max-pixels-0", "empty-output",
-         "batch-size-not-int", "last-stage-threshold", "max-bytes-0", "negative-threads", "negative-shards"],
+         "batch-size-not-int", "max-bytes-0", "negative-threads", "negative-shards"],
 )
 def test_invalid_config_names_the_key(overrides, message):
     with pytest.raises(schema.ConfigError, match=message):
         schema.load("lite_cascade", overrides)
+
+
+def test_last_stage_threshold_is_ignored_with_a_warning(caplog):
+    """One fewer threshold than stages: a value on the last stage decides nothing, so it is accepted (sweeps
+    such as "every threshold 0" stay one command) and the log says it is ignored."""
+    cfg = schema.load("lite_cascade", ["stages.0.threshold=0", "stages.1.threshold=0", "stages.2.threshold=0"])
+    assert [s.threshold for s in cfg.stages] == [0, 0, 0]
+    assert "stages.2.threshold=0.0 is ignored: the last stage exits every record" in caplog.text
 
 
 USER_MODEL = ["models.tiny.arch=torchvision:resnet18", "models.tiny.weights=/nowhere.pt"]  # weights not read here
