@@ -68,6 +68,7 @@ class DecodeConfig:
     max_pixels: int = 100_000_000  # images declaring more pixels are dead-lettered, never allocated
     max_bytes: int = 256 * 1024 * 1024  # larger files are dead-lettered unread
     draft: bool = True  # JPEG DCT-domain downscaling towards the stage's resize size
+    gpu: bool = True  # on a CUDA device, decode JPEGs in batches with nvJPEG (torchvision); others on the CPU
 
 
 class Granularity(str, enum.Enum):

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.fx
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from models import registry
 from models.preprocess import to_model_input
@@ -29,25 +31,82 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class _ConvLeafTracer(torch.fx.Tracer):
+    """Keeps every convolution (subclasses too, such as TF-style "same" padding convs) one graph node."""
+
+    def is_leaf_module(self, module: torch.nn.Module, qualname: str) -> bool:
+        return isinstance(module, torch.nn.Conv2d) or super().is_leaf_module(module, qualname)
+
+
+_INPLACE_ACTIVATIONS = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.Hardtanh, torch.nn.SiLU, torch.nn.Hardswish)
+
+
+def _fresh_and_private(node, modules: dict) -> bool:
+    """Whether ``node`` is a new tensor (a conv or batch norm output) that only one op reads."""
+    return (isinstance(node, torch.fx.Node) and node.op == "call_module" and len(node.users) == 1
+            and isinstance(modules[node.target], (torch.nn.Conv2d, torch.nn.BatchNorm2d)))
+
+
+def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode model with each BatchNorm that follows a convolution folded into that convolution's
+    weights, and activations made in-place where nothing else reads their input: the same logits (to float
+    rounding) for one pass fewer over every activation map, and fewer allocations. A model that
+    ``torch.fx`` cannot trace (TorchScript, data-dependent control flow) is returned unchanged."""
+    try:
+        graph = torch.fx.GraphModule(model, _ConvLeafTracer().trace(model))
+    except Exception:  # tracing fails in many ways on arbitrary user models; they just run unfused
+        return model
+    modules = dict(graph.named_modules())
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    for node in list(graph.graph.nodes):
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        conv_node = node.args[0] if bn is not None and node.args else None
+        if not (isinstance(bn, torch.nn.BatchNorm2d) and not bn.training and bn.track_running_stats
+                and isinstance(conv_node, torch.fx.Node) and conv_node.op == "call_module"
+                and isinstance(modules[conv_node.target], torch.nn.Conv2d)
+                and len(conv_node.users) == 1 and len(calls[conv_node.target]) == 1 and len(calls[node.target]) == 1):
+            continue
+        conv = modules[conv_node.target]
+        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                      bn.eps, bn.weight, bn.bias)
+        node.replace_all_uses_with(conv_node)
+        graph.graph.erase_node(node)
+    for target, nodes in calls.items():
+        module = modules[target]
+        if isinstance(module, _INPLACE_ACTIVATIONS) and all(_fresh_and_private(n.args[0], modules) for n in nodes):
+            module.inplace = True
+    graph.graph.lint()
+    graph.recompile()
+    graph.delete_all_unused_submodules()
+    return graph
+
+
 def load(spec: registry.ModelSpec, device: str = "auto", *, channels_last: bool = True,
          compile: bool = False) -> torch.nn.Module:
-    """``spec``'s model with its weights, in eval mode, on ``device``, in the memory format to feed it."""
-    model = registry.build(spec).to(resolve_device(device))
+    """``spec``'s model with its weights, in eval mode with batch norms folded (``fold_batch_norms``), on
+    ``device``, in the memory format to feed it."""
+    model = fold_batch_norms(registry.build(spec).eval()).to(resolve_device(device))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if compile else model
 
 
-def forward(model: torch.nn.Module, spec: registry.ModelSpec, images: Sequence[np.ndarray], *,
+def forward(model: torch.nn.Module, spec: registry.ModelSpec, images: Sequence[np.ndarray] | torch.Tensor, *,
             channels_last: bool = True, precision: Precision | str = Precision.FP32,
             device: Optional[torch.device] = None) -> np.ndarray:
-    """``(res, res, 3)`` uint8 crops -> ``(N, C)`` float32 logits (autocast in ``precision``, logits in fp32)."""
+    """``(res, res, 3)`` uint8 crops (or an ``(N, res, res, 3)`` uint8 tensor, already on the device) ->
+    ``(N, C)`` float32 logits (autocast in ``precision``, logits in fp32)."""
     if device is None:
         device = next(iter(model.parameters()), torch.empty(0)).device
-    host = torch.from_numpy(np.stack(images))
-    if device.type == "cuda":
-        host = host.pin_memory()
-    x = to_model_input(host.to(device, non_blocking=True), spec.input)
+    if isinstance(images, torch.Tensor):
+        pixels = images.to(device)
+    else:
+        host = torch.from_numpy(np.stack(images))
+        pixels = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    x = to_model_input(pixels, spec.input)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     dtype = _AUTOCAST.get(Precision(precision))

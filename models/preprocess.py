@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2.functional import resized_crop
 
 from models.registry import InputConfig
 
@@ -26,6 +30,15 @@ INTERPOLATIONS = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+ORIENTATION_TAG = 0x0112  # EXIF
+TORCH_INTERPOLATIONS = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "lanczos": InterpolationMode.BICUBIC,  # torch has no Lanczos; the closest it has
 }
 
 
@@ -83,12 +96,8 @@ def decode(data: bytes, *, target: int | None = None, max_pixels: int = 100_000_
 
 def center_crop_resize(im: Image.Image, cfg: InputConfig) -> np.ndarray:
     """Resize the shorter side to ``cfg.resize_to`` and center-crop ``cfg.resolution``, in one resample
-    of just the crop region; returns a ``(res, res, 3)`` uint8 array."""
-    width, height = im.size
-    scale = cfg.resize_to / min(width, height)
-    side = cfg.resolution / scale  # the crop's side in source pixels
-    left = (width - side) / 2
-    top = (height - side) / 2
+    of just the crop region (``crop_box``, as the batched decoder does); returns a ``(res, res, 3)`` uint8 array."""
+    left, top, side = crop_box(*im.size, cfg)
     out = im.resize(
         (cfg.resolution, cfg.resolution),
         INTERPOLATIONS[cfg.interpolation],
@@ -101,6 +110,57 @@ def load_image(data: bytes, cfg: InputConfig, *, max_pixels: int = 100_000_000, 
     """Encoded bytes -> the ``(res, res, 3)`` uint8 crop that ``cfg`` describes."""
     im = decode(data, target=cfg.resize_to if draft else None, max_pixels=max_pixels)
     return center_crop_resize(im, cfg)
+
+
+def crop_box(width: int, height: int, cfg: InputConfig) -> tuple[int, int, int]:
+    """The square of the source image that becomes the model's input: the centre ``resolution / resize_to``
+    of the shorter side, in whole pixels, so that PIL and torch resample exactly the same region."""
+    side = max(1, min(width, height, round(cfg.resolution * min(width, height) / cfg.resize_to)))
+    return (width - side) // 2, (height - side) // 2, side
+
+
+def gpu_decodable(data: bytes, max_pixels: int) -> bool:
+    """Whether nvJPEG (``load_batch``) can decode ``data`` as ``decode`` would, judged from the header
+    alone: a baseline or progressive RGB or grayscale JPEG, upright, within the pixel limit. Anything else
+    takes the CPU path, which knows every format and gives the dead-letter reasons."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            return (im.format == "JPEG" and im.mode in ("RGB", "L") and 0 < width * height <= max_pixels
+                    and im.getexif().get(ORIENTATION_TAG, 1) == 1)
+    except Exception:  # not even a header: the CPU path will say why
+        return False
+
+
+def load_batch(datas: Sequence[bytes], cfg: InputConfig, device: torch.device) -> list[torch.Tensor | BadInput]:
+    """JPEG bytes -> ``(res, res, 3)`` uint8 crops on ``device``, decoded by torchvision in one batch (nvJPEG
+    on CUDA) and resized there; a record the batch decoder rejects is decoded alone on the CPU by
+    ``load_image``, and one that fails there too gets its ``BadInput`` instead of a crop. Resampling is
+    torch's antialiased bicubic over the same crop box, so crops differ from the CPU path's by rounding."""
+    encoded = [torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()) for data in datas]
+    try:
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad file fails the whole batch call: decode one by one
+        images = []
+        for data in encoded:
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                images.append(None)
+    out: list[torch.Tensor | BadInput] = []
+    for data, image in zip(datas, images):
+        if image is None:
+            try:
+                out.append(torch.from_numpy(load_image(data, cfg)).to(device))
+            except BadInput as err:
+                out.append(err)
+            continue
+        height, width = image.shape[-2:]
+        left, top, side = crop_box(width, height, cfg)
+        crop = resized_crop(image, top, left, side, side, [cfg.resolution, cfg.resolution],
+                            interpolation=TORCH_INTERPOLATIONS[cfg.interpolation], antialias=True)
+        out.append(crop.permute(1, 2, 0))
+    return out
 
 
 def to_model_input(batch: torch.Tensor, cfg: InputConfig) -> torch.Tensor:

@@ -246,7 +246,7 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
     if not threads and direct.direct_running_mode == "multi_processing":
         threads = default_threads(direct.direct_num_workers or os.cpu_count() or 1)
     runtime = StageRuntime(cfg.confidence, cfg.aggregation, cfg.decode.max_pixels, cfg.decode.draft,
-                           cfg.device, cfg.model_sharing, threads)
+                           cfg.decode.gpu, cfg.device, cfg.model_sharing, threads)
     build(p, cfg, infos, runtime)
     started = time.time()
     result = p.run()

@@ -158,7 +158,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     cfg, beam_args = parse(argv)
     common.prepare_output(cfg.output, cfg.overwrite, TABLES)
     runtime = StageRuntime(cfg.confidence, cfg.aggregation, cfg.decode.max_pixels, cfg.decode.draft,
-                           cfg.device, cfg.model_sharing, cfg.torch_threads)
+                           cfg.decode.gpu, cfg.device, cfg.model_sharing, cfg.torch_threads)
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
     pool = build(p, cfg, runtime)
     started = time.time()

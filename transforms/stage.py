@@ -20,7 +20,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 
 from configs.schema import ModelSharing, StageConfig
 from models import committee, inference, registry
-from models.preprocess import BadInput, load_image
+from models.preprocess import BadInput, gpu_decodable, load_batch, load_image
 from transforms.io import DEAD
 from transforms.progress import progress
 from transforms.records import DeadLetter, Record
@@ -46,15 +46,29 @@ class StageRuntime:
     aggregation: committee.Aggregation = committee.Aggregation.LOGITS
     max_pixels: int = 100_000_000
     draft: bool = True
+    gpu_decode: bool = True  # on a CUDA device, JPEGs are decoded in batches by nvJPEG (see EncodedImage)
     device: str = "auto"
     model_sharing: ModelSharing = ModelSharing.PROCESS
     torch_threads: int = 0
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """A JPEG that ``Preprocess`` leaves encoded for the model's device to decode with the whole batch
+    (nvJPEG through torchvision), instead of one by one with PIL on the CPU."""
+
+    data: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
 class LoadedClassifier:
-    """A model loaded on its device: called with a ``(N, H, W, 3)`` uint8 batch, returns ``(N, C)`` float32
-    logits. Numpy in and out, so that with ``model_sharing: machine`` the one copy in a machine can serve
-    the other processes through Beam's cross-process proxy, which pickles arguments and results."""
+    """A model loaded on its device: called with a batch of ``(H, W, 3)`` uint8 crops (a stacked array, or a
+    list that may hold ``EncodedImage``s to decode on the device first), returns ``(N, C)`` float32 logits.
+    Numpy and bytes in, numpy out, so that with ``model_sharing: machine`` the one copy in a machine can
+    serve the other processes through Beam's cross-process proxy, which pickles arguments and results."""
 
     def __init__(self, module: torch.nn.Module, device: torch.device, spec: registry.ModelSpec,
                  stage: StageConfig):
@@ -64,7 +78,17 @@ class LoadedClassifier:
         self.channels_last = stage.channels_last
         self.precision = stage.precision
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: Sequence[np.ndarray | EncodedImage]) -> np.ndarray:
+        """Raises the ``BadInput`` of an encoded image that cannot be decoded, even on the CPU."""
+        if any(isinstance(x, EncodedImage) for x in batch):
+            crops = iter(load_batch([x.data for x in batch if isinstance(x, EncodedImage)], self.spec.input,
+                                    self.device))
+            pixels = [next(crops) if isinstance(x, EncodedImage) else torch.from_numpy(x).to(self.device)
+                      for x in batch]
+            bad = next((x for x in pixels if isinstance(x, BadInput)), None)
+            if bad is not None:
+                raise bad
+            batch = torch.stack(pixels)
         return inference.forward(self.module, self.spec, batch, channels_last=self.channels_last,
                                  precision=self.precision, device=self.device)
 
@@ -104,14 +128,16 @@ class ClassifierHandler(ModelHandler[np.ndarray, Any, LoadedClassifier]):
         log.info("stage %d: loaded %s on %s (pid %d)", self.stage_number, self.spec.key, device, os.getpid())
         return LoadedClassifier(model, device, self.spec, self.stage)
 
-    def _forward(self, model: LoadedClassifier, batch: Sequence[np.ndarray]) -> np.ndarray:
-        return model(np.stack(batch))
+    def _forward(self, model: LoadedClassifier, batch: Sequence[np.ndarray | EncodedImage]) -> np.ndarray:
+        return model(batch if any(isinstance(x, EncodedImage) for x in batch) else np.stack(batch))
 
     def _infer(self, model: LoadedClassifier, batch: Sequence[np.ndarray]) -> list:
         try:
             logits = self._forward(model, batch)
         except Exception as err:  # a bad batch must not fail the job: bisect down to the culprit
             if len(batch) == 1:
+                if isinstance(err, BadInput):  # an encoded image that no decoder could read
+                    return [InferenceFailure(str(err))]
                 return [InferenceFailure(f"model {self.spec.key} failed: {failure_reason(err)}")]
             half = len(batch) // 2
             return self._infer(model, batch[:half]) + self._infer(model, batch[half:])
@@ -136,15 +162,23 @@ class ClassifierHandler(ModelHandler[np.ndarray, Any, LoadedClassifier]):
 
 
 class Preprocess(beam.DoFn):
-    """Record -> (record, (res, res, 3) uint8 crop); undecodable inputs -> dead letters."""
+    """Record -> (record, (res, res, 3) uint8 crop); undecodable inputs -> dead letters. On a CUDA device
+    (and ``decode.gpu``), JPEGs that nvJPEG can take pass as ``EncodedImage``s, decoded with their batch."""
 
     def __init__(self, spec: registry.ModelSpec, runtime: StageRuntime, stage_number: int):
         self.spec = spec
         self.runtime = runtime
         self.stage_number = stage_number
+        self.gpu_decode = False
+
+    def setup(self):
+        self.gpu_decode = self.runtime.gpu_decode and inference.resolve_device(self.runtime.device).type == "cuda"
 
     def process(self, record: Record):
         progress.add(self.stage_number, "in")
+        if self.gpu_decode and gpu_decodable(record.data, self.runtime.max_pixels):
+            yield record, EncodedImage(record.data)
+            return
         try:
             image = load_image(
                 record.data, self.spec.input, max_pixels=self.runtime.max_pixels, draft=self.runtime.draft
