@@ -10,9 +10,10 @@ on all three alike:
 - ``pipeline_cascade``: ``python -m pipelines.cascade --config lite_cascade --runner=FnApiRunner``, the
   Lite0@224 -> Lite1@240 -> Lite2@260 cascade with the thresholds calibrated to match Lite2@260's accuracy
   on the clean sample at least cost (configs/lite_cascade.yaml, from pipelines.calibrate);
-- ``plain_loop``: the same cascade with no Beam: the same reading, decode, preprocessing, batch sizes,
-  model code (``models.inference``) and committee maths, in a Python loop, writing the same predictions;
-- ``pipeline_lite2``: the pipeline with Lite2@260 alone.
+- ``plain_loop``: the same cascade with no Beam: the same reading, decode (a batch at a time, in the same
+  threads), preprocessing, batch sizes, model code (``models.inference``) and committee maths, in a Python
+  loop, writing the same predictions;
+- ``pipeline_lite2``: the pipeline with Lite2@260 alone (the cascade's last stage, at its batch size).
 
 Times are wall-clock seconds of the whole process (imports, model loading, reading, writing Parquet
 included: what a user waits for). It prints the medians, checks that the plain loop and the pipeline
@@ -67,9 +68,14 @@ def stage_count(profile: str) -> int:
     return len(schema.load(profile).stages)
 
 
-def lite2_profile(path: str) -> None:
+def solitary_profile(path: str, profile: str) -> None:
+    """The cascade's last stage alone (Lite2@260 for the Lite cascades), with the same batch size."""
+    from configs import schema
+
+    last = schema.load(profile).stages[-1]
     with open(path, "w") as fh:
-        fh.write("stages:\n  - {model: lite2, resolution: 260, batch_size: 32}\n")
+        fh.write(f"stages:\n  - {{model: {last.model}, resolution: {last.resolution}, "
+                 f"batch_size: {last.batch_size}}}\n")
 
 
 def command(variant: str, manifest: str, output: str, device: str, profile: str, lite2_yaml: str) -> list[str]:
@@ -104,11 +110,13 @@ def plain_loop(manifest: str, output: str, device: str, profile: str) -> None:
 
     from configs import schema
     from models import committee, inference
-    from models.preprocess import BadInput, load_image
+    from models.preprocess import BadInput, decode_pool, load_images
 
     cfg = schema.load(profile, device_overrides(device, stage_count(profile)))
     specs = schema.stage_specs(cfg)
     dev = inference.resolve_device(cfg.device)
+    threads = cfg.torch_threads or os.cpu_count() or 1
+    pool = decode_pool(threads) if threads > 1 else None  # the pipeline's decoding threads
     with open(manifest) as fh:
         records = list(csv.DictReader(fh))
     for record in records:
@@ -120,13 +128,11 @@ def plain_loop(manifest: str, output: str, device: str, profile: str) -> None:
         last = number == len(specs)
         escalated = []
         for start in range(0, len(records), stage.batch_size):
-            batch = []
-            for record in records[start:start + stage.batch_size]:
-                try:
-                    batch.append((record, load_image(record["data"], spec.input, max_pixels=cfg.decode.max_pixels,
-                                                     draft=cfg.decode.draft)))
-                except BadInput:
-                    dead += 1
+            chunk = records[start:start + stage.batch_size]
+            crops = load_images([r["data"] for r in chunk], spec.input, max_pixels=cfg.decode.max_pixels,
+                                draft=cfg.decode.draft, pool=pool)
+            batch = [(record, crop) for record, crop in zip(chunk, crops) if not isinstance(crop, BadInput)]
+            dead += len(chunk) - len(batch)
             if not batch:
                 continue
             logits = inference.forward(model, spec, [image for _, image in batch], channels_last=stage.channels_last,
@@ -188,7 +194,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         manifest, lite2_yaml = os.path.join(tmp, "manifest.csv"), os.path.join(tmp, "lite2.yaml")
         write_manifest(manifest, args.sample, args.records)
-        lite2_profile(lite2_yaml)
+        solitary_profile(lite2_yaml, args.config)
         times = {v: [] for v in VARIANTS}
         for repeat in range(args.repeats):
             order = VARIANTS[repeat % 3:] + VARIANTS[:repeat % 3]

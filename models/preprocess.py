@@ -8,16 +8,15 @@ the header, before any pixel is allocated.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
-from typing import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2.functional import resized_crop
 
 from models.registry import InputConfig
 
@@ -34,12 +33,8 @@ INTERPOLATIONS = {
 
 
 ORIENTATION_TAG = 0x0112  # EXIF
-TORCH_INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "lanczos": InterpolationMode.BICUBIC,  # torch has no Lanczos; the closest it has
-}
+TORCH_INTERPOLATIONS = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic",
+                        "lanczos": "bicubic"}  # torch resamples tensors with no Lanczos; the closest it has
 
 
 class BadInput(ValueError):
@@ -137,6 +132,10 @@ def load_batch(datas: Sequence[bytes], cfg: InputConfig, device: torch.device) -
     on CUDA) and resized there; a record the batch decoder rejects is decoded alone on the CPU by
     ``load_image``, and one that fails there too gets its ``BadInput`` instead of a crop. Resampling is
     torch's antialiased bicubic over the same crop box, so crops differ from the CPU path's by rounding."""
+    from torchvision.io import ImageReadMode, decode_jpeg  # only here: importing torchvision costs seconds
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2.functional import resized_crop
+
     encoded = [torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()) for data in datas]
     try:
         images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
@@ -158,9 +157,29 @@ def load_batch(datas: Sequence[bytes], cfg: InputConfig, device: torch.device) -
         height, width = image.shape[-2:]
         left, top, side = crop_box(width, height, cfg)
         crop = resized_crop(image, top, left, side, side, [cfg.resolution, cfg.resolution],
-                            interpolation=TORCH_INTERPOLATIONS[cfg.interpolation], antialias=True)
+                            interpolation=InterpolationMode(TORCH_INTERPOLATIONS[cfg.interpolation]), antialias=True)
         out.append(crop.permute(1, 2, 0))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def decode_pool(threads: int) -> ThreadPoolExecutor:
+    """The threads that decode batches in this process (one pool per size, shared by its stages)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="decode")
+
+
+def load_images(datas: Sequence[bytes], cfg: InputConfig, *, max_pixels: int = 100_000_000, draft: bool = True,
+                pool: Optional[Executor] = None) -> list[np.ndarray | BadInput]:
+    """``load_image`` over a batch, in ``pool``'s threads when given (Pillow releases the GIL while it
+    decodes and resamples); a record that cannot be used gets its ``BadInput`` instead of a crop."""
+
+    def one(data: bytes) -> np.ndarray | BadInput:
+        try:
+            return load_image(data, cfg, max_pixels=max_pixels, draft=draft)
+        except BadInput as err:
+            return err
+
+    return list(pool.map(one, datas) if pool is not None else map(one, datas))
 
 
 def to_model_input(batch: torch.Tensor, cfg: InputConfig) -> torch.Tensor:

@@ -8,10 +8,16 @@ package (``pkg:MODULE/path``), always with ``torch.load(weights_only=True)``: no
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import importlib.resources
+import importlib.util
+import json
+import os
+import pathlib
 import pickle
+import tempfile
 from dataclasses import dataclass, field
 
 import fsspec
@@ -65,11 +71,17 @@ class ModelSpec:
         return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
 
 
+@functools.lru_cache(maxsize=None)
 def imagenet_class_names() -> tuple[str, ...]:
-    """The 1,000 ImageNet-1k class names, as shipped inside torchvision (no download)."""
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-    return tuple(_IMAGENET_CATEGORIES)
+    """The 1,000 ImageNet-1k class names, as shipped inside torchvision (no download). Read as a literal from
+    its source file: importing the ``torchvision`` package pulls in ``torch._dynamo``, seconds of start-up
+    in every worker process that does not otherwise need torchvision."""
+    package = importlib.util.find_spec("torchvision")
+    meta = pathlib.Path(package.submodule_search_locations[0], "models", "_meta.py")
+    for node in ast.parse(meta.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_IMAGENET_CATEGORIES" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise RuntimeError(f"no _IMAGENET_CATEGORIES in {meta}")
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -198,18 +210,51 @@ def check_output(spec: ModelSpec, model: torch.nn.Module) -> None:
 def _gmacs(spec: ModelSpec) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build(spec, load_weights=spec.arch == TORCHSCRIPT)
-    x = torch.zeros(1, 3, spec.input.resolution, spec.input.resolution)
+    # FLOPs depend on shapes only: a Python architecture is counted on the meta device, with no weights
+    # initialized and no arithmetic done (seconds saved per model at every job's start)
+    device = torch.device("cpu" if spec.arch == TORCHSCRIPT else "meta")
+    with device:
+        model = build(spec, load_weights=spec.arch == TORCHSCRIPT)
+    x = torch.zeros(1, 3, spec.input.resolution, spec.input.resolution, device=device)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x)
     return counter.get_total_flops() / 2 / 1e9
 
 
+def gmacs_cache_path() -> str:
+    """Where measured GMACs are remembered between runs (``$XDG_CACHE_HOME``, else ``~/.cache``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "cascade-inference", "gmacs.json")
+
+
 def gmacs(spec: ModelSpec) -> float:
     """Multiply-adds (x1e9, the paper's "FLOPS (B)") of one forward pass at the spec's resolution,
-    measured by torch.utils.flop_counter (which counts 2 FLOPs per multiply-add)."""
-    return _gmacs(dataclasses.replace(spec, class_names=()))
+    measured by torch.utils.flop_counter (which counts 2 FLOPs per multiply-add).
+
+    The count of a Python architecture depends only on (arch, resolution, classes) and torch's counting
+    rules, so it is remembered in ``gmacs_cache_path()``: the counter's first use imports ``torch._dynamo``,
+    seconds that every job's start would otherwise pay. TorchScript files are always measured."""
+    spec = dataclasses.replace(spec, class_names=())
+    if spec.arch == TORCHSCRIPT:
+        return _gmacs(spec)
+    key = f"{spec.arch}@{spec.input.resolution}/{spec.num_classes} torch {torch.__version__}"
+    path = gmacs_cache_path()
+    try:
+        with open(path) as fh:
+            cached = json.load(fh)
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached.get(key), (int, float)):
+        cached[key] = _gmacs(spec)
+        try:  # a read-only home only costs the next job the measurement again
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False) as fh:
+                json.dump(cached, fh, indent=1, sort_keys=True)
+            os.replace(fh.name, path)
+        except OSError:
+            pass
+    return float(cached[key])
 
 
 def _lite(index: int, resolution: int, weights_file: str) -> ModelSpec:

@@ -104,12 +104,11 @@ class ScoreEntry(beam.PTransform):
         self.stage, self.spec, self.gmacs, self.runtime, self.number = stage, spec, gmacs, runtime, number
 
     def expand(self, records):
-        inferred, undecodable = classify(records, self.spec, self.stage, self.runtime, self.number)
+        inferred = classify(records, self.spec, self.stage, self.runtime, self.number)
         rows = inferred | "Rows" >> beam.FlatMap(score_row, self.spec.key, self.gmacs, self.number).with_outputs(
             DEAD, main=SCORES
         )
-        dead = (undecodable, rows[DEAD]) | "Failures" >> beam.Flatten()
-        return {SCORES: rows[SCORES], DEAD: dead}
+        return {SCORES: rows[SCORES], DEAD: rows[DEAD]}
 
 
 def build(p: beam.Pipeline, cfg: schema.CascadeConfig, runtime: StageRuntime) -> list[tuple[str, float]]:

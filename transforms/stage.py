@@ -20,7 +20,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 
 from configs.schema import ModelSharing, StageConfig
 from models import committee, inference, registry
-from models.preprocess import BadInput, gpu_decodable, load_batch, load_image
+from models.preprocess import BadInput, decode_pool, gpu_decodable, load_batch, load_images
 from transforms.io import DEAD
 from transforms.progress import progress
 from transforms.records import DeadLetter, Record
@@ -54,8 +54,8 @@ class StageRuntime:
 
 @dataclass(frozen=True)
 class EncodedImage:
-    """A JPEG that ``Preprocess`` leaves encoded for the model's device to decode with the whole batch
-    (nvJPEG through torchvision), instead of one by one with PIL on the CPU."""
+    """An image still encoded, as it waits in a batch: the model handler decodes the whole batch at once,
+    in threads on the CPU, or with nvJPEG on the model's CUDA device (see ``ClassifierHandler``)."""
 
     data: bytes
 
@@ -83,7 +83,7 @@ class LoadedClassifier:
         if any(isinstance(x, EncodedImage) for x in batch):
             crops = iter(load_batch([x.data for x in batch if isinstance(x, EncodedImage)], self.spec.input,
                                     self.device))
-            pixels = [next(crops) if isinstance(x, EncodedImage) else torch.from_numpy(x).to(self.device)
+            pixels = [next(crops) if isinstance(x, EncodedImage) else torch.tensor(x, device=self.device)
                       for x in batch]
             bad = next((x for x in pixels if isinstance(x, BadInput)), None)
             if bad is not None:
@@ -104,12 +104,16 @@ def failure_reason(err: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-class ClassifierHandler(ModelHandler[np.ndarray, Any, LoadedClassifier]):
+class ClassifierHandler(ModelHandler[np.ndarray | EncodedImage, Any, LoadedClassifier]):
     """A RunInference model handler for one registry model at one resolution.
 
-    ``run_inference`` returns float32 logits per example. If the model raises on a batch, the batch is
-    retried split in halves down to single examples, so only the examples that fail alone get an
-    ``InferenceFailure``; their neighbours are still classified. Non-finite logits fail their example too.
+    Examples are ``EncodedImage``s (or crops already decoded). ``run_inference`` decodes the batch first:
+    with ``decode.gpu`` on a CUDA device, the JPEGs nvJPEG can take are left to the model's device
+    (``LoadedClassifier``); the others are decoded by PIL in a pool of ``torch_threads`` threads (all cores
+    by default), so decoding uses every core as inference does. An example that does not decode gets an
+    ``InferenceFailure`` with the reason. If the model raises on a batch, the batch is retried split in
+    halves down to single examples, so only the examples that fail alone get an ``InferenceFailure``; their
+    neighbours are still classified. Non-finite logits fail their example too.
     """
 
     def __init__(self, spec: registry.ModelSpec, stage: StageConfig, runtime: StageRuntime, stage_number: int):
@@ -131,7 +135,19 @@ class ClassifierHandler(ModelHandler[np.ndarray, Any, LoadedClassifier]):
     def _forward(self, model: LoadedClassifier, batch: Sequence[np.ndarray | EncodedImage]) -> np.ndarray:
         return model(batch if any(isinstance(x, EncodedImage) for x in batch) else np.stack(batch))
 
-    def _infer(self, model: LoadedClassifier, batch: Sequence[np.ndarray]) -> list:
+    def _decode(self, batch: Sequence[np.ndarray | EncodedImage]) -> list[np.ndarray | EncodedImage | BadInput]:
+        on_gpu = self.runtime.gpu_decode and inference.resolve_device(self.runtime.device).type == "cuda"
+        items = list(batch)
+        cpu = [i for i, x in enumerate(items) if isinstance(x, EncodedImage)
+               and not (on_gpu and gpu_decodable(x.data, self.runtime.max_pixels))]
+        threads = self.runtime.torch_threads or os.cpu_count() or 1
+        crops = load_images([items[i].data for i in cpu], self.spec.input, max_pixels=self.runtime.max_pixels,
+                            draft=self.runtime.draft, pool=decode_pool(threads) if threads > 1 else None)
+        for i, crop in zip(cpu, crops):
+            items[i] = crop
+        return items
+
+    def _infer(self, model: LoadedClassifier, batch: Sequence[np.ndarray | EncodedImage]) -> list:
         try:
             logits = self._forward(model, batch)
         except Exception as err:  # a bad batch must not fail the job: bisect down to the culprit
@@ -145,7 +161,12 @@ class ClassifierHandler(ModelHandler[np.ndarray, Any, LoadedClassifier]):
                 InferenceFailure(f"model {self.spec.key} returned non-finite logits (NaN or inf)") for row in logits]
 
     def run_inference(self, batch, model, inference_args=None):
-        return [PredictionResult(x, y, self.spec.key) for x, y in zip(batch, self._infer(model, batch))]
+        items = self._decode(batch)
+        results = [InferenceFailure(str(x)) if isinstance(x, BadInput) else None for x in items]
+        ready = [i for i, r in enumerate(results) if r is None]
+        for i, result in zip(ready, self._infer(model, [items[i] for i in ready]) if ready else ()):
+            results[i] = result
+        return [PredictionResult(x, y, self.spec.key) for x, y in zip(batch, results)]
 
     def batch_elements_kwargs(self):
         size = self.stage.batch_size
@@ -161,33 +182,10 @@ class ClassifierHandler(ModelHandler[np.ndarray, Any, LoadedClassifier]):
         return sum(x.nbytes for x in batch)
 
 
-class Preprocess(beam.DoFn):
-    """Record -> (record, (res, res, 3) uint8 crop); undecodable inputs -> dead letters. On a CUDA device
-    (and ``decode.gpu``), JPEGs that nvJPEG can take pass as ``EncodedImage``s, decoded with their batch."""
-
-    def __init__(self, spec: registry.ModelSpec, runtime: StageRuntime, stage_number: int):
-        self.spec = spec
-        self.runtime = runtime
-        self.stage_number = stage_number
-        self.gpu_decode = False
-
-    def setup(self):
-        self.gpu_decode = self.runtime.gpu_decode and inference.resolve_device(self.runtime.device).type == "cuda"
-
-    def process(self, record: Record):
-        progress.add(self.stage_number, "in")
-        if self.gpu_decode and gpu_decodable(record.data, self.runtime.max_pixels):
-            yield record, EncodedImage(record.data)
-            return
-        try:
-            image = load_image(
-                record.data, self.spec.input, max_pixels=self.runtime.max_pixels, draft=self.runtime.draft
-            )
-        except BadInput as err:
-            progress.add(self.stage_number, "failed")
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, self.stage_number, str(err)))
-            return
-        yield record, image
+def encoded(record: Record, stage_number: int) -> tuple[Record, EncodedImage]:
+    """Record -> (record, its bytes as the example to batch); decoding waits for the batch."""
+    progress.add(stage_number, "in")
+    return record, EncodedImage(record.data)
 
 
 def prediction_row(record: Record, combined: np.ndarray, conf: float, spec: registry.ModelSpec) -> dict:
@@ -245,14 +243,11 @@ class Route(beam.DoFn):
 
 
 def classify(records, spec: registry.ModelSpec, stage: StageConfig, runtime: StageRuntime, stage_number: int):
-    """Records -> ((record, PredictionResult) pairs, dead letters of undecodable inputs): the "Preprocess"
-    and "Infer" steps of a stage, applied in the caller's scope so that their labels stay the caller's.
-    A result's ``inference`` is float32 logits, or an ``InferenceFailure`` for a record the model failed on."""
-    ready = records | "Preprocess" >> beam.ParDo(Preprocess(spec, runtime, stage_number)).with_outputs(
-        DEAD, main="ready"
-    )
+    """Records -> (record, PredictionResult) pairs: the "Batch" and "Infer" steps of a stage, applied in the
+    caller's scope so that their labels stay the caller's. A result's ``inference`` is float32 logits, or an
+    ``InferenceFailure`` for a record that did not decode or that the model failed on."""
     handler = KeyedModelHandler(ClassifierHandler(spec, stage, runtime, stage_number))
-    return ready.ready | "Infer" >> RunInference(handler), ready[DEAD]
+    return records | "Batch" >> beam.Map(encoded, stage_number) | "Infer" >> RunInference(handler)
 
 
 class CascadeStage(beam.PTransform):
@@ -275,13 +270,14 @@ class CascadeStage(beam.PTransform):
         routed = inferred | "Route" >> beam.ParDo(
             Route(self.spec, self.stage.threshold, self.is_last, self.gmacs, self.runtime, self.stage_number)
         ).with_outputs(DEAD, CONTINUE, main=EXITED)
-        dead = (failed, routed[DEAD]) | "Failures" >> beam.Flatten()
+        dead = (*failed, routed[DEAD]) | "Failures" >> beam.Flatten()
         return {EXITED: routed[EXITED], CONTINUE: routed[CONTINUE], DEAD: dead}
 
     def classify(self, records):
-        """Records -> ((record, PredictionResult) pairs for ``Route``, dead letters). ``VideoStage`` overrides
-        this step only: the routing of a record is the same whatever it is made of."""
-        return classify(records, self.spec, self.stage, self.runtime, self.stage_number)
+        """Records -> ((record, PredictionResult) pairs for ``Route``, PCollections of dead letters raised before
+        ``Route``). ``VideoStage`` overrides this step only: the routing of a record is the same whatever it
+        is made of."""
+        return classify(records, self.spec, self.stage, self.runtime, self.stage_number), ()
 
     def handler(self) -> KeyedModelHandler:
         return KeyedModelHandler(ClassifierHandler(self.spec, self.stage, self.runtime, self.stage_number))

@@ -123,7 +123,7 @@ class VideoStage(CascadeStage):
             | "Regroup" >> beam.CoGroupByKey()
             | "MeanOverViews" >> beam.FlatMap(mean_over_views, self.spec.key)
         )
-        return regrouped, split[DEAD]
+        return regrouped, (split[DEAD],)
 
 
 class MeanLogitsFn(beam.CombineFn):
