@@ -102,7 +102,7 @@ class CascadeConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     model_sharing: ModelSharing = ModelSharing.PROCESS
-    torch_threads: int = 0  # intra-op threads per worker process; 0: cores / worker processes
+    torch_threads: int = 0  # intra-op threads (and batch-decoding threads) per worker process; 0: cores / processes
     output_shards: int = 0  # Parquet files per table; 0: let the runner decide
     video: Optional[VideoConfig] = None  # set: the inputs are videos, sampled and classified as it says
 
