@@ -91,8 +91,11 @@ def decode(data: bytes, *, target: int | None = None, max_pixels: int = 100_000_
 
 def center_crop_resize(im: Image.Image, cfg: InputConfig) -> np.ndarray:
     """Resize the shorter side to ``cfg.resize_to`` and center-crop ``cfg.resolution``, in one resample
-    of just the crop region (``crop_box``, as the batched decoder does); returns a ``(res, res, 3)`` uint8 array."""
-    left, top, side = crop_box(*im.size, cfg)
+    of just the crop region; returns a ``(res, res, 3)`` uint8 array."""
+    width, height = im.size
+    side = cfg.resolution * min(width, height) / cfg.resize_to  # the crop's side in source pixels
+    left = (width - side) / 2
+    top = (height - side) / 2
     out = im.resize(
         (cfg.resolution, cfg.resolution),
         INTERPOLATIONS[cfg.interpolation],
@@ -108,8 +111,8 @@ def load_image(data: bytes, cfg: InputConfig, *, max_pixels: int = 100_000_000, 
 
 
 def crop_box(width: int, height: int, cfg: InputConfig) -> tuple[int, int, int]:
-    """The square of the source image that becomes the model's input: the centre ``resolution / resize_to``
-    of the shorter side, in whole pixels, so that PIL and torch resample exactly the same region."""
+    """``center_crop_resize``'s square in whole source pixels, for torch, whose crops are whole pixels
+    (PIL resamples the exact fractional box: the two differ by under half a source pixel)."""
     side = max(1, min(width, height, round(cfg.resolution * min(width, height) / cfg.resize_to)))
     return (width - side) // 2, (height - side) // 2, side
 
@@ -131,7 +134,9 @@ def load_batch(datas: Sequence[bytes], cfg: InputConfig, device: torch.device) -
     """JPEG bytes -> ``(res, res, 3)`` uint8 crops on ``device``, decoded by torchvision in one batch (nvJPEG
     on CUDA) and resized there; a record the batch decoder rejects is decoded alone on the CPU by
     ``load_image``, and one that fails there too gets its ``BadInput`` instead of a crop. Resampling is
-    torch's antialiased bicubic over the same crop box, so crops differ from the CPU path's by rounding."""
+    torch's antialiased bicubic over ``crop_box``: the same filter as the CPU path's over a box that
+    differs from its own by under half a source pixel (a few grey levels on textured images; no DCT
+    downscaling either), so logits differ slightly from the CPU path's."""
     from torchvision.io import ImageReadMode, decode_jpeg  # only here: importing torchvision costs seconds
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2.functional import resized_crop
