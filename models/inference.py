@@ -47,10 +47,11 @@ def _fresh_and_private(node, modules: dict) -> bool:
             and isinstance(modules[node.target], (torch.nn.Conv2d, torch.nn.BatchNorm2d)))
 
 
-def _absorb_symmetric_padding(conv: torch.nn.Module) -> None:
+def _absorb_static_padding(conv: torch.nn.Module) -> None:
     """A convolution that zero-pads in a separate module first (the static "same" padding of TF ports such
-    as efficientnet_lite_pytorch's ``Conv2dStaticSamePadding``) pads in the convolution itself when the
-    padding is symmetric: one copy of the activation map fewer. Asymmetric (strided) padding stays."""
+    as efficientnet_lite_pytorch's ``Conv2dStaticSamePadding``) pads in the convolution itself: one copy of
+    the activation map fewer. Symmetric padding moves as it is; padding with one more zero on the far side
+    (strided "same" convolutions on even sizes) too, with the kernel grown by a zero tap; other padding stays."""
     pad = getattr(conv, "static_padding", None)
     if not (isinstance(conv, torch.nn.Conv2d) and isinstance(pad, torch.nn.ZeroPad2d)
             and conv.padding_mode == "zeros" and tuple(conv.padding) == (0, 0)):
@@ -71,7 +72,7 @@ def _absorb_symmetric_padding(conv: torch.nn.Module) -> None:
 
 def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
     """An eval-mode model with each BatchNorm that follows a convolution folded into that convolution's
-    weights, symmetric zero padding done by the convolution itself, and activations made in-place where
+    weights, separate zero padding done by the convolution itself, and activations made in-place where
     nothing else reads their input: the same logits (to float rounding) for two passes fewer over most
     activation maps, and fewer allocations. A model that
     ``torch.fx`` cannot trace (TorchScript, data-dependent control flow) is returned unchanged."""
@@ -98,7 +99,7 @@ def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
         node.replace_all_uses_with(conv_node)
         graph.graph.erase_node(node)
     for module in modules.values():
-        _absorb_symmetric_padding(module)
+        _absorb_static_padding(module)
     for target, nodes in calls.items():
         module = modules[target]
         if isinstance(module, _INPLACE_ACTIVATIONS) and all(_fresh_and_private(n.args[0], modules) for n in nodes):

@@ -89,11 +89,18 @@ def decode(data: bytes, *, target: int | None = None, max_pixels: int = 100_000_
         raise BadInput(f"image could not be decoded: {type(err).__name__}: {err}") from None
 
 
+def crop_side(width: int, height: int, cfg: InputConfig) -> float:
+    """The side, in source pixels, of the centre square that becomes the model's input: ``resolution``
+    pixels after resizing the shorter side to ``resize_to``."""
+    scale = cfg.resize_to / min(width, height)
+    return cfg.resolution / scale
+
+
 def center_crop_resize(im: Image.Image, cfg: InputConfig) -> np.ndarray:
     """Resize the shorter side to ``cfg.resize_to`` and center-crop ``cfg.resolution``, in one resample
     of just the crop region; returns a ``(res, res, 3)`` uint8 array."""
     width, height = im.size
-    side = cfg.resolution * min(width, height) / cfg.resize_to  # the crop's side in source pixels
+    side = crop_side(width, height, cfg)
     left = (width - side) / 2
     top = (height - side) / 2
     out = im.resize(
@@ -113,7 +120,7 @@ def load_image(data: bytes, cfg: InputConfig, *, max_pixels: int = 100_000_000, 
 def crop_box(width: int, height: int, cfg: InputConfig) -> tuple[int, int, int]:
     """``center_crop_resize``'s square in whole source pixels, for torch, whose crops are whole pixels
     (PIL resamples the exact fractional box: the two differ by under half a source pixel)."""
-    side = max(1, min(width, height, round(cfg.resolution * min(width, height) / cfg.resize_to)))
+    side = max(1, min(width, height, round(crop_side(width, height, cfg))))
     return (width - side) // 2, (height - side) // 2, side
 
 

@@ -245,6 +245,8 @@ def gmacs(spec: ModelSpec) -> float:
             cached = json.load(fh)
     except (OSError, ValueError):
         cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
     if not isinstance(cached.get(key), (int, float)):
         cached[key] = _gmacs(spec)
         try:  # a read-only home only costs the next job the measurement again

@@ -132,9 +132,6 @@ class ClassifierHandler(ModelHandler[np.ndarray | EncodedImage, Any, LoadedClass
         log.info("stage %d: loaded %s on %s (pid %d)", self.stage_number, self.spec.key, device, os.getpid())
         return LoadedClassifier(model, device, self.spec, self.stage)
 
-    def _forward(self, model: LoadedClassifier, batch: Sequence[np.ndarray | EncodedImage]) -> np.ndarray:
-        return model(batch if any(isinstance(x, EncodedImage) for x in batch) else np.stack(batch))
-
     def _decode(self, batch: Sequence[np.ndarray | EncodedImage]) -> list[np.ndarray | EncodedImage | BadInput]:
         on_gpu = self.runtime.gpu_decode and inference.resolve_device(self.runtime.device).type == "cuda"
         items = list(batch)
@@ -149,7 +146,7 @@ class ClassifierHandler(ModelHandler[np.ndarray | EncodedImage, Any, LoadedClass
 
     def _infer(self, model: LoadedClassifier, batch: Sequence[np.ndarray | EncodedImage]) -> list:
         try:
-            logits = self._forward(model, batch)
+            logits = model(batch)
         except Exception as err:  # a bad batch must not fail the job: bisect down to the culprit
             if len(batch) == 1:
                 if isinstance(err, BadInput):  # an encoded image that no decoder could read
