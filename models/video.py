@@ -24,7 +24,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from models.preprocess import BadInput
+from models.preprocess import DEFAULT_MAX_PIXELS, BadInput
 
 JPEG_QUALITY = 95  # sampled frames travel JPEG-encoded: small, and decoded again by the image path
 CODECS = {".mp4": "libx264", ".webm": "libvpx-vp9", ".avi": "mpeg4", ".mkv": "libx264"}
@@ -183,7 +183,7 @@ def _measured_duration(fh: BinaryIO) -> Optional[Fraction]:
 
 
 def read_video(fh: BinaryIO, plan: SamplingPlan, *, short_side: int,
-               max_pixels: int = 100_000_000) -> list[SampledFrame]:
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> list[SampledFrame]:
     """Decode ``fh`` to its end and return the sampled frames, or raise ``BadVideo`` saying why not:
     not a video, no video stream, zero-length stream, no decodable frame, corrupt or truncated, too big."""
     container = _open(fh)

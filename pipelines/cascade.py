@@ -23,26 +23,17 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from configs import schema
-from models import registry
+from configs.plan import CascadePlan, TaskKind, build_plan
 from pipelines import common, runners
-from transforms.io import DEAD, ReadInputs
-from transforms.outputs import (
-    DEAD_LETTER_SCHEMA,
-    EXIT_STATS_SCHEMA,
-    FRAME_PREDICTIONS_SCHEMA,
-    PREDICTIONS_SCHEMA,
-    VIDEO_PREDICTIONS_SCHEMA,
-    ExitStats,
-    StageInfo,
-    WriteTable,
-)
+from transforms.io import DEAD, ReadInputs, is_manifest
+from transforms.outputs import ExitStats, WriteTable
 from transforms.progress import NAMESPACE
-from transforms.stage import CONTINUE, EXITED, CascadeStage, StageRuntime, default_threads
-from transforms.video import DecodeVideos, VideoPredictions, VideoStage
+from transforms.stage import CONTINUE, EXITED, CascadeStage, default_threads
+from transforms.tables import ALL_TABLE_NAMES, DEAD_LETTER, EXIT_STATS, VIDEO_PREDICTIONS
+from transforms.tasks import task_for
 
 DEFAULT_PROFILE = "lite_cascade"
 DEMO_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".tif")
-VIDEO_PREDICTIONS = "video_predictions"
 log = logging.getLogger("cascade")
 
 
@@ -87,72 +78,49 @@ def parse(argv: Optional[Sequence[str]]) -> tuple[schema.CascadeConfig, list[str
     return cfg, beam_args, args.config
 
 
-def stage_infos(cfg: schema.CascadeConfig) -> list[StageInfo]:
-    """Each stage's model, resolution, threshold and GMACs; builds each model with its weights and runs it
-    once first, so that a checkpoint that does not fit (shapes, class count) fails here, before any work,
-    naming the stage."""
-    infos = []
-    for i, (stage, spec) in enumerate(zip(cfg.stages, schema.stage_specs(cfg))):
-        try:
-            registry.check_output(spec, registry.build(spec))
-        except (ValueError, OSError, RuntimeError) as err:
-            raise SystemExit(f"invalid config: stages.{i}.model: {err}") from None
-        last = i == len(cfg.stages) - 1
-        infos.append(StageInfo(i + 1, spec.key, spec.input.resolution, None if last else stage.threshold,
-                               registry.gmacs(spec) * schema.views_per_record(cfg)))
-    return infos
+def plan(cfg: schema.CascadeConfig, torch_threads: Optional[int] = None) -> CascadePlan:
+    """The run's plan; every stage's model is built with its weights and run once first, so that a
+    checkpoint that does not fit (shapes, class count) fails here, before any work, naming the stage."""
+    try:
+        return build_plan(cfg, torch_threads=torch_threads, check_models=True)
+    except schema.ConfigError as err:
+        raise SystemExit(f"invalid config: {err}") from None
 
 
-def build(p: beam.Pipeline, cfg: schema.CascadeConfig, infos: list[StageInfo], runtime: StageRuntime) -> None:
-    """Add the cascade to pipeline ``p``: read -> stage 1 -> ... -> stage n -> Parquet tables.
-    With ``cfg.video``, inputs are videos: frame records through the same stages, or videos through
-    ``VideoStage``; at frame granularity a ``video_predictions`` table is added."""
-    specs = schema.stage_specs(cfg)
-    video, reader, stage_type, predictions_schema = cfg.video, None, CascadeStage, PREDICTIONS_SCHEMA
-    if video is not None:
-        short_side = max(spec.input.resize_to for spec in specs)
-        reader = DecodeVideos(schema.sampling_plan(video), video.granularity, short_side, cfg.decode.max_pixels)
-        if schema.granularity(cfg) is schema.Granularity.VIDEO:
-            stage_type = VideoStage
-        else:
-            predictions_schema = FRAME_PREDICTIONS_SCHEMA
-    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes, reader)
+def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan) -> None:
+    """Add the cascade to pipeline ``p``: read -> stage 1 -> ... -> stage n -> Parquet tables. The plan's
+    task says what a record is (``transforms.tasks``)."""
+    task = task_for(plan)
+    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, plan.settings.decode.max_bytes, task.reader(plan))
     records = inputs["records"]
     exited, dead = [], [inputs[DEAD]]
-    for info, stage, spec in zip(infos, cfg.stages, specs):
-        out = records | f"Stage{info.number}" >> stage_type(
-            stage, spec, info.gmacs, runtime, info.number, is_last=info.number == len(infos)
-        )
+    for stage in plan.stages:
+        out = records | f"Stage{stage.number}" >> CascadeStage(stage, task)
         exited.append(out[EXITED])
         dead.append(out[DEAD])
         records = out[CONTINUE]
-    predictions = exited | "MergeExits" >> beam.Flatten()
+    exits = exited | "MergeExits" >> beam.Flatten()
+    predictions = exits | "PredictionRows" >> beam.Map(task.prediction_row, plan)
     dead_letters = dead | "MergeDeadLetters" >> beam.Flatten()
-    predictions | "WritePredictions" >> WriteTable(cfg.output, "predictions", predictions_schema, cfg.output_shards)
-    if predictions_schema is FRAME_PREDICTIONS_SCHEMA:
-        (
-            predictions
-            | "VideoPredictions" >> VideoPredictions(specs[-1], runtime.confidence)
-            | "WriteVideoPredictions" >> WriteTable(cfg.output, VIDEO_PREDICTIONS, VIDEO_PREDICTIONS_SCHEMA,
-                                                    cfg.output_shards)
-        )
+    predictions | "WritePredictions" >> WriteTable(cfg.output, task.predictions, cfg.output_shards)
+    task.extra_outputs(exits, plan, cfg.output, cfg.output_shards)
     (
         dead_letters
         | "DeadLetterRows" >> beam.Map(lambda d: d.as_row())
-        | "WriteDeadLetters" >> WriteTable(cfg.output, "dead_letter", DEAD_LETTER_SCHEMA, cfg.output_shards)
+        | "WriteDeadLetters" >> WriteTable(cfg.output, DEAD_LETTER, cfg.output_shards)
     )
     (
         (predictions, dead_letters)
-        | "ExitStats" >> ExitStats(infos)
-        | "WriteExitStats" >> WriteTable(cfg.output, "exit_stats", EXIT_STATS_SCHEMA, 1)
+        | "ExitStats" >> ExitStats(plan.stages)
+        | "WriteExitStats" >> WriteTable(cfg.output, EXIT_STATS, 1)
     )
 
 
 def summarize(cfg: schema.CascadeConfig, listed: Optional[int]) -> tuple[dict, list[str]]:
     """Counts and the human summary, read back from the tables written (footers and exit_stats only)."""
-    stats = common.read_table(cfg.output, "exit_stats").to_pylist()
+    stats = common.read_table(cfg.output, EXIT_STATS.name).to_pylist()
     predictions = common.count_rows(cfg.output, "predictions")
-    dead = common.count_rows(cfg.output, "dead_letter")
+    dead = common.count_rows(cfg.output, DEAD_LETTER.name)
     run = stats[0]
     lines = [f"records: {predictions + dead} inputs -> {predictions} predictions + {dead} dead letters"]
     for s in stats:
@@ -189,11 +157,11 @@ def frame_summary(cfg: schema.CascadeConfig, counts: dict, videos_listed: Option
                   videos_sampled: Optional[int]) -> list[str]:
     """At frame granularity: the per-video table's counts (added to ``counts``) and summary lines."""
     rows = []
-    if common.count_rows(cfg.output, VIDEO_PREDICTIONS):
-        rows = common.read_table(cfg.output, VIDEO_PREDICTIONS).select(["label", "pred_class"]).to_pylist()
+    if common.count_rows(cfg.output, VIDEO_PREDICTIONS.name):
+        rows = common.read_table(cfg.output, VIDEO_PREDICTIONS.name).select(["label", "pred_class"]).to_pylist()
     counts.update(videos_listed=videos_listed, videos_sampled=videos_sampled, video_predictions=len(rows))
     lines = [(f"videos: {videos_listed} listed, {videos_sampled} sampled into {counts['inputs_listed']} frame "
-              f"records (read failures included) -> {len(rows)} rows in {VIDEO_PREDICTIONS}")]
+              f"records (read failures included) -> {len(rows)} rows in {VIDEO_PREDICTIONS.name}")]
     labelled = [r for r in rows if r["label"] is not None]
     if labelled:
         correct = sum(r["label"] == r["pred_class"] for r in labelled)
@@ -231,23 +199,21 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
         raise SystemExit("invalid pipeline options:\n  " + "\n  ".join(problems))
     dry_run = runners.is_dry_run(options)
     p = test_pipeline or beam.Pipeline(options=options)  # Beam validates the options here, before any work
-    if cfg.input.lower().endswith((".csv", ".parquet")) and not dry_run:
+    if is_manifest(cfg.input) and not dry_run:
         from transforms.io import manifest_columns
 
         try:
             manifest_columns(cfg.input)
         except (OSError, ValueError) as err:
             raise SystemExit(f"invalid input: {err}") from None
-    if not dry_run:
-        common.prepare_output(cfg.output, cfg.overwrite, (*common.TABLES, VIDEO_PREDICTIONS))
-    infos = stage_infos(cfg)
-    threads = cfg.torch_threads
+    threads = None
     direct = options.view_as(DirectOptions)
-    if not threads and direct.direct_running_mode == "multi_processing":
+    if not cfg.torch_threads and direct.direct_running_mode == "multi_processing":
         threads = default_threads(direct.direct_num_workers or os.cpu_count() or 1)
-    runtime = StageRuntime(cfg.confidence, cfg.aggregation, cfg.decode.max_pixels, cfg.decode.draft,
-                           cfg.decode.gpu, cfg.device, cfg.model_sharing, threads)
-    build(p, cfg, infos, runtime)
+    run_plan = plan(cfg, threads)  # models checked before the output folder is touched
+    if not dry_run:
+        common.prepare_output(cfg.output, cfg.overwrite, ALL_TABLE_NAMES)
+    build(p, cfg, run_plan)
     started = time.time()
     result = p.run()
     if dry_run:
@@ -258,7 +224,7 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
     result.wait_until_finish()
     elapsed = time.time() - started
     listed = listed_inputs(result)
-    frames = schema.granularity(cfg) is schema.Granularity.FRAME
+    frames = run_plan.task is TaskKind.VIDEO_FRAMES
     if frames:  # the records are frames: a video becomes as many records as frames sampled from it
         videos_listed, videos_sampled = listed, listed_inputs(result, "videos_sampled")
         if listed is not None:
@@ -273,7 +239,7 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
         "beam_args": list(beam_args),
         "versions": common.versions("apache-beam", "torch", "torchvision", "pyarrow", "numpy", "pillow",
                                     "omegaconf", "cascade-inference", *(("av",) if cfg.video else ())),
-        "stages": [dataclasses.asdict(i) for i in infos],
+        "stages": [stage.summary() for stage in run_plan.stages],
         "counts": counts,
         "invariant_holds": problem is None,
         "wall_seconds": round(elapsed, 2),

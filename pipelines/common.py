@@ -11,9 +11,11 @@ from typing import Optional, Sequence
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-TABLES = ("predictions", "exit_stats", "dead_letter")
+from transforms.tables import ALL_TABLE_NAMES
+
 MANIFEST = "manifest.json"
 
 
@@ -32,7 +34,7 @@ def setup_logging() -> None:
     logging.getLogger("cascade").setLevel(logging.INFO)
 
 
-def prepare_output(output: str, overwrite: bool, tables: Sequence[str] = TABLES) -> None:
+def prepare_output(output: str, overwrite: bool, tables: Sequence[str] = ALL_TABLE_NAMES) -> None:
     """Refuse an output folder holding anything unless ``overwrite``; with it, remove the earlier run's
     manifest (first: a folder without one is incomplete) and tables, so that no stale file can be mistaken
     for this run's. Then check that the folder is writable, before any work."""
@@ -55,31 +57,26 @@ def prepare_output(output: str, overwrite: bool, tables: Sequence[str] = TABLES)
         raise SystemExit(f"output: cannot write to {output}: {type(err).__name__}: {err}") from None
 
 
-def table_files(output: str, name: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+def table_dataset(output: str, name: str) -> ds.Dataset:
+    """The Parquet files of table ``name`` under a run's output folder, as one ``pyarrow.dataset``."""
     fs, path = fsspec.core.url_to_fs(output)
-    return fs, sorted(fs.glob(f"{path.rstrip('/')}/{name}/*.parquet"))
+    files = sorted(fs.glob(f"{path.rstrip('/')}/{name}/*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files for table {name!r} under {output}")
+    return ds.dataset(files, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs)))
 
 
 def count_rows(output: str, name: str) -> int:
-    """Rows of a table, from the Parquet footers alone."""
-    fs, files = table_files(output, name)
-    total = 0
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            total += pq.ParquetFile(fh).metadata.num_rows
-    return total
+    """Rows of a table, from the Parquet footers alone (0 if it has no files)."""
+    try:
+        return table_dataset(output, name).count_rows()
+    except FileNotFoundError:
+        return 0
 
 
 def read_table(output: str, name: str) -> pa.Table:
     """A whole table (for the small ones, and for tests and reports)."""
-    fs, files = table_files(output, name)
-    tables = []
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            tables.append(pq.read_table(fh))
-    if not tables:
-        raise FileNotFoundError(f"no Parquet files for table {name!r} under {output}")
-    return pa.concat_tables(tables)
+    return table_dataset(output, name).to_table()
 
 
 def versions(*packages: str) -> dict[str, str]:

@@ -27,17 +27,18 @@ import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from configs import schema
+from configs.plan import CascadePlan, StagePlan, build_plan
 from models import registry
+from models.classifier import Failure
 from pipelines import common
 from pipelines.cascade import listed_inputs
 from transforms.io import DEAD, ReadInputs
-from transforms.outputs import DEAD_LETTER_SCHEMA, WriteTable
+from transforms.outputs import WriteTable
 from transforms.records import DeadLetter
-from transforms.stage import InferenceFailure, StageRuntime, classify
+from transforms.stage import classify_images
+from transforms.tables import DEAD_LETTER, Table
 
-SCORES = "scores"
-TABLES = (SCORES, "dead_letter")
-SCORES_SCHEMA = pa.schema(
+SCORES = Table("scores", pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
@@ -46,15 +47,19 @@ SCORES_SCHEMA = pa.schema(
         pa.field("gmacs", pa.float64(), nullable=False),  # multiply-adds x1e9 of one forward pass
         pa.field("logits", pa.list_(pa.float32()), nullable=False),
     ]
-)
+))
+TABLES = (SCORES.name, DEAD_LETTER.name)
 
 
 def pool_stages(keys: str, batch_size: int) -> list[dict]:
     """``lite0@224,lite2`` -> stage dicts of the cascade schema (a pool is validated like a cascade)."""
     stages = []
-    for key in (k.strip() for k in keys.split(",") if k.strip()):
-        name, _, res = key.partition("@")
-        stages.append({"model": name, "resolution": int(res) if res else None, "batch_size": batch_size})
+    for key in (k for k in keys.split(",") if k.strip()):
+        try:
+            name, resolution = registry.split_key(key)
+        except ValueError as err:
+            raise SystemExit(f"invalid pool: {err}") from None
+        stages.append({"model": name, "resolution": resolution, "batch_size": batch_size})
     return stages
 
 
@@ -84,60 +89,53 @@ def parse(argv: Sequence[str] | None) -> tuple[schema.CascadeConfig, list[str]]:
     return cfg, beam_args
 
 
-def score_row(element, key: str, gmacs: float, number: int):
+def score_row(element, plan: StagePlan):
     """(record, PredictionResult) -> a scores row, or a dead letter if the model failed on the record."""
     record, result = element
-    if isinstance(result.inference, InferenceFailure):
-        yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, number, result.inference.reason))
+    if isinstance(result.inference, Failure):
+        yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, plan.number, result.inference.reason))
         return
-    yield {"id": record.id, "uri": record.uri, "label": record.label, "model": key, "gmacs": gmacs,
-           "logits": result.inference.tolist()}
+    yield SCORES.row(id=record.id, uri=record.uri, label=record.label, model=plan.key, gmacs=plan.gmacs,
+                     logits=result.inference.tolist())
 
 
 class ScoreEntry(beam.PTransform):
     """Records -> {scores rows of one pool entry, dead letters}: the cascade stage's preprocessing and
     inference without routing."""
 
-    def __init__(self, stage: schema.StageConfig, spec: registry.ModelSpec, gmacs: float, runtime: StageRuntime,
-                 number: int):
+    def __init__(self, plan: StagePlan):
         super().__init__()
-        self.stage, self.spec, self.gmacs, self.runtime, self.number = stage, spec, gmacs, runtime, number
+        self.plan = plan
 
     def expand(self, records):
-        inferred = classify(records, self.spec, self.stage, self.runtime, self.number)
-        rows = inferred | "Rows" >> beam.FlatMap(score_row, self.spec.key, self.gmacs, self.number).with_outputs(
-            DEAD, main=SCORES
-        )
-        return {SCORES: rows[SCORES], DEAD: rows[DEAD]}
+        inferred = classify_images(records, self.plan)
+        rows = inferred | "Rows" >> beam.FlatMap(score_row, self.plan).with_outputs(DEAD, main=SCORES.name)
+        return {SCORES.name: rows[SCORES.name], DEAD: rows[DEAD]}
 
 
-def build(p: beam.Pipeline, cfg: schema.CascadeConfig, runtime: StageRuntime) -> list[tuple[str, float]]:
+def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan) -> list[tuple[str, float]]:
     """Add the scoring job to ``p``; returns (key, gmacs) of each pool entry."""
     inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes)
-    scored, dead, pool = [], [inputs[DEAD]], []
-    for number, (stage, spec) in enumerate(zip(cfg.stages, schema.stage_specs(cfg)), start=1):
-        gmacs = registry.gmacs(spec)
-        pool.append((spec.key, gmacs))
-        out = inputs["records"] | f"Score_{spec.key}" >> ScoreEntry(stage, spec, gmacs, runtime, number)
-        scored.append(out[SCORES])
+    scored, dead = [], [inputs[DEAD]]
+    for stage in plan.stages:
+        out = inputs["records"] | f"Score_{stage.key}" >> ScoreEntry(stage)
+        scored.append(out[SCORES.name])
         dead.append(out[DEAD])
-    scored | "MergeScores" >> beam.Flatten() | "WriteScores" >> WriteTable(
-        cfg.output, SCORES, SCORES_SCHEMA, cfg.output_shards
-    )
+    scored | "MergeScores" >> beam.Flatten() | "WriteScores" >> WriteTable(cfg.output, SCORES, cfg.output_shards)
     (
         dead
         | "MergeDeadLetters" >> beam.Flatten()
         | "DeadLetterRows" >> beam.Map(lambda d: d.as_row())
-        | "WriteDeadLetters" >> WriteTable(cfg.output, "dead_letter", DEAD_LETTER_SCHEMA, cfg.output_shards)
+        | "WriteDeadLetters" >> WriteTable(cfg.output, DEAD_LETTER, cfg.output_shards)
     )
-    return pool
+    return [(stage.key, stage.gmacs) for stage in plan.stages]
 
 
 def check_counts(output: str, pool: list[tuple[str, float]], listed: int | None) -> tuple[dict, str | None]:
     """Per pool entry: scored rows + dead letters (its own and reading's) must equal the inputs listed."""
-    scores = common.read_table(output, SCORES).select(["model"]).column("model").to_pylist()
+    scores = common.read_table(output, SCORES.name).select(["model"]).column("model").to_pylist()
     try:
-        stages = common.read_table(output, "dead_letter").column("stage").to_pylist()
+        stages = common.read_table(output, DEAD_LETTER.name).column("stage").to_pylist()
     except FileNotFoundError:
         stages = []
     counts = {"inputs_listed": listed, "read_dead_letters": stages.count(0), "entries": {}}
@@ -156,10 +154,8 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     common.setup_logging()
     cfg, beam_args = parse(argv)
     common.prepare_output(cfg.output, cfg.overwrite, TABLES)
-    runtime = StageRuntime(cfg.confidence, cfg.aggregation, cfg.decode.max_pixels, cfg.decode.draft,
-                           cfg.decode.gpu, cfg.device, cfg.model_sharing, cfg.torch_threads)
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-    pool = build(p, cfg, runtime)
+    pool = build(p, cfg, build_plan(cfg))
     started = time.time()
     result = p.run()
     result.wait_until_finish()
@@ -176,7 +172,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     common.write_json(cfg.output, common.MANIFEST, manifest)
     for key, entry in counts["entries"].items():
         print(f"{key}: {entry['scored']} scored, {entry['dead_letters']} dead letters")
-    print(f"outputs: {cfg.output}/{{{SCORES},dead_letter}}/*.parquet and {cfg.output}/manifest.json "
+    print(f"outputs: {cfg.output}/{{{SCORES.name},dead_letter}}/*.parquet and {cfg.output}/manifest.json "
           f"({manifest['wall_seconds']:.1f} s)")
     if problem:
         raise SystemExit(f"COUNT INVARIANT VIOLATED: {problem}")

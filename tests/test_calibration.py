@@ -145,7 +145,7 @@ def write_scores(folder: Path, pool: cal.Pool, extra_ids: int = 0) -> str:
         rows.append({"id": f"lone{i}", "uri": f"/x/lone{i}.jpg", "label": 0, "model": pool.keys[0],
                      "gmacs": float(pool.gmacs[0]), "logits": pool.logits[0, 0].tolist()})
     os.makedirs(folder / "scores", exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=score.SCORES_SCHEMA), folder / "scores" / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=score.SCORES.schema), folder / "scores" / "part-0.parquet")
     return str(folder)
 
 
@@ -224,7 +224,7 @@ def test_score_pipeline_on_real_images(tmp_path):
 
 def test_report_of_a_real_run_reads_its_tables(tmp_path):
     from pipelines import report
-    from transforms.outputs import EXIT_STATS_SCHEMA, PREDICTIONS_SCHEMA
+    from transforms.tables import EXIT_STATS, PREDICTIONS
 
     run_dir = tmp_path / "run"
     preds = [{"id": f"r{i}", "uri": f"/x/{i}", "label": i % 3, "pred_class": 0, "pred_name": "a",
@@ -235,7 +235,7 @@ def test_report_of_a_real_run_reads_its_tables(tmp_path):
               "records_failed": 0, "exit_ratio": 0.5, "share_of_predictions": 0.5, "labelled_exited": 5,
               "accuracy_exited": 0.4, "total_inputs": 10, "predictions": 10, "dead_letters": 0, "avg_gmacs": 0.6,
               "worst_case_gmacs": 0.8, "last_model_gmacs": 0.4, "accuracy": 0.4} for s in (1, 2)]
-    for name, rows, sch in (("predictions", preds, PREDICTIONS_SCHEMA), ("exit_stats", stats, EXIT_STATS_SCHEMA)):
+    for name, rows, sch in (("predictions", preds, PREDICTIONS.schema), ("exit_stats", stats, EXIT_STATS.schema)):
         os.makedirs(run_dir / name)
         pq.write_table(pa.Table.from_pylist(rows, schema=sch), run_dir / name / "part-0.parquet")
     pngs = report.run(["--run", str(run_dir), "--output", str(tmp_path / "plots")])

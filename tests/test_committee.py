@@ -109,3 +109,27 @@ def test_threshold_one_never_exits_even_at_saturated_confidence():
 def test_wrong_threshold_count_is_refused():
     with pytest.raises(ValueError, match="3 models need 2 thresholds"):
         committee.cascade(np.zeros((3, 2, 4)), [0.5])
+
+
+def test_every_confidence_function_has_a_numpy_and_a_torch_implementation():
+    assert set(committee.CONFIDENCE_FUNCTIONS) == set(Confidence)
+    for kind, impl in committee.CONFIDENCE_FUNCTIONS.items():
+        assert callable(impl.numpy) and callable(impl.torch), kind
+
+
+@pytest.mark.parametrize("kind", list(Confidence))
+def test_torch_confidence_agrees_with_numpy_and_does_not_saturate(kind):
+    import torch
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(scale=3.0, size=(300, 50))
+    gaps = np.linspace(0.0, 40.0, 300)  # up to far beyond float32's 1 - 2**-24 at a gap of ~17
+    logits[np.arange(300), rng.integers(0, 50, 300)] += gaps
+    want = committee.confidence(logits, kind)
+    got = committee.confidence_torch(torch.as_tensor(logits, dtype=torch.float32), kind).numpy()
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    # confident records keep distinct scores: percentile candidates among them do not merge into 1.0
+    top = np.argsort(want)[-40:]
+    assert (got[top] < 1.0).all() == (want[top] < 1.0).all()
+    assert len(np.unique(got[top])) >= len(np.unique(want[top])) - 2

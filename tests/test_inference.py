@@ -10,10 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from configs.schema import StageConfig
 from models import inference, registry
+from models.classifier import Classifier, EncodedImage, Failure
 from models.preprocess import BadInput, crop_box, gpu_decodable, load_batch, load_image
-from transforms.stage import ClassifierHandler, EncodedImage, InferenceFailure, StageRuntime
 
 
 def jpeg(im: Image.Image, **kwargs) -> bytes:
@@ -124,23 +123,22 @@ def test_gpu_decodable_takes_only_upright_rgb_or_gray_jpegs_within_the_pixel_lim
 
 def test_handler_decodes_the_batch_in_threads_and_fails_only_the_bad_record(sample_bytes):
     spec = registry.get("lite0")
-    handler = ClassifierHandler(spec, StageConfig(model="lite0", batch_size=8), StageRuntime(device="cpu"), 1)
-    model = handler.load_model()
+    classifier = Classifier(spec, device="cpu")
+    model = classifier.load()
     batch = [EncodedImage(b) for b in sample_bytes[:6]]
     batch.insert(3, EncodedImage(sample_bytes[6][:500]))
-    results = handler.run_inference(batch, model)
-    assert [isinstance(r.inference, InferenceFailure) for r in results] == [i == 3 for i in range(7)]
-    assert results[3].inference.reason == "image could not be decoded: OSError: Truncated File Read"
+    results = classifier.classify(model, batch)
+    assert [isinstance(r, Failure) for r in results] == [i == 3 for i in range(7)]
+    assert results[3].reason == "image could not be decoded: OSError: Truncated File Read"
     want = model(np.stack([load_image(b, spec.input) for b in sample_bytes[:6]]))
-    got = np.stack([r.inference for i, r in enumerate(results) if i != 3])
+    got = np.stack([r for i, r in enumerate(results) if i != 3])
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_loaded_model_decodes_encoded_images_on_its_device(sample_bytes):
     """What a CUDA worker does with the JPEGs the handler leaves encoded, run here on the CPU device."""
     spec = registry.get("lite0")
-    handler = ClassifierHandler(spec, StageConfig(model="lite0"), StageRuntime(device="cpu"), 1)
-    model = handler.load_model()
+    model = Classifier(spec, device="cpu").load()
     crops = [load_image(b, spec.input, draft=False) for b in sample_bytes[:6]]
     mixed = [EncodedImage(b) if i % 2 else crop for i, (b, crop) in enumerate(zip(sample_bytes, crops))]
     want = model(np.stack(crops))

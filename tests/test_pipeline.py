@@ -134,3 +134,21 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, sample_subset):
         run_cascade(out, manifest)
     run_cascade(out, manifest, "--overwrite", "stages.0.threshold=0")
     assert len(rows_by_uri(out)) == 2
+
+
+def test_a_timm_architecture_with_local_weights_runs_end_to_end(tmp_path, sample_subset):
+    timm = pytest.importorskip("timm")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=1000).state_dict(), tmp_path / "w.pt")
+    (tmp_path / "timm.yaml").write_text(
+        f"models:\n  r10t: {{arch: 'timm:resnet10t', weights: '{tmp_path}/w.pt'}}\n"
+        "stages:\n  - {model: lite0, resolution: 128, batch_size: 4, threshold: 0.5}\n"
+        "  - {model: r10t, resolution: 96, batch_size: 4}\n")
+    manifest = write_manifest(tmp_path / "m.csv", sample_subset[:8])
+    result = cascade.run(["--config", str(tmp_path / "timm.yaml"), "--input", manifest, "--output",
+                          str(tmp_path / "out"), "--runner=FnApiRunner"])
+    assert result["invariant_holds"] and result["counts"]["predictions"] == 8
+    assert [s["model"] for s in result["stages"]] == ["lite0@128", "r10t@96"]
+    stats = read_table(str(tmp_path / "out"), "exit_stats").to_pylist()
+    assert stats[1]["records_in"] == 8 - stats[0]["records_exited"]

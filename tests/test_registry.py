@@ -47,7 +47,7 @@ def test_unknown_name_lists_valid_ones():
 
 
 def test_duplicate_registration_raises():
-    other = dataclasses.replace(registry.get("lite0"), description="another lite0")
+    other = dataclasses.replace(registry.get("lite0"), num_classes=10)
     with pytest.raises(ValueError, match="already registered"):
         registry.register(other)
 
@@ -100,3 +100,36 @@ def test_pickled_code_in_checkpoint_is_not_executed(tmp_path):
     spec = dataclasses.replace(registry.get("lite0"), weights=str(tmp_path / "evil.pt"))
     with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
         registry.build(spec)
+
+
+def test_every_architecture_family_builds_and_unknown_ones_list_the_valid_ones():
+    assert set(registry.ARCHITECTURES) == {"efficientnet-lite", "torchvision", "timm"}
+    with pytest.raises(ValueError, match=r"unknown arch 'keras:resnet'; use one of 'efficientnet-lite:<name>', "
+                                         r"'torchvision:<name>', 'timm:<name>', 'torchscript'"):
+        registry.architecture("keras:resnet", "x")
+
+
+def test_model_keys_are_read_in_one_place():
+    assert registry.split_key("lite0@160") == ("lite0", 160)
+    assert registry.split_key(" lite2 ") == ("lite2", None)
+    with pytest.raises(ValueError, match="NAME@RESOLUTION"):
+        registry.split_key("lite0@big")
+
+
+def test_a_timm_model_from_a_local_weights_file_takes_its_preprocessing_from_pretrained_cfg(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=7).eval()
+    torch.save(model.state_dict(), tmp_path / "r10t.pt")
+    cfg = schema.load(None, ["models.mine.arch=timm:resnet10t", f"models.mine.weights={tmp_path}/r10t.pt",
+                             "models.mine.num_classes=7", "stages.0.model=mine", "stages.0.resolution=64"])
+    spec = schema.stage_specs(cfg)[0]
+    pretrained = timm.models.get_pretrained_cfg("resnet10t")
+    assert spec.input.crop_pct == pretrained.crop_pct and spec.input.interpolation == pretrained.interpolation
+    assert spec.input.mean == pytest.approx(tuple(255 * m for m in pretrained.mean))
+    assert spec.input.resolution == 64  # the stage's own resolution wins
+    loaded = registry.build(spec)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert registry.gmacs(spec) > 0

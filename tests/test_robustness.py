@@ -33,13 +33,14 @@ from PIL import Image
 
 from configs import schema
 from models import registry
+from models.classifier import Classifier, Failure
 from models.preprocess import BadInput, decode, load_image
 from pipelines import cascade, common
 from pipelines.common import read_table
 from transforms.io import ReadBytes
-from transforms.outputs import DEAD_LETTER_SCHEMA, WriteTable
+from transforms.outputs import WriteTable
 from transforms.records import DeadLetter, Record
-from transforms.stage import ClassifierHandler, InferenceFailure, StageRuntime
+from transforms.tables import ALL_TABLE_NAMES, DEAD_LETTER
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -305,16 +306,16 @@ def test_a_failing_batch_is_bisected_down_to_the_poisonous_record(poisoned_model
                              "models.poisoned.num_classes=10", "models.poisoned.resolution=32",
                              "stages.0.model=poisoned", "stages.0.batch_size=8", "device=cpu"])
     spec = schema.stage_specs(cfg)[0]
-    handler = ClassifierHandler(spec, cfg.stages[0], StageRuntime(device="cpu"), 1)
-    model = handler.load_model()
+    classifier = Classifier(spec, device="cpu")
+    model = classifier.load()
     rng = np.random.default_rng(0)
     batch = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(7)]
     batch.insert(5, np.full((32, 32, 3), POISON_RGB, dtype=np.uint8))
-    results = handler.run_inference(batch, model)
-    assert [isinstance(r.inference, InferenceFailure) for r in results] == [i == 5 for i in range(8)]
-    assert results[5].inference.reason == "model poisoned@32 failed: RuntimeError: poisoned input in this batch"
+    results = classifier.classify(model, batch)
+    assert [isinstance(r, Failure) for r in results] == [i == 5 for i in range(8)]
+    assert results[5].reason == "model poisoned@32 failed: RuntimeError: poisoned input in this batch"
     alone = [model(np.stack([x])) for i, x in enumerate(batch) if i != 5]
-    for got, want in zip([r.inference for i, r in enumerate(results) if i != 5], alone):
+    for got, want in zip([r for i, r in enumerate(results) if i != 5], alone):
         np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-6)
 
 
@@ -326,10 +327,9 @@ def test_non_finite_logits_fail_only_their_record(poisoned_model):
             return out
 
     spec = registry.ModelSpec("fake", registry.TORCHSCRIPT, poisoned_model, registry.InputConfig(32), num_classes=10)
-    handler = ClassifierHandler(spec, schema.StageConfig(model="fake"), StageRuntime(), 1)
-    results = handler.run_inference([np.zeros((32, 32, 3), np.uint8)] * 3, NaNOnSecond())
-    assert [isinstance(r.inference, InferenceFailure) for r in results] == [False, True, False]
-    assert "non-finite logits" in results[1].inference.reason
+    results = Classifier(spec).classify(NaNOnSecond(), [np.zeros((32, 32, 3), np.uint8)] * 3)
+    assert [isinstance(r, Failure) for r in results] == [False, True, False]
+    assert "non-finite logits" in results[1].reason
 
 
 def test_poisonous_record_is_dead_lettered_and_its_neighbours_predicted_once(tmp_path, sample_subset,
@@ -364,14 +364,14 @@ def test_a_checkpoint_with_another_class_count_fails_up_front_naming_the_stage(t
                                          r"does not fit torchvision:resnet18 with num_classes=1000: 2 shape "
                                          r"mismatches: fc\.weight is \(10, 512\) in the checkpoint but \(1000, 512\) "
                                          r"in the model"):
-        cascade.stage_infos(cfg)
+        cascade.plan(cfg)
 
 
 def test_a_torchscript_model_with_another_class_count_fails_up_front(poisoned_model):
     cfg = user_model_config("torchscript", poisoned_model, 1000)
     with pytest.raises(SystemExit, match=r"^invalid config: stages\.0\.model: model 'mine': returns shape \(1, 10\) "
                                          r"for one image, but its entry says num_classes=1000"):
-        cascade.stage_infos(cfg)
+        cascade.plan(cfg)
 
 
 class RunsCode:
@@ -389,7 +389,7 @@ def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
     cfg = user_model_config("torchvision:resnet18", str(tmp_path / "evil.pt"), 10)
     with pytest.raises(SystemExit, match=r"^invalid config: stages\.0\.model: weights at .*evil\.pt' are not plain "
                                          r"tensors and were refused \(torch\.load weights_only=True"):
-        cascade.stage_infos(cfg)
+        cascade.plan(cfg)
     assert not marker.exists()
 
 
@@ -468,8 +468,8 @@ def test_a_killed_run_leaves_no_file_that_looks_complete(tmp_path, sample_subset
     out = tmp_path / "out"
     assert not (out / common.MANIFEST).exists()
     assert list(out.glob("*/beam-temp-*/*")), "the half-written file should sit in a temporary folder"
-    for table in common.TABLES:
-        for f in common.table_files(str(out), table)[1]:  # what was finalized before the kill is whole
+    for table in ALL_TABLE_NAMES:
+        for f in out.glob(f"{table}/*.parquet"):  # what was finalized before the kill is whole
             assert pq.ParquetFile(f).metadata.num_rows >= 0
     rerun = cascade.run([*args, "--overwrite"])
     assert rerun["invariant_holds"] and rerun["counts"]["inputs_listed"] == 3
@@ -478,7 +478,7 @@ def test_a_killed_run_leaves_no_file_that_looks_complete(tmp_path, sample_subset
 
 def test_overwrite_removes_the_manifest_before_the_tables(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    for table in common.TABLES:
+    for table in ALL_TABLE_NAMES:
         (out / table).mkdir(parents=True)
         (out / table / "part-00000-of-00001.parquet").write_bytes(b"old")
     (out / common.MANIFEST).write_text("{}")
@@ -490,7 +490,7 @@ def test_overwrite_removes_the_manifest_before_the_tables(tmp_path, monkeypatch)
     monkeypatch.setattr(fs_type, "rm", lambda self, path, *a, **k: (removed.append(Path(path).name),
                                                                      real_rm(self, path, *a, **k)))
     common.prepare_output(str(out), overwrite=True)
-    assert removed[:4] == [common.MANIFEST, *common.TABLES]
+    assert removed[:1 + len(ALL_TABLE_NAMES)] == [common.MANIFEST, *ALL_TABLE_NAMES]
     assert os.listdir(out) == []
 
 
@@ -535,7 +535,7 @@ def test_a_retried_bundle_writes_no_duplicate_rows(tmp_path, monkeypatch):
                         lambda s, init, uid: (attempts.append(uid), open_writer(s, init, uid))[1])
     rows = [{"id": str(i), "uri": f"u{i}", "stage": 1, "error": "e"} for i in range(10)]
     with beam.Pipeline(runner=BundleBasedDirectRunner()) as p:
-        _ = p | beam.Create(rows) | WriteTable(str(tmp_path), "dead_letter", DEAD_LETTER_SCHEMA, 1)
+        _ = p | beam.Create(rows) | WriteTable(str(tmp_path), DEAD_LETTER, 1)
     assert fail.failed and len(set(attempts)) == 2  # the failed attempt wrote to a temporary file of its own
     assert sorted(r["id"] for r in read_table(str(tmp_path), "dead_letter").to_pylist()) == sorted(
         r["id"] for r in rows)

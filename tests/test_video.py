@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from configs import schema
+from configs.plan import build_plan
 from models.video import BadVideo, Sampling, SamplingPlan, pan_zoom_frames, read_video, write_video
 from pipelines import cascade, common
 
@@ -150,7 +151,7 @@ def test_video_config_rules():
     for profile, granularity in (("video_frames", "frame"), ("video_clips", "video")):
         cfg = schema.load(profile)
         assert cfg.video.granularity.value == granularity and len(cfg.stages) == 2
-    assert schema.views_per_record(schema.load("video_clips")) == 30
+    assert build_plan(schema.load("video_clips")).views == 30
     assert schema.load("lite_cascade").video is None
     with pytest.raises(schema.ConfigError, match="video.sampling"):
         schema.load("video_clips", ["video.sampling=fps"])

@@ -1,101 +1,18 @@
-"""The run's Parquet tables: explicit schemas, the exit statistics combiner and the sinks.
+"""Writing the run's tables (``transforms.tables``) and the exit statistics combiner.
 
 Each table is a folder of Parquet files under the run's output folder (``predictions/``, ``exit_stats/``,
 ``dead_letter/``) written by Beam's file sink: temporary files first, renamed into place on success.
-The columns are documented for analysts in the README.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import apache_beam as beam
-import pyarrow as pa
 
+from configs.plan import StagePlan
 from transforms.records import DeadLetter
-
-PREDICTIONS_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("label", pa.int32()),
-        pa.field("pred_class", pa.int32(), nullable=False),
-        pa.field("pred_name", pa.string()),
-        pa.field("confidence", pa.float64(), nullable=False),
-        pa.field("exit_stage", pa.int32(), nullable=False),
-        pa.field("gmacs", pa.float64(), nullable=False),
-        pa.field("top5_classes", pa.list_(pa.int32())),
-        pa.field("top5_probs", pa.list_(pa.float32())),
-    ]
-)
-
-# Frame granularity: one row per sampled frame, with where it sits in its video.
-FRAME_PREDICTIONS_SCHEMA = pa.schema(
-    list(PREDICTIONS_SCHEMA)
-    + [
-        pa.field("video_id", pa.string(), nullable=False),
-        pa.field("frame_index", pa.int64(), nullable=False),
-        pa.field("timestamp_s", pa.float64(), nullable=False),
-    ]
-)
-
-# Frame granularity: one row per video, the mean of its frames' final logits.
-VIDEO_PREDICTIONS_SCHEMA = pa.schema(
-    [
-        pa.field("video_id", pa.string(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("label", pa.int32()),
-        pa.field("pred_class", pa.int32(), nullable=False),
-        pa.field("pred_name", pa.string()),
-        pa.field("confidence", pa.float64(), nullable=False),
-        pa.field("frames", pa.int64(), nullable=False),
-        pa.field("gmacs", pa.float64(), nullable=False),
-    ]
-)
-
-DEAD_LETTER_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("stage", pa.int32(), nullable=False),
-        pa.field("error", pa.string(), nullable=False),
-    ]
-)
-
-EXIT_STATS_SCHEMA = pa.schema(
-    [
-        pa.field("stage", pa.int32(), nullable=False),
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("resolution", pa.int32(), nullable=False),
-        pa.field("threshold", pa.float64()),  # null on the last stage, where every record exits
-        pa.field("stage_gmacs", pa.float64(), nullable=False),
-        pa.field("cumulative_gmacs", pa.float64(), nullable=False),
-        pa.field("records_in", pa.int64(), nullable=False),
-        pa.field("records_exited", pa.int64(), nullable=False),
-        pa.field("records_failed", pa.int64(), nullable=False),
-        pa.field("exit_ratio", pa.float64()),
-        pa.field("share_of_predictions", pa.float64()),
-        pa.field("labelled_exited", pa.int64(), nullable=False),
-        pa.field("accuracy_exited", pa.float64()),
-        pa.field("total_inputs", pa.int64(), nullable=False),
-        pa.field("predictions", pa.int64(), nullable=False),
-        pa.field("dead_letters", pa.int64(), nullable=False),
-        pa.field("avg_gmacs", pa.float64()),
-        pa.field("worst_case_gmacs", pa.float64(), nullable=False),
-        pa.field("last_model_gmacs", pa.float64(), nullable=False),
-        pa.field("accuracy", pa.float64()),
-    ]
-)
-
-
-@dataclass(frozen=True)
-class StageInfo:
-    number: int
-    model: str
-    resolution: int
-    threshold: Optional[float]
-    gmacs: float
+from transforms.tables import EXIT_STATS, Table
 
 
 def _ratio(num: float, den: float) -> Optional[float]:
@@ -138,7 +55,7 @@ class ExitStatsFn(beam.CombineFn):
         return acc
 
 
-def exit_stats_rows(acc: dict, stages: list[StageInfo]) -> list[dict]:
+def exit_stats_rows(acc: dict, stages: Sequence[StagePlan]) -> list[dict]:
     """The exit_stats table from the combined tallies: one row per stage, run-level columns repeated."""
     exited, failed = acc["exited"], acc["failed"]
     predictions = sum(exited)
@@ -151,40 +68,38 @@ def exit_stats_rows(acc: dict, stages: list[StageInfo]) -> list[dict]:
         k = s.number
         cumulative += s.gmacs
         records_in = sum(exited[k:]) + sum(failed[k:])
-        rows.append(
-            {
-                "stage": k,
-                "model": s.model,
-                "resolution": s.resolution,
-                "threshold": s.threshold,
-                "stage_gmacs": s.gmacs,
-                "cumulative_gmacs": cumulative,
-                "records_in": records_in,
-                "records_exited": exited[k],
-                "records_failed": failed[k],
-                "exit_ratio": _ratio(exited[k], records_in - failed[k]),
-                "share_of_predictions": _ratio(exited[k], predictions),
-                "labelled_exited": acc["labelled"][k],
-                "accuracy_exited": _ratio(acc["correct"][k], acc["labelled"][k]),
-                "total_inputs": predictions + dead,
-                "predictions": predictions,
-                "dead_letters": dead,
-                "avg_gmacs": _ratio(acc["gmacs"], predictions),
-                "worst_case_gmacs": worst,
-                "last_model_gmacs": stages[-1].gmacs,
-                "accuracy": _ratio(sum(acc["correct"]), labelled),
-            }
-        )
+        rows.append(EXIT_STATS.row(
+            stage=k,
+            model=s.key,
+            resolution=s.resolution,
+            threshold=s.threshold,
+            stage_gmacs=s.gmacs,
+            cumulative_gmacs=cumulative,
+            records_in=records_in,
+            records_exited=exited[k],
+            records_failed=failed[k],
+            exit_ratio=_ratio(exited[k], records_in - failed[k]),
+            share_of_predictions=_ratio(exited[k], predictions),
+            labelled_exited=acc["labelled"][k],
+            accuracy_exited=_ratio(acc["correct"][k], acc["labelled"][k]),
+            total_inputs=predictions + dead,
+            predictions=predictions,
+            dead_letters=dead,
+            avg_gmacs=_ratio(acc["gmacs"], predictions),
+            worst_case_gmacs=worst,
+            last_model_gmacs=stages[-1].gmacs,
+            accuracy=_ratio(sum(acc["correct"]), labelled),
+        ))
     return rows
 
 
 class WriteTable(beam.PTransform):
-    """Rows (dicts) -> ``<output>/<name>/part-SSSSS-of-NNNNN.parquet`` with an explicit schema."""
+    """Rows of ``table`` (dicts from ``table.row``) -> ``<output>/<name>/part-SSSSS-of-NNNNN.parquet``."""
 
-    def __init__(self, output: str, name: str, schema: pa.Schema, num_shards: int = 0):
+    def __init__(self, output: str, table: Table, num_shards: int = 0):
         super().__init__()
-        self.prefix = f"{output.rstrip('/')}/{name}/part"
-        self.schema = schema
+        self.prefix = f"{output.rstrip('/')}/{table.name}/part"
+        self.schema = table.schema
         self.num_shards = num_shards
 
     def expand(self, rows):
@@ -196,9 +111,9 @@ class WriteTable(beam.PTransform):
 class ExitStats(beam.PTransform):
     """(prediction rows, dead letters) -> exit_stats rows."""
 
-    def __init__(self, stages: list[StageInfo]):
+    def __init__(self, stages: Sequence[StagePlan]):
         super().__init__()
-        self.stages = stages
+        self.stages = tuple(stages)
 
     def expand(self, pcolls: Iterable):
         stages = self.stages

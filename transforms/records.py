@@ -7,6 +7,8 @@ from typing import Optional
 
 import numpy as np
 
+from transforms.tables import DEAD_LETTER
+
 READ_STAGE = 0  # dead letters raised while listing or reading inputs, before stage 1
 
 
@@ -26,23 +28,14 @@ class Record:
     stages_run: int = 0
     gmacs: float = 0.0
 
-    def columns(self, combined: np.ndarray) -> dict:
-        """Columns this kind of record adds to its prediction row (none for an image)."""
-        return {}
-
 
 @dataclass
 class FrameRecord(Record):
-    """A sampled video frame (``data`` holds it JPEG-encoded); its row also carries the frame's final
-    combined logits, for the per-video mean (the predictions sink writes only its schema's columns)."""
+    """A sampled video frame (``data`` holds it JPEG-encoded)."""
 
     video_id: str = ""
     frame_index: int = 0
     timestamp_s: float = 0.0
-
-    def columns(self, combined: np.ndarray) -> dict:
-        return {"video_id": self.video_id, "frame_index": self.frame_index, "timestamp_s": self.timestamp_s,
-                "logits": np.asarray(combined, dtype=np.float64)}
 
 
 @dataclass
@@ -50,6 +43,16 @@ class VideoRecord(Record):
     """A whole video at video granularity: all its views (JPEG-encoded), classified together."""
 
     views: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class Exit:
+    """A record leaving the cascade: its combined logits (mean over the stages it went through) and their
+    confidence. Its task turns it into a prediction row (``transforms.tasks``)."""
+
+    record: Record
+    combined: np.ndarray  # float64 (C,)
+    confidence: float
 
 
 @dataclass(frozen=True)
@@ -62,4 +65,4 @@ class DeadLetter:
     error: str
 
     def as_row(self) -> dict:
-        return {"id": self.id, "uri": self.uri, "stage": self.stage, "error": self.error}
+        return DEAD_LETTER.row(id=self.id, uri=self.uri, stage=self.stage, error=self.error)

@@ -1,12 +1,13 @@
-"""Videos in the cascade: decoding them into records, a stage that decides per video, per-video rows.
+"""Videos in the cascade: decoding them into records, classifying a video by its views, per-video rows.
+The tasks that use them are in ``transforms.tasks``.
 
 - ``DecodeVideos`` (the reader of ``ReadInputs`` for video inputs) streams a video through PyAV and turns
-  it into one ``FrameRecord`` per sampled frame (frame granularity; those go through ``CascadeStage`` like
-  images) or into one ``VideoRecord`` holding all its views (video granularity).
-- ``VideoStage`` is a cascade stage whose unit of decision is a video: its views are split out and batched
-  with other videos' views (so batches stay full), regrouped by video after inference, averaged, and the
-  mean goes through the same ``Route`` (Algorithm 1 of ``models.committee``) as an image's logits.
-- ``VideoPredictions`` reduces frame rows to one row per video: the mean of its frames' final logits.
+  it into one ``FrameRecord`` per sampled frame (frame granularity; those are classified like images) or
+  into one ``VideoRecord`` holding all its views (video granularity).
+- ``classify_views``: a video's views are split out and batched with other videos' views (so batches stay
+  full), regrouped by video after inference and averaged; the mean goes through the same ``Route``
+  (Algorithm 1 of ``models.committee``) as an image's logits.
+- ``VideoPredictions`` reduces frame exits to one row per video: the mean of its frames' final logits.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ import apache_beam as beam
 import fsspec
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import PredictionResult, RunInference
+from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 
+from configs.plan import StagePlan
 from configs.schema import Granularity
 from models import committee, registry
+from models.classifier import Failure
 from models.preprocess import BadInput, load_image
 from models.video import BadVideo, SamplingPlan, read_video
 from transforms.io import DEAD, dead
 from transforms.progress import NAMESPACE, progress
-from transforms.records import DeadLetter, FrameRecord, Record, VideoRecord
-from transforms.stage import CascadeStage, InferenceFailure, StageRuntime
+from transforms.records import DeadLetter, Exit, FrameRecord, Record, VideoRecord
+from transforms.stage import ClassifierHandler
+from transforms.tables import VIDEO_PREDICTIONS
 
 VIEWS = "views"
 
@@ -71,19 +75,18 @@ class SplitViews(beam.DoFn):
     """Video record -> (key, record), plus ((key, view), crop) per view; a view that does not decode
     dead-letters the video."""
 
-    def __init__(self, spec: registry.ModelSpec, runtime: StageRuntime, stage_number: int):
-        self.spec = spec
-        self.runtime = runtime
-        self.stage_number = stage_number
+    def __init__(self, plan: StagePlan):
+        self.plan = plan
 
     def process(self, record: VideoRecord):
-        progress.add(self.stage_number, "in")
+        number, decode = self.plan.number, self.plan.settings.decode
+        progress.add(number, "in")
         try:
-            crops = [load_image(v, self.spec.input, max_pixels=self.runtime.max_pixels, draft=self.runtime.draft)
+            crops = [load_image(v, self.plan.spec.input, max_pixels=decode.max_pixels, draft=decode.draft)
                      for v in record.views]
         except BadInput as err:
-            progress.add(self.stage_number, "failed")
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, self.stage_number, f"view: {err}"))
+            progress.add(number, "failed")
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, number, f"view: {err}"))
             return
         key = (record.id, record.uri)
         yield key, record
@@ -96,46 +99,40 @@ def mean_over_views(element, model_id: str):
     the views' logits, or the failure of a view that the model could not classify."""
     _, grouped = element
     logits = grouped["logits"]
-    failure = next((x for x in logits if isinstance(x, InferenceFailure)), None)
+    failure = next((x for x in logits if isinstance(x, Failure)), None)
     inference = failure or np.mean(np.stack(logits).astype(np.float64), axis=0)
     for record in grouped["video"]:  # more than one only for a video listed twice under one id
         yield record, PredictionResult(None, inference, model_id)
 
 
-class VideoStage(CascadeStage):
-    """A cascade stage whose records are videos: one prediction row per exiting video.
-
-    ``gmacs`` is the cost of the stage per video (views x the model's GMACs)."""
-
-    def classify(self, records):
-        """Videos -> their views, batched with other videos' views -> logits regrouped by video -> (video,
-        mean of its views' logits) for ``Route``; plus the videos whose views do not decode."""
-        split = records | "SplitViews" >> beam.ParDo(
-            SplitViews(self.spec, self.runtime, self.stage_number)
-        ).with_outputs(DEAD, VIEWS, main="videos")
-        logits = (
-            split[VIEWS]
-            | "Infer" >> RunInference(self.handler())
-            | "ByVideo" >> beam.MapTuple(lambda view, result: (view[0], result.inference))
-        )
-        regrouped = (
-            {"video": split.videos, "logits": logits}
-            | "Regroup" >> beam.CoGroupByKey()
-            | "MeanOverViews" >> beam.FlatMap(mean_over_views, self.spec.key)
-        )
-        return regrouped, (split[DEAD],)
+def classify_views(records, plan: StagePlan):
+    """Videos -> their views, batched with other videos' views -> logits regrouped by video -> (video, mean of
+    its views' logits) for ``Route``; plus the videos whose views do not decode."""
+    split = records | "SplitViews" >> beam.ParDo(SplitViews(plan)).with_outputs(DEAD, VIEWS, main="videos")
+    logits = (
+        split[VIEWS]
+        | "Infer" >> RunInference(KeyedModelHandler(ClassifierHandler(plan)))
+        | "ByVideo" >> beam.MapTuple(lambda view, result: (view[0], result.inference))
+    )
+    regrouped = (
+        {"video": split.videos, "logits": logits}
+        | "Regroup" >> beam.CoGroupByKey()
+        | "MeanOverViews" >> beam.FlatMap(mean_over_views, plan.key)
+    )
+    return regrouped, (split[DEAD],)
 
 
 class MeanLogitsFn(beam.CombineFn):
-    """Frame rows of one video -> (sum of final logits, frames, gmacs, label)."""
+    """Frame exits of one video -> (sum of final logits, frames, gmacs, label)."""
 
     def create_accumulator(self):
         return None, 0, 0.0, None
 
-    def add_input(self, acc, row):
+    def add_input(self, acc, exit: Exit):
         total, frames, gmacs, label = acc
-        logits = np.asarray(row["logits"], dtype=np.float64)
-        return (logits if total is None else total + logits), frames + 1, gmacs + row["gmacs"], row["label"]
+        logits = np.asarray(exit.combined, dtype=np.float64)
+        return ((logits if total is None else total + logits), frames + 1, gmacs + exit.record.gmacs,
+                exit.record.label)
 
     def merge_accumulators(self, accs):
         out = self.create_accumulator()
@@ -152,14 +149,13 @@ def video_row(element, spec: registry.ModelSpec, kind: committee.Confidence) -> 
     (video_id, uri), (total, frames, gmacs, label) = element
     mean = total / frames
     pred = int(np.argmax(mean))
-    return {"video_id": video_id, "uri": uri, "label": label, "pred_class": pred,
-            "pred_name": spec.class_name(pred), "confidence": float(committee.confidence(mean, kind)),
-            "frames": frames, "gmacs": gmacs}
+    return VIDEO_PREDICTIONS.row(video_id=video_id, uri=uri, label=label, pred_class=pred,
+                                 pred_name=spec.class_name(pred),
+                                 confidence=float(committee.confidence(mean, kind)), frames=frames, gmacs=gmacs)
 
 
 class VideoPredictions(beam.PTransform):
-    """Frame prediction rows -> one row per video: the mean of its frames' final logits, their count and
-    total GMACs."""
+    """Frame exits -> one row per video: the mean of its frames' final logits, their count and total GMACs."""
 
     def __init__(self, spec: registry.ModelSpec, kind: committee.Confidence):
         super().__init__()
@@ -169,7 +165,7 @@ class VideoPredictions(beam.PTransform):
     def expand(self, rows):
         return (
             rows
-            | "ByVideo" >> beam.Map(lambda row: ((row["video_id"], row["uri"]), row))
+            | "ByVideo" >> beam.Map(lambda e: ((e.record.video_id, e.record.uri), e))
             | "MeanLogits" >> beam.CombinePerKey(MeanLogitsFn())
             | "Rows" >> beam.Map(video_row, self.spec, self.kind)
         )

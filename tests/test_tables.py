@@ -1,0 +1,41 @@
+"""The run's tables and tasks: rows and schemas defined together, every task kind implemented."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs import schema
+from configs.plan import TaskKind, build_plan
+from transforms.tables import ALL_TABLE_NAMES, DEAD_LETTER, EXIT_STATS, PREDICTIONS
+from transforms.tasks import TASKS, task_for
+
+
+def test_a_row_must_have_exactly_its_tables_columns():
+    row = DEAD_LETTER.row(id="a", uri="a.jpg", stage=0, error="file not found")
+    assert list(row) == ["id", "uri", "stage", "error"]
+    with pytest.raises(ValueError, match=r"'dead_letter' does not fit its schema: missing \['error'\], "
+                                         r"unknown \['reason'\]"):
+        DEAD_LETTER.row(id="a", uri="a.jpg", stage=0, reason="file not found")
+
+
+def test_every_task_kind_has_a_task_whose_predictions_table_extends_the_image_one():
+    assert set(TASKS) == set(TaskKind)
+    for kind, task in TASKS.items():
+        assert task.kind is kind
+        assert task.tables[0] is task.predictions
+        assert PREDICTIONS.schema.names == task.predictions.schema.names[:len(PREDICTIONS.schema.names)]
+        assert {t.name for t in task.tables} <= set(ALL_TABLE_NAMES)
+    assert {EXIT_STATS.name, DEAD_LETTER.name} <= set(ALL_TABLE_NAMES)
+
+
+@pytest.mark.parametrize("profile, kind, views", [("lite_cascade", TaskKind.IMAGES, 1),
+                                                  ("video_frames", TaskKind.VIDEO_FRAMES, 1),
+                                                  ("video_clips", TaskKind.VIDEO_CLIPS, 30)])
+def test_the_plan_chooses_the_task_once_and_prices_each_record_by_its_views(profile, kind, views):
+    cfg = schema.load(profile)
+    plan = build_plan(cfg)
+    assert plan.task is kind and task_for(plan).kind is kind and plan.views == views
+    assert [s.number for s in plan.stages] == list(range(1, len(cfg.stages) + 1))
+    assert [s.is_last for s in plan.stages] == [False] * (len(cfg.stages) - 1) + [True]
+    assert plan.stages[-1].threshold is None and plan.stages[0].threshold == cfg.stages[0].threshold
+    assert plan.stages[0].gmacs == pytest.approx(views * {"lite0@224": 0.385}[plan.stages[0].key], rel=0.01)
