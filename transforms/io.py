@@ -16,9 +16,11 @@ from typing import Iterable, Iterator, Optional
 
 import apache_beam as beam
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
+from models.failures import Category
 from transforms.progress import NAMESPACE, progress
 from transforms.records import READ_STAGE, DeadLetter, Record
 
@@ -54,23 +56,62 @@ def _manifest_rows(source: str) -> Iterator[dict]:
             yield from csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8-sig", newline=""))
 
 
-def manifest_columns(source: str) -> tuple[str, Optional[str], Optional[str]]:
-    """(uri column, label column, id column) of a manifest, read from its header; fails if no uri column."""
+def _header(source: str) -> list[pa.Field]:
+    """A manifest's columns with their types: a Parquet manifest's own, strings for a CSV's."""
     with fsspec.open(source, "rb") as fh:
         if source.lower().endswith(".parquet"):
-            columns = pq.ParquetFile(fh).schema_arrow.names
-        else:
-            columns = next(csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")), [])
+            return list(pq.ParquetFile(fh).schema_arrow)
+        names = next(csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")), [])
+    return [pa.field(name, pa.string()) for name in names]
+
+
+def manifest_columns(source: str) -> tuple[str, Optional[str], Optional[str]]:
+    """(uri column, label column, id column) of a manifest, read from its header; fails if no uri column."""
+    columns = [f.name for f in _header(source)]
     uri = _pick(columns, URI_COLUMNS)
     if uri is None:
         raise ValueError(f"manifest {source}: needs a column named one of {URI_COLUMNS}; has {columns}")
     return uri, _pick(columns, LABEL_COLUMNS), _pick(columns, ("id",))
 
 
-def dead(rid: str, uri: str, error: str) -> beam.pvalue.TaggedOutput:
+def extra_fields(source: str) -> list[pa.Field]:
+    """The columns of a manifest besides its uri, label and id ones (none for a glob): carried through to the
+    predictions under their own names and types (strings from a CSV, an empty cell as null)."""
+    if not is_manifest(source):
+        return []
+    used = set(manifest_columns(source))
+    return [f for f in _header(source) if f.name not in used]
+
+
+def count_inputs(source: str) -> tuple[int, str]:
+    """(inputs a source lists, how they were counted), without reading any input: a Parquet manifest's rows
+    from its footer, a CSV manifest's non-blank lines after the header, a glob's files. Bad rows and
+    duplicate ids are counted too (they become dead letters)."""
+    if source.lower().endswith(".parquet"):
+        with fsspec.open(source, "rb") as fh:
+            return pq.ParquetFile(fh).metadata.num_rows, "rows in the Parquet manifest's footer"
+    if is_manifest(source):
+        with fsspec.open(source, "rb") as fh:
+            lines = sum(1 for line in fh if line.strip())
+        return max(lines - 1, 0), "non-blank lines of the CSV manifest after its header"
+    fs, _, _ = fsspec.get_fs_token_paths(source)
+    found = fs.glob(source if "://" in source else fs._strip_protocol(source), detail=True)
+    return sum(1 for info in found.values() if info.get("type") != "directory"), "files matching the glob"
+
+
+def dead(rid: str, uri: str, error: str, category: Category) -> beam.pvalue.TaggedOutput:
     """A dead letter raised while listing or reading an input."""
     progress.add(READ_STAGE, "failed")
-    return beam.pvalue.TaggedOutput(DEAD, DeadLetter(rid, uri, READ_STAGE, error))
+    return beam.pvalue.TaggedOutput(DEAD, DeadLetter(rid, uri, READ_STAGE, error, category))
+
+
+def read_failure(err: Exception) -> tuple[str, Category]:
+    """The reason and category of an input whose bytes could not be read."""
+    if isinstance(err, FileNotFoundError):
+        return "file not found", Category.NOT_FOUND
+    category = {PermissionError: Category.PERMISSION_DENIED, TimeoutError: Category.TIMEOUT}.get(
+        type(err), Category.READ_ERROR)
+    return f"could not read: {type(err).__name__}: {err}", category
 
 
 class ExpandSource(beam.DoFn):
@@ -96,21 +137,26 @@ class ExpandSource(beam.DoFn):
                 yield Record(id=uri, uri=uri)
             return
         uri_col, label_col, id_col = manifest_columns(source)
+        extras = [f.name for f in extra_fields(source)]
+        csv_cells = not source.lower().endswith(".parquet")
         base = posixpath.dirname(source)
         for line, row in enumerate(_manifest_rows(source), start=2):
             raw_uri = row.get(uri_col)
             if raw_uri is None or str(raw_uri).strip() == "":
-                yield dead(f"{source}#{line}", f"{source}#{line}", f"manifest row {line}: empty {uri_col}")
+                yield dead(f"{source}#{line}", f"{source}#{line}", f"manifest row {line}: empty {uri_col}",
+                           Category.BAD_MANIFEST_ROW)
                 continue
             uri = _join(base, str(raw_uri).strip())
             label = row.get(label_col) if label_col else None
             try:
                 label = None if label is None or str(label).strip() == "" else int(label)
             except ValueError:
-                yield dead(uri, uri, f"manifest row {line}: label {label!r} is not an integer")
+                yield dead(uri, uri, f"manifest row {line}: label {label!r} is not an integer",
+                           Category.BAD_MANIFEST_ROW)
                 continue
             rid = str(row[id_col]) if id_col and row.get(id_col) not in (None, "") else uri
-            yield Record(id=rid, uri=uri, label=label)
+            carried = {k: None if csv_cells and row.get(k) == "" else row.get(k) for k in extras}
+            yield Record(id=rid, uri=uri, label=label, extras=carried)
 
 
 class FirstOfId(beam.DoFn):
@@ -123,7 +169,7 @@ class FirstOfId(beam.DoFn):
         (_, kept), *others = sorted(listed, key=lambda item: item[0])
         for _, record in others:
             yield dead(record.id, record.uri, f"duplicate id {rid!r}: an earlier input has it ({kept.uri}) and is "
-                                              "the one kept; give each input its own id")
+                                              "the one kept; give each input its own id", Category.DUPLICATE_ID)
         yield kept
 
 
@@ -138,15 +184,16 @@ class ReadBytes(beam.DoFn):
             with fsspec.open(record.uri, "rb") as fh:
                 size = getattr(fh, "size", None)
                 if size is not None and size > self.max_bytes:
-                    raise ValueError(f"file of {size} bytes exceeds decode.max_bytes={self.max_bytes}")
+                    yield dead(record.id, record.uri, f"file of {size} bytes exceeds decode.max_bytes="
+                                                      f"{self.max_bytes}", Category.TOO_LARGE)
+                    return
                 data = fh.read(self.max_bytes + 1)
             if len(data) > self.max_bytes:
-                raise ValueError(f"file exceeds decode.max_bytes={self.max_bytes}")
-        except FileNotFoundError:
-            yield dead(record.id, record.uri, "file not found")
-            return
+                yield dead(record.id, record.uri, f"file exceeds decode.max_bytes={self.max_bytes}",
+                           Category.TOO_LARGE)
+                return
         except (OSError, ValueError, ImportError) as err:  # ImportError: a protocol whose fsspec package is absent
-            yield dead(record.id, record.uri, f"could not read: {type(err).__name__}: {err}")
+            yield dead(record.id, record.uri, *read_failure(err))
             return
         yield dataclasses.replace(record, data=data)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import numpy as np
 
+from models.failures import Category
 from transforms.tables import DEAD_LETTER
 
 READ_STAGE = 0  # dead letters raised while listing or reading inputs, before stage 1
@@ -27,6 +28,7 @@ class Record:
     score_sum: Optional[np.ndarray] = None  # float64 (C,), sum over the stages applied so far
     stages_run: int = 0
     gmacs: float = 0.0
+    extras: dict[str, Any] = field(default_factory=dict)  # the manifest's own columns, written with the prediction
 
 
 @dataclass
@@ -62,7 +64,9 @@ class DeadLetter:
     id: str
     uri: str
     stage: int  # 0 = listing/reading the input, k = stage k (decode or inference)
-    error: str
+    error: str  # the reason, for a person
+    category: Category  # the reason's kind, for grouping
 
-    def as_row(self) -> dict:
-        return DEAD_LETTER.row(id=self.id, uri=self.uri, stage=self.stage, error=self.error)
+    def as_row(self, run_id: str) -> dict:
+        return DEAD_LETTER.row(run_id=run_id, id=self.id, uri=self.uri, stage=self.stage,
+                               category=Category(self.category).value, error=self.error)

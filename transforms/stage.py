@@ -87,8 +87,9 @@ class Route(beam.DoFn):
         plan, settings = self.plan, self.plan.settings
         if isinstance(result.inference, Failure):
             progress.add(plan.number, "failed")
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, plan.number,
-                                                            result.inference.reason))
+            failure = result.inference
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, plan.number, failure.reason,
+                                                            failure.category))
             return
         scores = committee.member_scores(result.inference, settings.aggregation).astype(np.float64)
         score_sum = scores if record.score_sum is None else record.score_sum + scores
