@@ -1,11 +1,18 @@
-"""Plots and a Markdown report of a calibration, or of a cascade run's outputs.
+"""Reports: of a finished cascade run, or plots of a pool of scores.
 
-    python -m pipelines.report --scores scores/ --output report/              # from pool scores alone
-    python -m pipelines.report --run out/cascade --output report/             # a real run of pipelines.cascade
+  python -m pipelines.report --run out/cascade          # writes out/cascade/report/report.md and report.html
+  python -m pipelines.report --scores scores/ --output plots/
 
-Plots (PNG): accuracy vs average GMACs of solitary models, ensembles and cascades (the paper's Figure 2);
-a 2-model cascade as its threshold t1 sweeps 0..1 (Figure 3); exit ratios per stage; accuracy of the top-k %
-most confident records for each confidence function (Figure A).
+--run: the report of the folder's latest committed run (--run_id another): counts and the count invariant,
+per stage the records in, the exit ratio (the share of all predictions exiting there), the accuracy of the
+records exiting there and the cumulative cost; GMACs against the last model alone; confidence per stage
+with its threshold; accuracy vs confidence; top confusions by class name; dead letters by category; and the
+exit ratios the config's calibration expected, with a warning when they drift. report.html is the same
+page with its images inlined. A folder without a committed run (an interrupted one) is refused.
+
+--scores: plots of a pool scored by pipelines.score: accuracy vs average GMACs of solitary models,
+ensembles and cascades (the paper's Figure 2), a 2-model cascade as its threshold sweeps 0..1 (Figure 3),
+and the accuracy of the most confident records for each confidence function (Figure A).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import numpy as np
 
 from models import calibration as cal
 from models import committee
-from pipelines import common
+from pipelines import run_report
 
 KIND_STYLE = {"solitary": ("o", "tab:blue"), "ensemble": ("s", "tab:orange"), "cascade": ("^", "tab:green")}
 
@@ -213,33 +220,28 @@ def calibration_report(pool: cal.Pool, summary: dict, rows: list[dict], output: 
     return path
 
 
-def run_report(run_output: str, output: str) -> list[str]:
-    """Plots of a real run of pipelines.cascade: exit ratios per stage and top-k % accuracy by confidence."""
-    stats = common.read_table(run_output, "exit_stats").to_pylist()
-    stages = [{"label": f"{s['stage']}: {s['model']}@{s['resolution']}"
-               + ("" if s["threshold"] is None else f"\nt={s['threshold']:.3f}"),
-               "exit_ratio": s["share_of_predictions"] or 0.0, "accuracy": s["accuracy_exited"]} for s in stats]
-    pngs = [plot_exit_ratios(stages, output, f"Exit ratios per stage of the run {run_output}")]
-    pred = common.read_table(run_output, "predictions").select(["label", "pred_class", "confidence"]).to_pydict()
-    labelled = [i for i, lab in enumerate(pred["label"]) if lab is not None]
-    if labelled:
-        shares = np.linspace(0.01, 1.0, 100)
-        conf = np.asarray(pred["confidence"])[labelled]
-        correct = np.asarray(pred["label"])[labelled] == np.asarray(pred["pred_class"])[labelled]
-        pngs.append(plot_topk({"cascade predictions": {"exit confidence": topk_curve(conf, correct, shares)}},
-                              shares, output))
-    return pngs
-
-
 def run(argv: Sequence[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(prog="python -m pipelines.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scores", default=None, help="output folder of pipelines.score")
-    parser.add_argument("--run", default=None, help="output folder of pipelines.cascade")
-    parser.add_argument("--output", default=None, help="folder for the plots (default: the input folder)")
+    parser.add_argument("--run", default=None, help="output folder of pipelines.cascade: write its run report")
+    parser.add_argument("--run_id", default=None, help="with --run: the committed run to report (default: the latest)")
+    parser.add_argument("--drift_margin", type=float, default=run_report.DRIFT_MARGIN,
+                        help="with --run: warn when a stage's exit ratio differs from the calibration's by more "
+                             "than this (absolute share; default %(default)s)")
+    parser.add_argument("--scores", default=None, help="output folder of pipelines.score: plot the pool")
+    parser.add_argument("--output", default=None,
+                        help="folder to write into (default: <run>/report for --run, the scores folder for --scores)")
     args = parser.parse_args(argv)
     if args.run:
-        pngs = run_report(args.run, args.output or args.run)
+        try:
+            written = run_report.write_report(args.run, args.output, args.run_id, args.drift_margin)
+        except FileNotFoundError as err:
+            raise SystemExit(f"report: {err}") from None
+        pngs = [f"{written['output']}/{name}" for name in written["files"]]
+        for d in written["drift"]:
+            if d["drifts"]:
+                print(f"WARNING: stage {d['stage']} exit ratio {d['run']:.1%} vs {d['expected']:.1%} expected by the "
+                      f"calibration: the data is not like the calibration data (see the report)")
     elif args.scores:
         from pipelines.calibrate import frontier_rows, load_pool
 
