@@ -22,6 +22,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -77,8 +78,10 @@ def profiles_epilog() -> str:
     for name in sorted(f[:-5] for f in os.listdir(schema.CONFIG_DIR) if f.endswith(".yaml")):
         with open(os.path.join(schema.CONFIG_DIR, f"{name}.yaml")) as fh:
             first = fh.readline().strip()
-        about = first.lstrip("# ").strip() if first.startswith("#") else ""
-        lines.append(f"  {name:<28} {about}"[:118].rstrip())
+        about = re.split(r"\. | \(|: ", first.lstrip("# ").strip())[0] if first.startswith("#") else ""
+        if len(about) > 80:
+            about = about[:80].rsplit(" ", 1)[0] + " ..."
+        lines.append(f"  {name:<28} {about}".rstrip())
     return "\n".join(lines)
 
 
