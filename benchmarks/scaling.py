@@ -19,11 +19,14 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-# Design figures (docs/DESIGN.md): one H100, bare PyTorch, batch 256, bf16 + channels_last; PIL decode
-# and resize per CPU core; torchvision nvJPEG decode on the GPU.
-H100_MODEL_RATE = {"lite0": 17_600.0, "lite1": 12_000.0, "lite2": 9_500.0}
-CPU_DECODE_RATE = 231.0
-GPU_DECODE_RATE = 9_100.0
+from configs import estimate
+
+# Design figures, the "gpu" machine of benchmarks/throughput_figures.json (docs/SCALING.md): one H100, bare
+# PyTorch, batch 256, bf16 + channels_last; PIL decode and resize per CPU core; nvJPEG decode on the GPU.
+_H100 = estimate.load_figures()["gpu"]
+H100_MODEL_RATE = {key.split("@")[0]: rate for key, rate in _H100.model_images_per_s.items()}
+CPU_DECODE_RATE = _H100.decode_images_per_s_per_core
+GPU_DECODE_RATE = _H100.gpu_decode_images_per_s
 EXAMPLE_REACH = (1.0, 0.32, 0.059)  # lite0 -> lite1 -> lite2 exits 68 % / 26.1 % / 5.9 % of records
 
 
