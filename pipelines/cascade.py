@@ -136,12 +136,26 @@ def run_versions(cfg: schema.CascadeConfig) -> dict:
                            "cascade-inference", *(("av",) if cfg.video else ()))
 
 
+def _hours(hours: float) -> str:
+    """A duration for a person: hours, or minutes / seconds when short."""
+    if hours >= 1:
+        return f"{hours:,.1f} h"
+    return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.1f} s"
+
+
 def _machine_line(name: str, machine: estimate.Machine, est: estimate.Estimate, gpu_decode: bool) -> list[str]:
     cascade, alone = est.cascade_compute(machine, gpu_decode), est.last_alone_compute(machine, gpu_decode)
     if cascade is None or alone is None:
         missing = sorted(set(est.keys) - set(machine.model_images_per_s))
         return [f"  {name}: no throughput figure for {', '.join(missing) or 'the inputs (no count)'}"]
-    unit = "machine-hours" if machine.kind == "cpu" else "GPU-hours"
+
+    def cost(c: estimate.Compute) -> str:
+        if machine.kind == "cpu":
+            return (f"{_hours(c.hours)} of one such machine = {c.hours:,.4g} machine-hours ({c.core_hours:,.4g} "
+                    f"core-hours); {1 / c.seconds_per_record:,.1f} records/s")
+        return (f"{_hours(c.hours)} of one GPU worker = {c.hours:,.4g} GPU-hours; "
+                f"{1 / c.seconds_per_record:,.0f} records/s")
+
     used = [f"{k} {machine.model_images_per_s[k]:,.1f} images/s" for k in dict.fromkeys(est.keys)]
     used.append(f"decoding {machine.decode_images_per_s_per_core:,.0f} images/s per core x {machine.cores}")
     if machine.kind == "gpu" and gpu_decode and machine.gpu_decode_images_per_s:
@@ -150,10 +164,8 @@ def _machine_line(name: str, machine: estimate.Machine, est: estimate.Estimate, 
         used.append(f"pipeline overhead {1000 * machine.overhead_s_per_record:.1f} ms per record")
     return [
         f"  {name} ({machine.machine}; figures of {machine.date}):",
-        f"    cascade: {cascade.hours:,.3g} {unit} ({cascade.core_hours:,.3g} core-hours), "
-        f"{1 / cascade.seconds_per_record:,.1f} records/s, bound by {cascade.bound}",
-        f"    {est.keys[-1]} alone: {alone.hours:,.3g} {unit} ({alone.core_hours:,.3g} core-hours), "
-        f"{1 / alone.seconds_per_record:,.1f} records/s: the cascade takes {cascade.hours / alone.hours:.0%} of it",
+        f"    cascade: {cost(cascade)}, bound by {cascade.bound}",
+        f"    {est.keys[-1]} alone: {cost(alone)}: the cascade takes {cascade.hours / alone.hours:.0%} of its time",
         "    figures used: " + "; ".join(used),
         "    sources: " + "; ".join(f"{k}: {v}" for k, v in machine.sources.items()),
     ]
