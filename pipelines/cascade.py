@@ -218,7 +218,6 @@ def plan_lines(cfg: schema.CascadeConfig, profile: Optional[str], records: Optio
 
 def print_plan(cfg: schema.CascadeConfig, profile: Optional[str]) -> dict:
     """--plan: nothing runs and no model is loaded; prints the plan and returns it as a dict."""
-    started = time.perf_counter()
     if cfg.input:
         try:
             records, counted = count_inputs(cfg.input)
@@ -227,7 +226,7 @@ def print_plan(cfg: schema.CascadeConfig, profile: Optional[str]) -> dict:
     else:
         records, counted = len(demo_photos()), "photos inside scikit-image"
     est, lines = plan_lines(cfg, profile, records, counted, estimate.load_figures())
-    lines.append(f"(planned in {time.perf_counter() - started:.1f} s; nothing was run)")
+    lines.append("(nothing was run and no model was loaded)")
     print("\n".join(lines))
     return {"plan": True, "records": records, "stages": list(est.keys), "expected_exit_ratios":
             est.expected_exit_ratios, "avg_gmacs": est.avg_gmacs, "worst_gmacs": est.worst_gmacs,

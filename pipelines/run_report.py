@@ -130,7 +130,7 @@ def to_html(blocks: Sequence, title: str, images: dict[str, bytes]) -> str:
 # ---- figures from the tables ---------------------------------------------------------------------------
 
 def pct(x: Optional[float], digits: int = 1) -> str:
-    return "-" if x is None else f"{100 * x:.{digits}f} %"
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
 def calibration_block(manifest: dict) -> dict:
