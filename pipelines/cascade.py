@@ -115,11 +115,12 @@ def plan(cfg: schema.CascadeConfig, torch_threads: Optional[int] = None) -> Casc
         raise SystemExit(f"invalid config: {err}") from None
 
 
-def run_task(cfg: schema.CascadeConfig, plan: CascadePlan) -> ImageTask:
-    """The plan's task, its predictions carrying the manifest's own columns; a column whose name clashes
-    with one of ours is refused here, before any work."""
+def run_task(cfg: schema.CascadeConfig, plan: CascadePlan, read_header: bool = True) -> ImageTask:
+    """The plan's task, its predictions carrying the manifest's own columns (read from its header, unless
+    ``read_header`` is false: a Dataflow dry run, whose inputs need not be readable from here); a column
+    whose name clashes with one of ours is refused here, before any work."""
     try:
-        return task_for(plan, extra_fields(cfg.input))
+        return task_for(plan, extra_fields(cfg.input) if read_header else ())
     except (OSError, ValueError) as err:
         raise SystemExit(f"invalid input: {err}") from None
 
@@ -384,7 +385,7 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
     now = datetime.datetime.now(datetime.timezone.utc)
     started_utc = now.isoformat(timespec="seconds")
     run_plan = dataclasses.replace(plan(cfg, threads), run_id=common.new_run_id(now))  # models checked first
-    task = run_task(cfg, run_plan)  # a manifest column clashing with ours is refused before any work too
+    task = run_task(cfg, run_plan, not dry_run)  # a manifest column clashing with ours is refused before any work
     if not dry_run:
         common.prepare_output(cfg.output, cfg.overwrite, ALL_TABLE_NAMES)
     build(p, cfg, run_plan, task, table_metadata(cfg, run_plan, started_utc, profile))

@@ -1,17 +1,18 @@
 """Score a labelled held-out set with every model of a pool: the first step of calibration.
 
-    python -m pipelines.score --models lite0@224,lite0@288,lite1@240,lite2@260 \
-        --input held_out/labels.csv --output scores/ --runner=DirectRunner
+  python -m pipelines.score --models lite0@224,lite0@288,lite1@240,lite2@260
+      --input held_out/labels.csv --output scores/ --runner=DirectRunner      (one command line)
 
-Each pool entry is a registered model at one resolution (``lite0@288`` is Lite0 fed at 288 pixels).
-The records go through the main job's own reader, preprocessing and RunInference model handler (full
-batches), so the logits are those the cascade would see. Output, under ``--output``:
-``scores/*.parquet`` (one row per record and pool entry: id, uri, label, model, gmacs, logits),
-``dead_letter/*.parquet`` (``stage`` = 1-based pool entry, 0 = reading) and ``manifest.json``.
-Count invariant, per pool entry: inputs listed = scored rows + dead letters of reading + of that entry.
+Each pool entry is a registered model at one resolution (lite0@288 is Lite0 fed at 288 pixels). The
+records go through the main job's own reader, preprocessing and RunInference model handler (full
+batches), so the logits are those the cascade would see. Output, under --output: scores/*.parquet (one
+row per record and pool entry: id, uri, label, model, gmacs, logits), dead_letter/*.parquet (stage =
+1-based pool entry, 0 = reading), committed like a cascade run's (runs/<run_id>.json, then
+manifest.json). Count invariant, per pool entry: inputs listed = scored rows + dead letters of reading +
+of that entry.
 
-Flags: --models (comma-separated keys; or --config, a cascade YAML whose stages are the pool),
---input, --output, --overwrite, --batch_size; ``key=value`` OmegaConf overrides; the rest goes to Beam.
+Flags: --models (comma-separated keys; or --config, a cascade YAML whose stages are the pool), --input,
+--output, --overwrite, --batch_size; key=value words are OmegaConf overrides; the rest goes to Beam.
 """
 
 from __future__ import annotations

@@ -302,8 +302,8 @@ def test_flink_command_of_the_docs_parses():
     (Flink itself, and its job-server jar from Maven Central, cannot run here)."""
     from apache_beam.options.pipeline_options import FlinkRunnerOptions, PipelineOptions, PortableOptions
 
-    cfg, beam_args, _ = cascade.parse(["--config", "flink", "--input", "s3://b/in.csv", "--output", "s3://b/out",
-                                       *FLINK_FLAGS])
+    cfg, beam_args, *_ = cascade.parse(["--config", "flink", "--input", "s3://b/in.csv", "--output", "s3://b/out",
+                                        *FLINK_FLAGS])
     assert beam_args == FLINK_FLAGS
     assert (cfg.device, cfg.model_sharing.value, cfg.torch_threads) == ("cpu", "process", 1)
     options = PipelineOptions(beam_args)
