@@ -489,8 +489,10 @@ def test_overwrite_removes_the_manifest_before_the_tables(tmp_path, monkeypatch)
     real_rm = fs_type.rm
     monkeypatch.setattr(fs_type, "rm", lambda self, path, *a, **k: (removed.append(Path(path).name),
                                                                      real_rm(self, path, *a, **k)))
-    common.prepare_output(str(out), overwrite=True)
+    run_id = common.prepare_output(str(out), overwrite=True)
     assert removed[:4] == [common.MANIFEST, *common.TABLES]
+    assert os.listdir(out) == [common.RUNNING]  # this run's lock
+    common.release_output(str(out), run_id)
     assert os.listdir(out) == []
 
 
