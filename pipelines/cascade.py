@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 from configs import schema
 from models import registry
 from pipelines import common, runners
-from transforms.io import DEAD, ReadInputs
+from transforms.io import DEAD, ReadInputs, check_source
 from transforms.outputs import (
     DEAD_LETTER_SCHEMA,
     EXIT_STATS_SCHEMA,
@@ -95,8 +95,8 @@ def stage_infos(cfg: schema.CascadeConfig) -> list[StageInfo]:
     for i, (stage, spec) in enumerate(zip(cfg.stages, schema.stage_specs(cfg))):
         try:
             registry.check_output(spec, registry.build(spec))
-        except (ValueError, OSError, RuntimeError) as err:
-            raise SystemExit(f"invalid config: stages.{i}.model: {err}") from None
+        except Exception as err:  # any way a model fails to build or run once is the config's, found before work
+            raise SystemExit(f"invalid config: stages.{i}.model: {err or type(err).__name__}") from None
         last = i == len(cfg.stages) - 1
         infos.append(StageInfo(i + 1, spec.key, spec.input.resolution, None if last else stage.threshold,
                                registry.gmacs(spec) * schema.views_per_record(cfg)))
@@ -116,7 +116,8 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, infos: list[StageInfo], r
             stage_type = VideoStage
         else:
             predictions_schema = FRAME_PREDICTIONS_SCHEMA
-    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes, reader)
+    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes, reader, num_classes=specs[0].num_classes,
+                                            timeout_s=cfg.decode.read_timeout_s)
     records = inputs["records"]
     exited, dead = [], [inputs[DEAD]]
     for info, stage, spec in zip(infos, cfg.stages, specs):
@@ -160,9 +161,9 @@ def summarize(cfg: schema.CascadeConfig, listed: Optional[int]) -> tuple[dict, l
         lines.append(f"  stage {s['stage']} {s['model']}: {s['records_in']} in, {s['records_exited']} exited "
                      f"(exit ratio {ratio}), {s['records_failed']} failed")
     if run["avg_gmacs"] is not None:
+        share = f" ({run['avg_gmacs'] / run['last_model_gmacs']:.0%} of it)" if run["last_model_gmacs"] else ""
         lines.append(f"GMACs (multiply-adds x1e9) per record: average {run['avg_gmacs']:.3f}, worst case "
-                     f"{run['worst_case_gmacs']:.3f}; last model alone {run['last_model_gmacs']:.3f} "
-                     f"({run['avg_gmacs'] / run['last_model_gmacs']:.0%} of it)")
+                     f"{run['worst_case_gmacs']:.3f}; last model alone {run['last_model_gmacs']:.3f}{share}")
     if run["accuracy"] is not None:
         lines.append(f"accuracy on labelled records: {run['accuracy']:.2%}")
     counts = {"inputs_listed": listed, "predictions": predictions, "dead_letters": dead,
@@ -231,16 +232,23 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
         raise SystemExit("invalid pipeline options:\n  " + "\n  ".join(problems))
     dry_run = runners.is_dry_run(options)
     p = test_pipeline or beam.Pipeline(options=options)  # Beam validates the options here, before any work
-    if cfg.input.lower().endswith((".csv", ".parquet")) and not dry_run:
-        from transforms.io import manifest_columns
-
-        try:
-            manifest_columns(cfg.input)
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"invalid input: {err}") from None
     if not dry_run:
-        common.prepare_output(cfg.output, cfg.overwrite, (*common.TABLES, VIDEO_PREDICTIONS))
-    infos = stage_infos(cfg)
+        try:
+            check_source(cfg.input)
+        except ValueError as err:
+            raise SystemExit(f"invalid input: {err}") from None
+    common.check_output_name(cfg.output)
+    infos = stage_infos(cfg)  # models too are validated before the output folder is touched (--overwrite)
+    if dry_run:
+        return _execute(p, cfg, infos, options, beam_args, profile, dry_run, None)
+    run_id = common.prepare_output(cfg.output, cfg.overwrite, (*common.TABLES, VIDEO_PREDICTIONS))
+    try:
+        return _execute(p, cfg, infos, options, beam_args, profile, dry_run, run_id)
+    finally:
+        common.release_output(cfg.output, run_id)
+
+
+def _execute(p, cfg, infos, options, beam_args, profile, dry_run, run_id) -> dict:
     threads = cfg.torch_threads
     direct = options.view_as(DirectOptions)
     if not threads and direct.direct_running_mode == "multi_processing":
@@ -264,12 +272,16 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
         if listed is not None:
             listed += listed_inputs(result, "frames_sampled") - videos_sampled
     counts, lines = summarize(cfg, listed)
+    if not listed and not counts["predictions"] + counts["dead_letters"]:
+        raise SystemExit(f"no inputs: {cfg.input} listed nothing (a glob that matches no file, or a manifest "
+                         "without rows); the run is not marked complete")
     if frames:
         lines += frame_summary(cfg, counts, videos_listed, videos_sampled)
     problem = check_invariant(counts)
     manifest = {
         "config": schema.to_yaml(cfg),
         "profile": profile,
+        "run_id": run_id,
         "beam_args": list(beam_args),
         "versions": common.versions("apache-beam", "torch", "torchvision", "pyarrow", "numpy", "pillow",
                                     "omegaconf", "cascade-inference", *(("av",) if cfg.video else ())),
@@ -279,7 +291,11 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
         "wall_seconds": round(elapsed, 2),
         "gmacs_note": "GMACs are multiply-adds x1e9 (the paper's 'FLOPS (B)'), measured by torch's FLOP counter / 2",
     }
-    common.write_json(cfg.output, common.MANIFEST, manifest)
+    try:
+        common.write_json(cfg.output, common.MANIFEST, manifest)
+    except OSError as err:
+        raise SystemExit(f"output: could not write {cfg.output}/{common.MANIFEST} ({type(err).__name__}: {err}); "
+                         "the tables are written but the run is not marked complete") from None
     print("\n".join(lines))
     print(f"outputs: {cfg.output}/{{predictions,exit_stats,dead_letter}}/*.parquet and {cfg.output}/manifest.json "
           f"({elapsed:.1f} s)")
