@@ -273,7 +273,9 @@ def check_source(source: str) -> None:
                 manifest_columns(source)
         elif local and not _has_file(path):
             raise ValueError(f"{source}: the glob matches no file")
-    except (OSError, ImportError) as err:
+    except Exception as err:  # whatever reading the header raised (pyarrow, fsspec, a protocol's package)
+        if isinstance(err, ValueError) and source in str(err):
+            raise
         raise ValueError(f"{source}: cannot be read: {type(err).__name__}: {err}") from None
 
 
