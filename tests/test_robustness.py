@@ -1156,3 +1156,18 @@ def test_fuzzed_manifests_through_read_inputs_in_a_real_pipeline(fuzz_dir, tmp_p
             counted = ((read["records"], read[DEAD]) | f"All{i}" >> beam.Flatten()
                        | f"Count{i}" >> beam.combiners.Count.Globally())
             assert_that(counted, equal_to([physical_rows(source)]), label=f"Invariant{i}")
+
+
+def test_a_record_that_cannot_be_routed_is_its_own_dead_letter():
+    """The routing boundary: logits that do not fit the record's running committee (3 scores added to a
+    sum of 10) fail that record only."""
+    from apache_beam.ml.inference.base import PredictionResult
+
+    from transforms.stage import Route
+
+    spec = registry.ModelSpec("tiny", registry.TORCHSCRIPT, "x.pt", registry.InputConfig(32), num_classes=10)
+    route = Route(spec, 0.5, False, 0.0, StageRuntime(), 2)
+    record = Record(id="r", uri="u", score_sum=np.zeros(10), stages_run=1)
+    (out,) = route.process((record, PredictionResult(None, np.zeros(3, np.float32))))
+    assert out.tag == DEAD and out.value.stage == 2 and out.value.category == "model_error"
+    assert out.value.error.startswith("model tiny@32 output could not be routed: ValueError: operands could not")

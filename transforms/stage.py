@@ -218,6 +218,15 @@ class Route(beam.DoFn):
 
     def process(self, element):
         record, result = element
+        try:
+            outputs = list(self._route(record, result))
+        except Exception as err:  # the routing boundary: a record that cannot be routed is its own dead letter
+            progress.add(self.stage_number, "failed")
+            reason = f"model {self.spec.key} output could not be routed: {failure_reason(err)}"
+            outputs = [beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, self.stage_number, reason))]
+        yield from outputs
+
+    def _route(self, record: Record, result: PredictionResult):
         if isinstance(result.inference, InferenceFailure):
             progress.add(self.stage_number, "failed")
             yield beam.pvalue.TaggedOutput(
