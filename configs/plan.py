@@ -113,8 +113,8 @@ def build_plan(cfg: CascadeConfig, *, torch_threads: Optional[int] = None, check
         if check_models:
             try:
                 registry.check_output(spec, registry.build(spec))
-            except (ValueError, OSError, RuntimeError) as err:
-                raise ConfigError(f"stages.{i}.model: {err}") from None
+            except Exception as err:  # any way a model fails to build or run once is the config's, found before work
+                raise ConfigError(f"stages.{i}.model: {err or type(err).__name__}") from None
         last = i == len(cfg.stages) - 1
         stages.append(StagePlan(i + 1, spec, None if last else stage.threshold, registry.gmacs(spec) * views,
                                 stage.batch_size, Precision(stage.precision), stage.channels_last, stage.compile,

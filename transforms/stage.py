@@ -21,7 +21,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 from configs.plan import StagePlan
 from configs.schema import ModelSharing
 from models import committee
-from models.classifier import EncodedImage, Example, Failure, LoadedModel
+from models.classifier import EncodedImage, Example, Failure, LoadedModel, failure_reason
 from transforms.io import DEAD
 from transforms.progress import progress
 from transforms.records import DeadLetter, Exit, Record
@@ -84,6 +84,15 @@ class Route(beam.DoFn):
 
     def process(self, element):
         record, result = element
+        try:
+            outputs = list(self._route(record, result))
+        except Exception as err:  # the routing boundary: a record that cannot be routed is its own dead letter
+            progress.add(self.plan.number, "failed")
+            reason = f"model {self.plan.key} output could not be routed: {failure_reason(err)}"
+            outputs = [beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, self.plan.number, reason))]
+        yield from outputs
+
+    def _route(self, record: Record, result: PredictionResult):
         plan, settings = self.plan, self.plan.settings
         if isinstance(result.inference, Failure):
             progress.add(plan.number, "failed")
