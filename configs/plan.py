@@ -53,6 +53,7 @@ class StagePlan:
     channels_last: bool
     compile: bool
     settings: RunSettings
+    escalate: Optional[float] = None  # set: the threshold is the run's quantile of this share (a budget)
 
     @property
     def is_last(self) -> bool:
@@ -75,7 +76,7 @@ class StagePlan:
     def summary(self) -> dict:
         """The stage as the run manifest records it."""
         return {"number": self.number, "model": self.key, "resolution": self.resolution,
-                "threshold": self.threshold, "gmacs": self.gmacs}
+                "threshold": self.threshold, "escalate": self.escalate, "gmacs": self.gmacs}
 
 
 @dataclass(frozen=True)
@@ -118,5 +119,5 @@ def build_plan(cfg: CascadeConfig, *, torch_threads: Optional[int] = None, check
         last = i == len(cfg.stages) - 1
         stages.append(StagePlan(i + 1, spec, None if last else stage.threshold, registry.gmacs(spec) * views,
                                 stage.batch_size, Precision(stage.precision), stage.channels_last, stage.compile,
-                                settings))
+                                settings, None if last else stage.escalate))
     return CascadePlan(kind, tuple(stages), settings, video)

@@ -46,6 +46,9 @@ class StageConfig:
     resolution: Optional[int] = None  # input resolution; default: the model's own (another one = self-cascade)
     batch_size: int = 32  # images per inference batch; every batch but a bundle's last is full
     threshold: float = 1.0  # exit when confidence >= threshold; 1 never exits; ignored on the last stage
+    # a compute budget instead of a threshold: the share of the records reaching this stage to send on; the
+    # threshold is then the run's quantile of this stage's confidences (Beam's approximate quantiles)
+    escalate: Optional[float] = None
     precision: Precision = Precision.FP32  # autocast precision on CUDA; logits stay float32
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU and GPU)
     compile: bool = False  # torch.compile the model once per process
@@ -266,6 +269,15 @@ def validate(cfg: CascadeConfig) -> None:
             raise ConfigError(f"{key}.batch_size: must be > 0, got {stage.batch_size}")
         if not 0.0 <= stage.threshold <= 1.0:
             raise ConfigError(f"{key}.threshold: must be in [0, 1], got {stage.threshold}")
+        if stage.escalate is not None:
+            if not 0.0 <= stage.escalate <= 1.0:
+                raise ConfigError(f"{key}.escalate: must be in [0, 1] (a share of the stage's records), "
+                                  f"got {stage.escalate}")
+            if i == len(cfg.stages) - 1:
+                raise ConfigError(f"{key}.escalate: the last stage escalates nothing (every record exits there)")
+            if stage.threshold != 1.0:
+                raise ConfigError(f"{key}.escalate: give a threshold or a share to escalate, not both "
+                                  f"(threshold={stage.threshold})")
         if i == len(cfg.stages) - 1 and stage.threshold != 1.0:
             # accepted so that sweeps like "every threshold 0" stay one command; it decides nothing
             log.warning("%s.threshold=%s is ignored: the last stage exits every record (a cascade has one fewer "

@@ -28,7 +28,7 @@ from pipelines import common, runners
 from transforms.io import DEAD, ReadInputs, check_source
 from transforms.outputs import ExitStats, WriteTable
 from transforms.progress import NAMESPACE
-from transforms.stage import CONTINUE, EXITED, CascadeStage, default_threads
+from transforms.stage import CONTINUE, EXITED, THRESHOLD, CascadeStage, default_threads
 from transforms.tables import ALL_TABLE_NAMES, DEAD_LETTER, EXIT_STATS, VIDEO_PREDICTIONS
 from transforms.tasks import task_for
 
@@ -96,11 +96,12 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan) -> Non
                                             num_classes=plan.stages[0].spec.num_classes,
                                             timeout_s=decode.read_timeout_s)
     records = inputs["records"]
-    exited, dead = [], [inputs[DEAD]]
+    exited, dead, thresholds = [], [inputs[DEAD]], []
     for stage in plan.stages:
         out = records | f"Stage{stage.number}" >> CascadeStage(stage, task)
         exited.append(out[EXITED])
         dead.append(out[DEAD])
+        thresholds += [out[THRESHOLD]] if out[THRESHOLD] is not None else []
         records = out[CONTINUE]
     exits = exited | "MergeExits" >> beam.Flatten()
     predictions = exits | "PredictionRows" >> beam.Map(task.prediction_row, plan)
@@ -114,7 +115,8 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan) -> Non
     )
     (
         (predictions, dead_letters)
-        | "ExitStats" >> ExitStats(plan.stages)
+        | "ExitStats" >> ExitStats(plan.stages,
+                                   (thresholds | "BudgetThresholds" >> beam.Flatten()) if thresholds else None)
         | "WriteExitStats" >> WriteTable(cfg.output, EXIT_STATS, 1)
     )
 
