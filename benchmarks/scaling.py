@@ -90,7 +90,7 @@ def check_run(output: str, n_images: int, threads: int) -> list[float]:
     from omegaconf import OmegaConf
 
     from pipelines import common
-    from transforms.io import ExpandSource
+    from transforms.io import list_source
 
     stats = sorted((r for r in common.read_table(output, "exit_stats").to_pylist() if r["stage"] >= 1),
                    key=lambda r: r["stage"])
@@ -98,7 +98,7 @@ def check_run(output: str, n_images: int, threads: int) -> list[float]:
     config = OmegaConf.create(manifest["config"])
     total = stats[0]["records_in"]
     reach = [s["records_in"] / total for s in stats]
-    records = [r for r in ExpandSource()._expand(config.input) if hasattr(r, "uri")][:n_images]
+    records = [r for r in list_source(config.input) if hasattr(r, "label")][:n_images]
     images = [fsspec.open(r.uri, "rb").open().read() for r in records]
     print(f"run {output}: {total} records; reach per stage {[round(r, 3) for r in reach]}")
     seconds = 0.0

@@ -34,10 +34,10 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 from configs import estimate, schema
 from configs.plan import CascadePlan, TaskKind, build_plan
 from pipelines import common, runners
-from transforms.io import DEAD, ReadInputs, count_inputs, extra_fields, is_manifest
+from transforms.io import DEAD, ReadInputs, check_source, count_inputs, extra_fields
 from transforms.outputs import ExitStats, WriteTable
 from transforms.progress import NAMESPACE
-from transforms.stage import CONTINUE, EXITED, CascadeStage, default_threads
+from transforms.stage import CONTINUE, EXITED, THRESHOLD, CascadeStage, default_threads
 from transforms.tables import ALL_TABLE_NAMES, DEAD_LETTER, EXIT_STATS, VIDEO_PREDICTIONS, Table
 from transforms.tasks import ImageTask, task_for
 
@@ -243,13 +243,17 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan, task: 
     def sink(table: Table, shards: int = cfg.output_shards) -> WriteTable:
         return WriteTable(cfg.output, table, plan.run_id, metadata, shards)
 
-    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, plan.settings.decode.max_bytes, task.reader(plan))
+    decode = plan.settings.decode
+    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, decode.max_bytes, task.reader(plan),
+                                            num_classes=plan.stages[0].spec.num_classes,
+                                            timeout_s=decode.read_timeout_s)
     records = inputs["records"]
-    exited, dead = [], [inputs[DEAD]]
+    exited, dead, thresholds = [], [inputs[DEAD]], []
     for stage in plan.stages:
         out = records | f"Stage{stage.number}" >> CascadeStage(stage, task)
         exited.append(out[EXITED])
         dead.append(out[DEAD])
+        thresholds += [out[THRESHOLD]] if out[THRESHOLD] is not None else []
         records = out[CONTINUE]
     exits = exited | "MergeExits" >> beam.Flatten()
     predictions = exits | "PredictionRows" >> beam.Map(task.prediction_row, plan)
@@ -264,7 +268,8 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan, task: 
     )
     (
         (predictions, dead_letters)
-        | "ExitStats" >> ExitStats(plan.stages, plan.run_id)
+        | "ExitStats" >> ExitStats(plan.stages, plan.run_id,
+                                   (thresholds | "BudgetThresholds" >> beam.Flatten()) if thresholds else None)
         | "WriteExitStats" >> sink(EXIT_STATS, 1)
     )
 
@@ -297,9 +302,9 @@ def summarize(cfg: schema.CascadeConfig, listed: Optional[int], run_id: str) -> 
     lines = [f"records: {predictions + dead} inputs -> {predictions} predictions + {dead} dead letters",
              *stage_lines(stats)]
     if run["avg_gmacs"] is not None:
+        share = f" ({run['avg_gmacs'] / run['last_model_gmacs']:.0%} of it)" if run["last_model_gmacs"] else ""
         lines.append(f"GMACs (multiply-adds x1e9) per record: average {run['avg_gmacs']:.3f}, worst case "
-                     f"{run['worst_case_gmacs']:.3f}; last model alone {run['last_model_gmacs']:.3f} "
-                     f"({run['avg_gmacs'] / run['last_model_gmacs']:.0%} of it)")
+                     f"{run['worst_case_gmacs']:.3f}; last model alone {run['last_model_gmacs']:.3f}{share}")
     if run["accuracy"] is not None:
         lines.append(f"accuracy on labelled records: {run['accuracy']:.2%}")
     counts = {"inputs_listed": listed, "predictions": predictions, "dead_letters": dead,
@@ -371,23 +376,31 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
         raise SystemExit("invalid pipeline options:\n  " + "\n  ".join(problems))
     dry_run = runners.is_dry_run(options)
     p = test_pipeline or beam.Pipeline(options=options)  # Beam validates the options here, before any work
-    if is_manifest(cfg.input) and not dry_run:
-        from transforms.io import manifest_columns
-
+    if not dry_run:
         try:
-            manifest_columns(cfg.input)
-        except (OSError, ValueError) as err:
+            check_source(cfg.input)
+        except ValueError as err:
             raise SystemExit(f"invalid input: {err}") from None
+    common.check_output_name(cfg.output)
     threads = None
     direct = options.view_as(DirectOptions)
     if not cfg.torch_threads and direct.direct_running_mode == "multi_processing":
         threads = default_threads(direct.direct_num_workers or os.cpu_count() or 1)
     now = datetime.datetime.now(datetime.timezone.utc)
     started_utc = now.isoformat(timespec="seconds")
-    run_plan = dataclasses.replace(plan(cfg, threads), run_id=common.new_run_id(now))  # models checked first
+    # models too are validated before the output folder is touched (--overwrite)
+    run_plan = dataclasses.replace(plan(cfg, threads), run_id=common.new_run_id(now))
     task = run_task(cfg, run_plan, not dry_run)  # a manifest column clashing with ours is refused before any work
-    if not dry_run:
-        common.prepare_output(cfg.output, cfg.overwrite, ALL_TABLE_NAMES)
+    if dry_run:
+        return _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc)
+    common.prepare_output(cfg.output, cfg.overwrite, ALL_TABLE_NAMES, run_plan.run_id)
+    try:
+        return _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc)
+    finally:
+        common.release_output(cfg.output, run_plan.run_id)
+
+
+def _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc) -> dict:
     build(p, cfg, run_plan, task, table_metadata(cfg, run_plan, started_utc, profile))
     started = time.time()
     result = p.run()
@@ -405,6 +418,9 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
         if listed is not None:
             listed += listed_inputs(result, "frames_sampled") - videos_sampled
     counts, lines = summarize(cfg, listed, run_plan.run_id)
+    if not listed and not counts["predictions"] + counts["dead_letters"]:
+        raise SystemExit(f"no inputs: {cfg.input} listed nothing (a glob that matches no file, or a manifest "
+                         "without rows); the run is not marked complete")
     if frames:
         lines += frame_summary(cfg, counts, videos_listed, videos_sampled, run_plan.run_id)
     problem = check_invariant(counts)
@@ -423,7 +439,12 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
         "wall_seconds": round(elapsed, 2),
         "gmacs_note": "GMACs are multiply-adds x1e9 (the paper's 'FLOPS (B)'), measured by torch's FLOP counter / 2",
     }
-    common.commit_run(cfg.output, manifest)  # last: the run is committed once runs/<run_id>.json exists
+    try:  # last: the run is committed once runs/<run_id>.json exists
+        common.commit_run(cfg.output, manifest)
+    except OSError as err:
+        raise SystemExit(f"output: could not write {cfg.output}/{common.RUNS}/{run_plan.run_id}.json "
+                         f"({type(err).__name__}: {err}); the tables are written but the run is not "
+                         "committed") from None
     print("\n".join(lines))
     print(f"outputs: {cfg.output}/{{{','.join(manifest['tables'])}}}/{run_plan.run_id}-*.parquet, committed as "
           f"{cfg.output}/{common.RUNS}/{run_plan.run_id}.json (and manifest.json) ({elapsed:.1f} s)")

@@ -60,11 +60,14 @@ class ExitStatsFn(beam.CombineFn):
 READ_MODEL = "read"  # the "model" of stage 0, where inputs are listed and read
 
 
-def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], run_id: str) -> list[dict]:
+def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], run_id: str,
+                    thresholds: Optional[dict] = None) -> list[dict]:
     """The exit_stats table from the combined tallies: one row for reading (stage 0: the inputs that failed
     before stage 1) and one per stage, run-level columns repeated. ``exit_ratio`` is the paper's (exited at
     the stage / all predictions, summing to 1 over the stages); ``exit_ratio_of_reached`` is conditional
-    (exited / records classified at the stage)."""
+    (exited / records classified at the stage). ``thresholds``: stage number -> the threshold a budget
+    stage computed over the run."""
+    thresholds = thresholds or {}
     exited, failed = acc["exited"], acc["failed"]
     predictions = sum(exited)
     dead = sum(failed)
@@ -80,7 +83,7 @@ def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], run_id: str) -> list
             stage=k,
             model=s.key if s else READ_MODEL,
             resolution=s.resolution if s else None,
-            threshold=s.threshold if s else None,
+            threshold=thresholds.get(k, s.threshold) if s else None,
             stage_gmacs=s.gmacs if s else 0.0,
             cumulative_gmacs=cumulative,
             records_in=records_in,
@@ -122,12 +125,14 @@ class WriteTable(beam.PTransform):
 
 
 class ExitStats(beam.PTransform):
-    """(prediction rows, dead letters) -> exit_stats rows."""
+    """(prediction rows, dead letters) -> exit_stats rows; ``thresholds`` (optional): a PCollection of
+    (stage number, threshold) pairs computed during the run, recorded in place of the plan's."""
 
-    def __init__(self, stages: Sequence[StagePlan], run_id: str):
+    def __init__(self, stages: Sequence[StagePlan], run_id: str, thresholds=None):
         super().__init__()
         self.stages = tuple(stages)
         self.run_id = run_id
+        self.thresholds = thresholds
 
     def expand(self, pcolls: Iterable):
         stages = self.stages
@@ -135,5 +140,6 @@ class ExitStats(beam.PTransform):
             tuple(pcolls)
             | "All" >> beam.Flatten()
             | "Tally" >> beam.CombineGlobally(ExitStatsFn(len(stages)))
-            | "Rows" >> beam.FlatMap(exit_stats_rows, stages, self.run_id)
+            | "Rows" >> beam.FlatMap(exit_stats_rows, stages, self.run_id,
+                                     beam.pvalue.AsDict(self.thresholds) if self.thresholds is not None else None)
         )

@@ -12,6 +12,46 @@ from transforms.tables import DEAD_LETTER
 
 READ_STAGE = 0  # dead letters raised while listing or reading inputs, before stage 1
 
+# A dead letter raised where its failure's kind is known carries its category (``models.failures.Category``);
+# the others take it from the first words of their reason (first match wins); a reason that matches none is a
+# decoding failure (Pillow's and PyAV's many ways of saying "corrupt").
+REASON_CATEGORIES = (
+    ("file not found", Category.NOT_FOUND),
+    ("permission denied", Category.PERMISSION_DENIED),
+    ("HTTP error", Category.HTTP_ERROR),
+    ("connection failed", Category.HTTP_ERROR),
+    ("timeout", Category.TIMEOUT),
+    ("not a regular file", Category.NOT_A_REGULAR_FILE),
+    ("too large", Category.TOO_LARGE),
+    ("image of ", Category.TOO_LARGE),
+    ("video of ", Category.TOO_LARGE),
+    ("more than ", Category.TOO_LARGE),
+    ("file of ", Category.TOO_LARGE),
+    ("file exceeds", Category.TOO_LARGE),
+    ("empty file", Category.NOT_AN_IMAGE),
+    ("not an image", Category.NOT_AN_IMAGE),
+    ("image has no pixels", Category.NOT_AN_IMAGE),
+    ("not a readable video", Category.NOT_AN_IMAGE),
+    ("no video stream", Category.NOT_AN_IMAGE),
+    ("model ", Category.MODEL_ERROR),
+    ("bad manifest row", Category.BAD_MANIFEST_ROW),
+    ("manifest row", Category.BAD_MANIFEST_ROW),
+    ("bad label", Category.BAD_LABEL),
+    ("duplicate id", Category.DUPLICATE_ID),
+    ("could not read", Category.READ_ERROR),
+)
+CATEGORIES = tuple(c.value for c in Category)
+
+
+def category_of(reason: str) -> Category:
+    """The category of a dead letter's reason, for a dead letter raised without one."""
+    return next((c for prefix, c in REASON_CATEGORIES if reason.startswith(prefix)), Category.DECODE_ERROR)
+
+
+def record_id(given: Optional[str], uri: str) -> str:
+    """The id rule: a record's id is its manifest's ``id`` where it has one, else its uri."""
+    return given or uri
+
 
 @dataclass
 class Record:
@@ -65,7 +105,10 @@ class DeadLetter:
     uri: str
     stage: int  # 0 = listing/reading the input, k = stage k (decode or inference)
     error: str  # the reason, for a person
-    category: Category  # the reason's kind, for grouping
+    category: Category | str = ""  # the reason's kind, for grouping; from ``error`` when not given
+
+    def __post_init__(self):
+        object.__setattr__(self, "category", Category(self.category) if self.category else category_of(self.error))
 
     def as_row(self, run_id: str) -> dict:
         return DEAD_LETTER.row(run_id=run_id, id=self.id, uri=self.uri, stage=self.stage,

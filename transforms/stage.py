@@ -21,13 +21,15 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 from configs.plan import StagePlan
 from configs.schema import ModelSharing
 from models import committee
-from models.classifier import EncodedImage, Example, Failure, LoadedModel
+from models.classifier import EncodedImage, Example, Failure, LoadedModel, failure_reason
 from transforms.io import DEAD
 from transforms.progress import progress
 from transforms.records import DeadLetter, Exit, Record
 
 EXITED = "exited"
 CONTINUE = "continue"
+THRESHOLD = "threshold"
+BUDGET_QUANTILES = 1001  # quantiles of a stage's confidences for a budget: rank error <= 1/1000 of its records
 log = logging.getLogger("cascade")
 
 
@@ -77,28 +79,51 @@ def classify_images(records, plan: StagePlan):
 
 
 class Route(beam.DoFn):
-    """(record, logits) -> update the running committee; exit (an ``Exit``) or continue."""
+    """(record, logits) -> update the running committee; exit (an ``Exit``) or continue. The threshold is the
+    plan's, or, for a stage with a budget, the one ``budget_threshold`` computed over the run (a side input)."""
 
     def __init__(self, plan: StagePlan):
         self.plan = plan
 
-    def process(self, element):
-        record, result = element
+    def update(self, record: Record, logits: np.ndarray) -> tuple[Record, np.ndarray, float]:
+        """The record with this stage's logits added to its committee, the committee's logits and confidence."""
         plan, settings = self.plan, self.plan.settings
-        if isinstance(result.inference, Failure):
-            progress.add(plan.number, "failed")
-            failure = result.inference
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, plan.number, failure.reason,
-                                                            failure.category))
-            return
-        scores = committee.member_scores(result.inference, settings.aggregation).astype(np.float64)
+        scores = committee.member_scores(logits, settings.aggregation).astype(np.float64)
         score_sum = scores if record.score_sum is None else record.score_sum + scores
         record = dataclasses.replace(
             record, score_sum=score_sum, stages_run=record.stages_run + 1, gmacs=record.gmacs + plan.gmacs
         )
         combined = committee.combine(score_sum, record.stages_run, settings.aggregation)
-        conf = float(committee.confidence(combined, settings.confidence))
-        if plan.is_last or committee.exits(conf, plan.threshold):
+        return record, combined, float(committee.confidence(combined, settings.confidence))
+
+    def confidence(self, element):
+        """(record, result) -> the confidence ``process`` will route it by (none for a record it dead-letters)."""
+        record, result = element
+        if not isinstance(result.inference, Failure):
+            try:
+                yield self.update(record, result.inference)[2]
+            except Exception:  # process() dead-letters this record, with the reason
+                pass
+
+    def process(self, element, threshold=None):
+        record, result = element
+        try:
+            outputs = list(self._route(record, result, threshold))
+        except Exception as err:  # the routing boundary: a record that cannot be routed is its own dead letter
+            progress.add(self.plan.number, "failed")
+            reason = f"model {self.plan.key} output could not be routed: {failure_reason(err)}"
+            outputs = [beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, self.plan.number, reason))]
+        yield from outputs
+
+    def _route(self, record: Record, result: PredictionResult, threshold: float | None):
+        plan = self.plan
+        if isinstance(result.inference, Failure):
+            progress.add(plan.number, "failed")
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, plan.number,
+                                                            result.inference.reason, result.inference.category))
+            return
+        record, combined, conf = self.update(record, result.inference)
+        if plan.is_last or committee.exits(conf, plan.threshold if threshold is None else threshold):
             progress.add(plan.number, "exited")
             yield Exit(record, combined, conf)
         else:
@@ -106,9 +131,19 @@ class Route(beam.DoFn):
             yield beam.pvalue.TaggedOutput(CONTINUE, record)
 
 
+def budget_threshold(quantiles: list[float], escalate: float) -> float:
+    """The threshold that sends on ``escalate`` of the records whose confidences have these quantiles (min,
+    ..., max): records below the ``escalate`` quantile continue. All of them: 1, which nothing reaches."""
+    if not quantiles or escalate >= 1.0:
+        return 1.0
+    return float(quantiles[round(escalate * (len(quantiles) - 1))])
+
+
 class CascadeStage(beam.PTransform):
-    """Records in -> {exited: ``Exit``s, continue: records for the next stage, dead_letter}. ``task`` says how
-    records become model examples and how their results regroup (``transforms.tasks``)."""
+    """Records in -> {exited: ``Exit``s, continue: records for the next stage, dead_letter, threshold}.
+    ``task`` says how records become model examples and how their results regroup (``transforms.tasks``).
+    ``threshold`` is a one-element PCollection, ``(stage number, threshold used)``, for a stage with a
+    budget: its records wait for the quantiles of all its confidences before they are routed."""
 
     def __init__(self, plan: StagePlan, task):
         super().__init__()
@@ -119,9 +154,19 @@ class CascadeStage(beam.PTransform):
         if self.plan.number > 1:  # escalated records of all bundles meet again, so batches stay full
             records = records | "Rebatch" >> beam.Reshuffle()
         inferred, failed = self.task.classify(records, self.plan)
-        routed = inferred | "Route" >> beam.ParDo(Route(self.plan)).with_outputs(DEAD, CONTINUE, main=EXITED)
+        route, threshold, side = Route(self.plan), None, {}
+        if self.plan.escalate is not None:
+            threshold = (
+                inferred
+                | "Confidences" >> beam.FlatMap(route.confidence)
+                | "Quantiles" >> beam.transforms.stats.ApproximateQuantiles.Globally(BUDGET_QUANTILES)
+                | "BudgetThreshold" >> beam.Map(budget_threshold, self.plan.escalate)
+            )
+            side = {"threshold": beam.pvalue.AsSingleton(threshold)}
+            threshold = threshold | "Number" >> beam.Map(lambda t, n: (n, t), self.plan.number)
+        routed = inferred | "Route" >> beam.ParDo(route, **side).with_outputs(DEAD, CONTINUE, main=EXITED)
         dead = (*failed, routed[DEAD]) | "Failures" >> beam.Flatten()
-        return {EXITED: routed[EXITED], CONTINUE: routed[CONTINUE], DEAD: dead}
+        return {EXITED: routed[EXITED], CONTINUE: routed[CONTINUE], DEAD: dead, THRESHOLD: threshold}
 
 
 def default_threads(workers: int) -> int:
