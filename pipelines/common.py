@@ -139,12 +139,12 @@ def _lock(fs, path: str, output: str, overwrite: bool, run_id: str) -> str:
                 fs.rm(marker)
                 continue
             who = ", ".join(f"{k} {holder[k]}" for k in ("run_id", "host", "pid", "started") if k in holder)
-            if _is_gone(holder):  # killed: its outputs were never committed
+            if _is_gone(holder) and holder.get("pid") != os.getpid():  # killed: its outputs were never committed
                 held = describe_folder(output) or "no table file"
                 raise SystemExit(
                     f"output folder {output} holds an incomplete run: the run that locked it "
-                    f"({who or 'unreadable marker'}) has ended without committing (killed or failed), leaving "
-                    f"{held}; pass --overwrite to replace it") from None
+                    f"({who or 'unreadable marker'}) ended without committing (killed or failed); the folder "
+                    f"holds {held}; pass --overwrite to replace it") from None
             raise SystemExit(
                 f"output folder {output} is locked by another run ({who or 'unreadable marker'}): {RUNNING} exists. "
                 "Two runs cannot write one folder. If that run has ended without cleaning up (killed), pass "

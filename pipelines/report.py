@@ -17,6 +17,11 @@ and the accuracy of the most confident records for each confidence function (Fig
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before Beam is imported: its import logs a warning that concerns no pipeline here
+    from pipelines import quiet_beam_import
+
+    quiet_beam_import()
+
 import argparse
 import sys
 from collections.abc import Sequence

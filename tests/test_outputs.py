@@ -217,3 +217,7 @@ def test_help_lists_the_profiles_without_markup_or_the_apitools_warning():
     for profile in ("lite_cascade", "imagenet_sample_calibrated", "video_frames", "dataflow_gpu", "flink"):
         assert re.search(rf"^  {profile} ", shown.stdout, re.M), profile
     assert "--plan" in shown.stdout
+    shown = subprocess.run([sys.executable, "-m", "pipelines.report", "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and "apitools" not in shown.stderr, shown.stderr[-2000:]
+    assert "report.md and report.html" in shown.stdout and "``" not in shown.stdout

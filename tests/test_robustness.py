@@ -489,8 +489,9 @@ def test_a_killed_run_leaves_no_file_that_looks_complete(tmp_path, sample_subset
         for f in out.glob(f"{table}/*.parquet"):  # what was finalized before the kill is whole
             assert pq.ParquetFile(f).metadata.num_rows >= 0
     assert common.committed_runs(str(out)) == [] and len(common.incomplete_runs(str(out))) == 1
-    with pytest.raises(SystemExit, match=r"not empty \(\d+ entries: an incomplete run \d{8}T\d{6}Z-[0-9a-f]{6} "
-                                         r"\(interrupted or still running.*--overwrite"):
+    with pytest.raises(SystemExit, match=r"holds an incomplete run: the run that locked it .* ended without "
+                                         r"committing .*an incomplete run \d{8}T\d{6}Z-[0-9a-f]{6} .*no runs/\S+\.json"
+                                         r".*--overwrite"):
         cascade.run(args)
     from pipelines import report
 
