@@ -77,8 +77,9 @@ class Pool:
     keys: tuple[str, ...]
     gmacs: np.ndarray  # (P,)
     logits: np.ndarray  # (P, N, C) float32
-    labels: np.ndarray  # (N,) int
+    labels: np.ndarray  # (N,) int; -1 where a record has no label
     families: tuple[str, ...] = ()  # entries of one family are independent copies of one model
+    groups: np.ndarray | None = None  # (N,) int: records of one group (variants of one image) are split together
 
     def __post_init__(self):
         if not self.families:
@@ -89,6 +90,8 @@ class Pool:
                              f"and {len(self.labels)} labels for logits of shape {self.logits.shape}")
         if len(set(self.keys)) != p:
             raise ValueError(f"pool: duplicate keys in {self.keys}")
+        if self.groups is not None and len(self.groups) != n:
+            raise ValueError(f"pool: {len(self.groups)} groups for {n} records")
 
     @property
     def size(self) -> int:
@@ -100,7 +103,12 @@ class Pool:
         return self.keys.index(key)
 
     def subset(self, rows: np.ndarray) -> Pool:
-        return replace(self, logits=self.logits[:, rows], labels=self.labels[rows])
+        groups = None if self.groups is None else self.groups[rows]
+        return replace(self, logits=self.logits[:, rows], labels=self.labels[rows], groups=groups)
+
+    def group_of_each(self) -> np.ndarray:
+        """Each record's group; a record without one is its own group."""
+        return np.arange(self.size) if self.groups is None else np.asarray(self.groups)
 
     def stack(self, models: Sequence[str]) -> np.ndarray:
         return self.logits[[self.index(k) for k in models]]
@@ -164,8 +172,9 @@ def numpy_prefix(pool: Pool, kind, aggregation):
 
 
 def torch_prefix(pool: Pool, kind, aggregation, device: str = "auto", reuse_buffers: bool = True, top_k: int = 8):
-    """(add, stats, final_correct) in float32 torch (multi-threaded, or on the GPU): the fast path for large
-    pools. Confidences may differ from the float64 reference in the last bits; ``replay`` gives exact figures.
+    """(add, stats, final_correct) in torch (multi-threaded, or on the GPU): the fast path for large pools.
+    Running sums are float32, confidences float64 (as the reference's), so the threshold candidates agree
+    with the reference's to ~1e-7; ``replay`` gives exact figures.
 
     - ``add`` writes each depth's running sum into one preallocated buffer (a depth-first walk needs one
       per depth), so no 100 MB tensor is allocated per prefix.
@@ -205,9 +214,11 @@ def torch_prefix(pool: Pool, kind, aggregation, device: str = "auto", reuse_buff
         correct = (score_sum.argmax(-1) == labels).cpu().numpy()  # the mean's argmax is the sum's
         if not need_conf:
             return None, correct
-        z = score_sum / count
+        # float64: in float32, max_prob is exactly 1 from a logit gap of ~17 (logit_gap likewise), which merges
+        # the most confident percentiles into "never exit"; the pipeline routes on float64 confidences
+        z = score_sum.double() / count
         if probs:
-            z = torch.log(z.clamp_min_(torch.finfo(torch.float32).tiny))
+            z = torch.log(z.clamp_min_(torch.finfo(torch.float64).tiny))
         if kind is committee.Confidence.LOGIT_GAP:
             top = z.topk(2, -1).values
             conf = -torch.expm1(-(top[:, 0] - top[:, 1]))
@@ -457,7 +468,8 @@ def search(
     """Best cascade of up to ``max_models`` pool entries (and thresholds) for ``objective``.
 
     ``only`` restricts the search to the given sequences (and their prefixes are computed once).
-    ``backend="torch"`` runs the per-prefix maths in float32 torch (GPU when there is one).
+    ``backend="torch"`` runs the per-prefix maths in torch (GPU when there is one): float32 sums, float64
+    confidences.
     """
     if strategy not in ("exhaustive", "beam"):
         raise ValueError(f"strategy {strategy!r}: use 'exhaustive' or 'beam'")

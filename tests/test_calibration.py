@@ -80,6 +80,31 @@ def test_torch_backend_finds_the_same_figures():
     assert fast.accuracy == pytest.approx(exact.accuracy, abs=1.5 / pool.size)
 
 
+def large_gap_pool(n: int = 400, classes: int = 10, seed: int = 0) -> cal.Pool:
+    """A cheap model that is right only where its logit gap exceeds 24 (max_prob saturates in float32 from a
+    gap of ~17), and an expensive model that is always right."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    gap = rng.uniform(8.0, 34.0, n)
+    cheap = rng.normal(0, 0.5, (n, classes)).astype(np.float32)
+    cheap[np.arange(n), np.where(gap > 24.0, labels, (labels + 1) % classes)] += gap
+    exact = rng.normal(0, 0.5, (n, classes)).astype(np.float32)
+    exact[np.arange(n), labels] += 40.0
+    return cal.Pool(("cheap", "exact"), np.array([0.1, 1.0]), np.stack([cheap, exact]), labels)
+
+
+@pytest.mark.parametrize("kind", [committee.Confidence.MAX_PROB, committee.Confidence.LOGIT_GAP])
+def test_both_backends_choose_the_same_where_float32_confidences_saturate(kind):
+    pool = large_gap_pool()
+    objective = cal.Objective(goal="min_cost", target_accuracy=0.95)
+    exact = cal.search(pool, objective, kind=kind, max_models=2).best
+    fast = cal.search(pool, objective, kind=kind, max_models=2, backend="torch").best
+    assert exact.models == ("cheap", "exact") and exact.avg_gmacs < 0.8  # the cheap model answers a third
+    assert fast.models == exact.models
+    assert fast.thresholds == pytest.approx(exact.thresholds, abs=1e-12)
+    assert (fast.accuracy, fast.avg_gmacs) == (exact.accuracy, exact.avg_gmacs)
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), budget=st.floats(0.4, 1.6), target=st.floats(0.2, 0.8),
        goal=st.sampled_from(list(cal.Goal)), margin=st.sampled_from([0.0, 1.0]))
