@@ -11,6 +11,7 @@ most confident records for each confidence function (Figure A).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import yaml
 
 from models import calibration as cal
 from models import committee
@@ -265,9 +267,63 @@ def _measured_line(name: str, m: dict) -> str:
             + " / ".join(f"{x:.1%}" for x in m["exit_ratios"]) + " |")
 
 
+def compare_with_calibration(block: dict, stats: list[dict]) -> list[dict]:
+    """A run's figures (its ``exit_stats`` rows) beside what its config's ``calibration:`` block promised:
+    accuracy >= heldout_accuracy - margin, average GMACs <= heldout_gmacs + gmacs_margin, and the expected
+    exit ratio of each stage (shown, not judged: a run on other data exits differently)."""
+    first = stats[0]
+    rows = []
+    if block.get("heldout_accuracy") is not None:
+        bound = block["heldout_accuracy"] - (block.get("margin") or 0.0)
+        acc = first["accuracy"]
+        rows.append({"figure": "accuracy", "calibrated": block["heldout_accuracy"], "promised": f">= {bound:.2%}",
+                     "run": acc, "holds": None if acc is None else acc >= bound})
+    if block.get("heldout_gmacs") is not None and first["avg_gmacs"] is not None:
+        bound = block["heldout_gmacs"] + (block.get("gmacs_margin") or 0.0)
+        rows.append({"figure": "average GMACs", "calibrated": block["heldout_gmacs"], "promised": f"<= {bound:.3f}",
+                     "run": first["avg_gmacs"], "holds": first["avg_gmacs"] <= bound})
+    for s, expected in zip(stats, block.get("expected_exit_ratios") or []):
+        rows.append({"figure": f"exit ratio, stage {s['stage']}", "calibrated": expected, "promised": "",
+                     "run": s["share_of_predictions"], "holds": None})
+    return rows
+
+
+def calibration_check(run_output: str, output: str, stats: list[dict]) -> str | None:
+    """``calibration_check.md`` beside the plots when the run's config has a calibration block; returns its text."""
+    try:
+        with fsspec.open(f"{run_output.rstrip('/')}/{common.MANIFEST}", "r") as fh:
+            config = yaml.safe_load(json.load(fh)["config"])
+    except FileNotFoundError:
+        return None
+    block = (config or {}).get("calibration")
+    if not block:
+        return None
+    rows = compare_with_calibration(block, sorted(stats, key=lambda s: s["stage"]))
+
+    def fmt(name, x):
+        return "-" if x is None else (f"{x:.3f}" if "GMACs" in name else f"{x:.2%}")
+
+    lines = [f"# The run against its calibration ({block.get('target')}, measured on {block.get('heldout_records')} "
+             f"held-out records of {block.get('data')})", "",
+             "| figure | calibrated (held out) | promised | this run | holds |", "|---|---:|---:|---:|:-:|",
+             *[f"| {r['figure']} | {fmt(r['figure'], r['calibrated'])} | {r['promised']} | "
+               f"{fmt(r['figure'], r['run'])} | {'' if r['holds'] is None else ('yes' if r['holds'] else 'NO')} |"
+               for r in rows], ""]
+    text = "\n".join(lines)
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/calibration_check.md", "w") as fh:
+        fh.write(text)
+    return text
+
+
 def run_report(run_output: str, output: str) -> list[str]:
-    """Plots of a real run of pipelines.cascade: exit ratios per stage and top-k % accuracy by confidence."""
+    """Plots of a real run of pipelines.cascade: exit ratios per stage and top-k % accuracy by confidence; and,
+    when its config was calibrated, ``calibration_check.md``: the run against the held-out figures."""
     stats = common.read_table(run_output, "exit_stats").to_pylist()
+    check = calibration_check(run_output, output, stats)
+    if check:
+        print(check)
     stages = [{"label": f"{s['stage']}: {s['model']}@{s['resolution']}"
                + ("" if s["threshold"] is None else f"\nt={s['threshold']:.3f}"),
                "exit_ratio": s["share_of_predictions"] or 0.0, "accuracy": s["accuracy_exited"]} for s in stats]

@@ -332,8 +332,8 @@ def test_a_malformed_target_is_refused_with_the_forms():
 
 
 def test_score_pipeline_on_real_images(tmp_path):
-    """Four real images through pipelines.score: the logits equal the model's on the same preprocessing,
-    and inputs = scored + dead letters (one missing file)."""
+    """Four real images through pipelines.score, one without a label (scored all the same, for label-free
+    calibration): inputs = scored + dead letters (one missing file)."""
     if not (SAMPLE / "labels.csv").exists():
         pytest.skip(f"the shared ImageNet sample is absent ({SAMPLE}); it lies beside the checkout")
     with open(SAMPLE / "labels.csv", newline="") as fh:
@@ -342,8 +342,8 @@ def test_score_pipeline_on_real_images(tmp_path):
     with open(manifest, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["uri", "label"])
-        for r in rows:
-            w.writerow([str(SAMPLE / r["path"]), r["class_index"]])
+        for i, r in enumerate(rows):
+            w.writerow([str(SAMPLE / r["path"]), r["class_index"] if i < 3 else ""])  # the last one unlabelled
         w.writerow([str(tmp_path / "missing.jpg"), 1])
     out = tmp_path / "scores"
     manifest_out = score.run(["--models", "lite0@224", "--input", str(manifest), "--output", str(out),
@@ -353,8 +353,8 @@ def test_score_pipeline_on_real_images(tmp_path):
     assert manifest_out["counts"]["read_dead_letters"] == 1
     pool, info = calibrate.load_pool(str(out))
     assert pool.keys == ("lite0@224",) and pool.logits.shape == (1, 4, 1000) and info["records"] == 4
-    assert sorted(pool.labels.tolist()) == sorted(int(r["class_index"]) for r in rows)
-    assert pool.solitary_accuracy("lite0@224") >= 0.75  # clean ImageNet images, one per class
+    assert sorted(pool.labels.tolist()) == sorted([-1] + [int(r["class_index"]) for r in rows[:3]])
+    assert pool.solitary_accuracy("lite0@224") >= 0.5  # clean ImageNet images, one per class; one unlabelled
 
 
 def test_report_of_a_real_run_reads_its_tables(tmp_path):
@@ -373,8 +373,16 @@ def test_report_of_a_real_run_reads_its_tables(tmp_path):
     for name, rows, sch in (("predictions", preds, PREDICTIONS_SCHEMA), ("exit_stats", stats, EXIT_STATS_SCHEMA)):
         os.makedirs(run_dir / name)
         pq.write_table(pa.Table.from_pylist(rows, schema=sch), run_dir / name / "part-0.parquet")
+    cfg = schema.load("lite_cascade", ["stages=[{model: lite0}, {model: lite1}]", "calibration.heldout_accuracy=0.45",
+                                       "calibration.margin=0.1", "calibration.heldout_gmacs=0.55",
+                                       "calibration.gmacs_margin=0.02", "calibration.expected_exit_ratios=[0.6,0.4]"])
+    (run_dir / "manifest.json").write_text(json.dumps({"config": schema.to_yaml(cfg)}))
     pngs = report.run(["--run", str(run_dir), "--output", str(tmp_path / "plots")])
     assert pngs == ["exit_ratios.png", "confidence_topk.png"]
+    check = (tmp_path / "plots" / "calibration_check.md").read_text()
+    assert "| accuracy | 45.00% | >= 35.00% | 40.00% | yes |" in check  # the run's 40 % is within the margin
+    assert "| average GMACs | 0.550 | <= 0.570 | 0.600 | NO |" in check
+    assert "| exit ratio, stage 2 | 40.00% |  | 50.00% |  |" in check
     assert all((tmp_path / "plots" / p).stat().st_size > 0 for p in pngs)
     curve = report.topk_curve(np.array([0.9, 0.8, 0.1]), np.array([True, False, True]), np.array([1 / 3, 1.0]))
     assert curve.tolist() == [1.0, 2 / 3]
