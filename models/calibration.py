@@ -28,6 +28,13 @@ How the search works
   past stage 1, the records' cost spread for GMACs); ``pipelines.calibrate`` can also choose the
   sequence by k-fold cross-validation (``cross_validate``).
 
+- Held out by construction: ``split_by_group`` puts every record of a group (the variants of one image) on
+  one side of the selection / held-out split, and ``group_folds`` does the same for cross-validation;
+  ``measure`` gives a choice's figures on the held-out set with cluster-robust standard errors
+  (``clustered_se``), from which a config's promised margins are made.
+- Label-free targets: replace ``Pool.labels`` by a reference's ``predictions`` and "accuracy" becomes
+  agreement with it; nothing else changes.
+
 Every result is replayed with ``models.committee.cascade`` (``replay``), the maths the pipeline routes by.
 """
 
