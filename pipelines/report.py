@@ -42,8 +42,9 @@ def _save(fig, output: str, name: str) -> str:
 def plot_accuracy_vs_gmacs(rows: list[dict], output: str, chosen: dict | None = None,
                            budget: float | None = None, heldout: bool = False, metric: str = "accuracy",
                            reference: tuple[str, float] | None = None) -> str:
-    """Figure 2: every solitary model and ensemble, and the cascades of the Pareto frontier; with ``heldout``,
-    the same choices (made on the selection set) measured on the held-out set, and a ``reference`` line."""
+    """Figure 2: every solitary model and ensemble (one model at several resolutions joined by a dotted line),
+    and the cascades of the Pareto frontier; with ``heldout``, the same choices (made on the selection set)
+    measured on the held-out set, and a ``reference`` line (the most accurate solitary entry)."""
     acc_key, cost_key = ("heldout_accuracy", "heldout_avg_gmacs") if heldout else ("accuracy", "avg_gmacs")
     rows = [r for r in rows if r.get(acc_key) is not None]
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
@@ -62,6 +63,11 @@ def plot_accuracy_vs_gmacs(rows: list[dict], output: str, chosen: dict | None = 
             for r in pts:
                 ax.annotate(r["models"], (r[cost_key], 100 * r[acc_key]), textcoords="offset points",
                             xytext=(4, -10), fontsize=8)
+            ladders: dict[str, list[dict]] = {}
+            for r in pts:
+                ladders.setdefault(r["models"].partition("@")[0], []).append(r)
+            for ladder in (v for v in ladders.values() if len(v) > 1):  # one model at several resolutions
+                ax.plot([r[cost_key] for r in ladder], [100 * r[acc_key] for r in ladder], ":", color=color, lw=1)
     if chosen and chosen.get(acc_key) is not None:
         ax.scatter([chosen[cost_key]], [100 * chosen[acc_key]], marker="*", s=250, color="tab:red",
                    label="chosen: " + chosen["models"], zorder=4)
@@ -183,7 +189,7 @@ def calibration_report(pool: cal.Pool, summary: dict, rows: list[dict], output: 
     pngs = [plot_accuracy_vs_gmacs(rows, output, chosen, summary["objective"].get("budget_gmacs"), metric=metric)]
     held = summary.get("heldout")
     if held:
-        best_solo = max((r for r in rows if r["kind"] == "solitary"), key=lambda r: r["heldout_accuracy"])
+        best_solo = max((r for r in rows if r["kind"] == "solitary"), key=lambda r: r["accuracy"])
         point = {**chosen, "heldout_accuracy": held["accuracy" if metric == "accuracy" else "agreement"],
                  "heldout_avg_gmacs": held["avg_gmacs"]}
         pngs.append(plot_accuracy_vs_gmacs(rows, output, point, heldout=True, metric=metric,
