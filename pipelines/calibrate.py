@@ -317,7 +317,8 @@ def cascade_config(base: schema.CascadeConfig, choice: cal.Choice, kind, aggrega
 
 def calibration_info(target: str, data: str, held: cal.Measured, sigmas: float,
                      reference_groups: int | None, agree: Sequence[str]) -> schema.CalibrationInfo:
-    """The config's ``calibration:`` block from the held-out measurement (figures rounded to 4 digits)."""
+    """The config's ``calibration:`` block from the held-out measurement (figures rounded to 4 digits; exit
+    ratios exact, so that they sum to 1)."""
     def r(x):
         return None if x is None else round(float(x), 4)
 
@@ -325,7 +326,7 @@ def calibration_info(target: str, data: str, held: cal.Measured, sigmas: float,
         target=target, data=data, heldout_records=held.records, heldout_groups=held.groups,
         heldout_accuracy=r(held.accuracy), margin=r(held.margin("accuracy", sigmas, reference_groups)),
         heldout_gmacs=r(held.avg_gmacs), gmacs_margin=r(held.margin("avg_gmacs", sigmas, reference_groups)),
-        expected_exit_ratios=[r(x) for x in held.exit_ratios], expected_escalated=[r(x) for x in held.escalated],
+        expected_exit_ratios=list(held.exit_ratios), expected_escalated=list(held.escalated),
         agreement_reference=committee_name(agree) if agree else None, heldout_agreement=r(held.agreement),
         agreement_margin=r(held.margin("agreement", sigmas, reference_groups)) if agree else None,
     )

@@ -4,6 +4,7 @@ report written by pipelines.calibrate, and one tiny real scoring run of pipeline
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import os
@@ -214,7 +215,7 @@ def test_calibrate_chooses_on_one_side_of_a_group_split_and_writes_the_heldout_f
     assert block.heldout_accuracy == round(heldout.accuracy, 4) and block.heldout_gmacs == round(heldout.avg_gmacs, 4)
     assert block.heldout_records == len(held) and block.heldout_groups == summary["heldout_groups"]
     assert len(block.expected_exit_ratios) == len(cfg.stages)
-    assert sum(block.expected_exit_ratios) == pytest.approx(1, abs=1e-3)
+    assert sum(block.expected_exit_ratios) == pytest.approx(1, abs=1e-12)
     assert len(block.expected_escalated) == len(cfg.stages) - 1
     assert block.margin > 0 and block.heldout_agreement is None
     frontier = pq.read_table(out / "frontier.parquet")
@@ -386,3 +387,35 @@ def test_report_of_a_real_run_reads_its_tables(tmp_path):
     assert all((tmp_path / "plots" / p).stat().st_size > 0 for p in pngs)
     curve = report.topk_curve(np.array([0.9, 0.8, 0.1]), np.array([True, False, True]), np.array([1 / 3, 1.0]))
     assert curve.tolist() == [1.0, 2 / 3]
+
+
+CALIBRATED = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")
+                    if schema.load(p.stem).calibration is not None)
+
+
+def test_the_calibrated_profiles_are_those_of_the_docs():
+    assert {"lite_cascade", "imagenet_sample_calibrated", "imagenet_sample_agree97"} <= set(CALIBRATED)
+
+
+@pytest.mark.parametrize("profile", CALIBRATED)
+def test_a_calibrated_profile_states_a_consistent_heldout_promise(profile):
+    cfg = schema.load(profile)
+    block = cfg.calibration
+    assert len(block.expected_exit_ratios) == len(cfg.stages) and sum(block.expected_exit_ratios) == pytest.approx(1)
+    assert block.expected_escalated == pytest.approx([1 - sum(block.expected_exit_ratios[: i + 1])
+                                                      for i in range(len(cfg.stages) - 1)])
+    assert block.heldout_gmacs > 0 and block.gmacs_margin >= 0 and block.heldout_records > block.heldout_groups
+    assert (block.heldout_accuracy is None) == (block.margin is None)
+    assert (block.agreement_reference is None) == (block.heldout_agreement is None)
+    assert block.heldout_accuracy is not None or block.heldout_agreement is not None
+    if block.heldout_accuracy is not None:
+        assert 0 < block.margin < block.heldout_accuracy <= 1
+
+
+def test_lite_cascade_carries_the_thresholds_and_figures_of_its_calibration_report():
+    summary = json.loads((ROOT / "docs" / "calibration" / "lite_cascade" / "calibration.json").read_text())
+    cfg = schema.load("lite_cascade")
+    assert [f"{s.model}@{s.resolution}" for s in cfg.stages] == ["lite0@224", "lite1@240", "lite2@260"]
+    assert all(s.batch_size == 8 for s in cfg.stages)
+    assert [s.threshold for s in cfg.stages[:-1]] == summary["choice"]["thresholds"]
+    assert dataclasses.asdict(cfg.calibration) == summary["calibration"]
