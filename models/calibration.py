@@ -409,6 +409,14 @@ def _choice(keys, grid: _Grid, thresholds: list[np.ndarray], idx: tuple[int, ...
                   float(grid.correct[idx]), float(grid.cost[idx]), grid.worst, tuple(exits))
 
 
+def trimmed(pool: Pool, choice: Choice, kind: committee.Confidence | str = committee.Confidence.MAX_PROB,
+            aggregation: committee.Aggregation | str = committee.Aggregation.LOGITS) -> Choice:
+    """The same cascade without the stages no record reaches (after a threshold of 0 every record has exited),
+    replayed on ``pool``."""
+    cut = next((i for i, t in enumerate(choice.thresholds) if t <= 0.0), len(choice.thresholds))
+    return replay(pool, choice.models[: cut + 1], choice.thresholds[:cut], kind, aggregation)
+
+
 def pareto(points: list[Choice]) -> list[Choice]:
     """Points not beaten on both accuracy and average GMACs, by increasing cost."""
     out, best = [], -np.inf

@@ -36,6 +36,7 @@ import itertools
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -190,6 +191,8 @@ def load_pool(scores: str, models: Sequence[str] | None = None, families: dict[s
             labels[rid] = label_col[row]
             uris[rid] = uri_col[row]
             gmacs[key] = gm_col[row]
+    if not models:  # as scored, in order of cost (the table's row order is the runner's)
+        wanted.sort(key=lambda m: (gmacs[m], m))
     common_ids = sorted(set.intersection(*(set(v) for v in by_entry.values())))
     if not common_ids:
         raise SystemExit(f"no record is scored by every entry of {', '.join(wanted)}")
@@ -338,7 +341,8 @@ def committee_name(keys: Sequence[str]) -> str:
 
 def write_config(path: str, cfg: schema.CascadeConfig, header: list[str]) -> None:
     with fsspec.open(path, "w") as fh:
-        fh.write("".join(f"# {line}\n" for line in header) + schema.to_yaml(cfg))
+        lines = [part for line in header for part in textwrap.wrap(line, 110)]
+        fh.write("".join(f"# {line}\n" for line in lines) + schema.to_yaml(cfg))
 
 
 def _measured_row(m: cal.Measured | None) -> dict | None:
@@ -408,7 +412,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if result.best is None:
         raise SystemExit(f"no cascade meets the objective {objective} on {sel.size} records")
     full = cal.search(sel, objective, frontier=True, prune=False, **search_kw)
-    best = cal.replay(sel, result.best.models, result.best.thresholds, kind, aggregation)
+    best = cal.trimmed(sel, result.best, kind, aggregation)
     frontier = frontier_rows(sel, full.frontier, args.max_models, kind, aggregation, held)
 
     def measured(rows_: np.ndarray) -> cal.Measured:

@@ -228,6 +228,13 @@ def test_calibrate_chooses_on_one_side_of_a_group_split_and_writes_the_heldout_f
     assert json.loads((out / "calibration.json").read_text())["choice"] == choice
 
 
+def test_stages_after_a_zero_threshold_are_dropped():
+    pool = small_pool(seed=9)
+    t = cal.trimmed(pool, cal.replay(pool, ["b", "a", "c"], [0.0, 0.5]))
+    assert t == cal.replay(pool, ["b"], []) and t.exit_ratios == (1.0,)
+    assert cal.trimmed(pool, cal.replay(pool, ["b", "a"], [0.3])).models == ("b", "a")
+
+
 def test_split_and_folds_keep_every_group_on_one_side():
     groups = np.repeat(np.arange(50), 4)
     sel, held = cal.split_by_group(groups, 0.3, seed=3)
