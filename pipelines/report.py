@@ -66,8 +66,9 @@ def plot_accuracy_vs_gmacs(rows: list[dict], output: str, chosen: dict | None = 
             ladders: dict[str, list[dict]] = {}
             for r in pts:
                 ladders.setdefault(r["models"].partition("@")[0], []).append(r)
-            for ladder in (v for v in ladders.values() if len(v) > 1):  # one model at several resolutions
-                ax.plot([r[cost_key] for r in ladder], [100 * r[acc_key] for r in ladder], ":", color=color, lw=1)
+            for i, ladder in enumerate(v for v in ladders.values() if len(v) > 1):  # one model, several resolutions
+                ax.plot([r[cost_key] for r in ladder], [100 * r[acc_key] for r in ladder], ":", color=color, lw=1,
+                        label="resolution ladder of one model" if i == 0 else None)
     if chosen and chosen.get(acc_key) is not None:
         ax.scatter([chosen[cost_key]], [100 * chosen[acc_key]], marker="*", s=250, color="tab:red",
                    label="chosen: " + chosen["models"], zorder=4)
