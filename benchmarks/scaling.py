@@ -2,6 +2,7 @@
 
     python -m benchmarks.scaling --run out/cascade --images 64      # check against a run's tables
     python -m benchmarks.scaling --records 100000000                # only the Dataflow table
+    python -m benchmarks.scaling --measure_figures --images 64       # this machine's rates, for --plan
 
 Check: from the run's exit_stats (how many records reached each stage) and the decode and model rates
 measured here for each stage, predict the run's wall time (one process: decode and model take turns)
@@ -18,11 +19,14 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-# Design figures (docs/DESIGN.md): one H100, bare PyTorch, batch 256, bf16 + channels_last; PIL decode
-# and resize per CPU core; torchvision nvJPEG decode on the GPU.
-H100_MODEL_RATE = {"lite0": 17_600.0, "lite1": 12_000.0, "lite2": 9_500.0}
-CPU_DECODE_RATE = 231.0
-GPU_DECODE_RATE = 9_100.0
+from configs import estimate
+
+# Design figures, the "gpu" machine of benchmarks/throughput_figures.json (docs/SCALING.md): one H100, bare
+# PyTorch, batch 256, bf16 + channels_last; PIL decode and resize per CPU core; nvJPEG decode on the GPU.
+_H100 = estimate.load_figures()["gpu"]
+H100_MODEL_RATE = {key.split("@")[0]: rate for key, rate in _H100.model_images_per_s.items()}
+CPU_DECODE_RATE = _H100.decode_images_per_s_per_core
+GPU_DECODE_RATE = _H100.gpu_decode_images_per_s
 EXAMPLE_REACH = (1.0, 0.32, 0.059)  # lite0 -> lite1 -> lite2 exits 68 % / 26.1 % / 5.9 % of records
 
 
@@ -88,9 +92,9 @@ def check_run(output: str, n_images: int, threads: int) -> list[float]:
     from pipelines import common
     from transforms.io import list_source
 
-    stats = sorted(common.read_table(output, "exit_stats").to_pylist(), key=lambda r: r["stage"])
-    with fsspec.open(f"{output.rstrip('/')}/{common.MANIFEST}") as fh:
-        manifest = json.load(fh)
+    stats = sorted((r for r in common.read_table(output, "exit_stats").to_pylist() if r["stage"] >= 1),
+                   key=lambda r: r["stage"])
+    manifest = common.read_manifest(output)
     config = OmegaConf.create(manifest["config"])
     total = stats[0]["records_in"]
     reach = [s["records_in"] / total for s in stats]
@@ -105,6 +109,49 @@ def check_run(output: str, n_images: int, threads: int) -> list[float]:
               f"(batch {stage.batch_size}, {threads} threads, {len(images)} images)")
     print(f"predicted wall time {seconds:.0f} s (+ start-up) vs measured {manifest['wall_seconds']:.0f} s")
     return reach
+
+
+def measure_figures(config: str, n_images: int, threads: int, sample: str, path: str) -> dict:
+    """Measure the decode and model rates of each stage of ``config`` here, and write them as the ``cpu``
+    machine of the figures file that ``pipelines.cascade --plan`` prices runs with."""
+    import datetime
+    import glob
+    import os
+    import platform
+
+    import torch
+
+    from configs import schema
+
+    cfg = schema.load(config)
+    files = sorted(glob.glob(os.path.join(sample, "**", "*.JPEG"), recursive=True))[:n_images]
+    images = [open(f, "rb").read() for f in files]
+    rates, decode = {}, []
+    for stage, spec in zip(cfg.stages, schema.stage_specs(cfg)):
+        d, m = measure_stage(stage.model, spec.input.resolution, stage.batch_size, images, threads)
+        rates[spec.key] = round(m, 1)
+        decode.append(d)
+    with open(path) as fh:
+        figures = json.load(fh)
+    figures["machines"]["cpu"] = {
+        "kind": "cpu",
+        "machine": f"{os.cpu_count()}-core {platform.machine()} {platform.processor() or ''}, "
+                   f"torch {torch.__version__}, one process, {threads} torch threads, fp32, the config's batch sizes",
+        "date": datetime.date.today().isoformat(),
+        "cores": threads,
+        "model_images_per_s": rates,
+        "decode_images_per_s_per_core": round(sum(decode) / len(decode), 1),
+        "overhead_s_per_record": figures["machines"].get("cpu", {}).get("overhead_s_per_record", 0.0),
+        "sources": {"model_images_per_s": f"python -m benchmarks.scaling --measure_figures --config {config} "
+                                          f"--images {len(images)} --threads {threads}",
+                    "decode_images_per_s_per_core": "the same run (one thread)",
+                    "overhead_s_per_record": "kept from the earlier figures (benchmarks/README.md)"},
+    }
+    with open(path, "w") as fh:
+        json.dump(figures, fh, indent=2)
+        fh.write("\n")
+    print(f"wrote the cpu figures into {path}: {rates}")
+    return figures
 
 
 def print_table(records: float, hours: float, reach: Sequence[float]) -> None:
@@ -129,7 +176,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the run's)")
     parser.add_argument("--records", type=float, default=1e8)
     parser.add_argument("--hours", type=float, default=8.0, help="wall-clock budget for the table's worker counts")
+    parser.add_argument("--measure_figures", action="store_true",
+                        help="measure each stage's rates here and write them into --figures (for cascade --plan)")
+    parser.add_argument("--config", default="lite_cascade", help="with --measure_figures: the stages to measure")
+    parser.add_argument("--sample", default="../shared/data/imagenet-sample", help="folder of JPEGs to measure on")
+    parser.add_argument("--figures", default=None, help="figures file (default: benchmarks/throughput_figures.json)")
     args = parser.parse_args(argv)
+    if args.measure_figures:
+        from configs import estimate
+
+        measure_figures(args.config, args.images, args.threads, args.sample, args.figures or estimate.FIGURES)
+        return
     reach = check_run(args.run, args.images, args.threads) if args.run else None
     print_table(args.records, args.hours, tuple(reach) if reach else EXAMPLE_REACH)
 

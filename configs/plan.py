@@ -85,6 +85,7 @@ class CascadePlan:
     stages: tuple[StagePlan, ...]
     settings: RunSettings
     video: Optional[SamplingPlan] = None  # how videos are sampled, for the video tasks
+    run_id: str = ""  # the run's id (pipelines.common.new_run_id), written in every row of its tables
 
     @property
     def views(self) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from models import inference, registry
+from models.failures import Category
 from models.preprocess import BadInput, DecodeConfig, decode_pool, gpu_decodable, load_batch, load_images
 
 
@@ -38,6 +39,7 @@ class Failure:
     """Stands in for the logits of an example that did not decode, or that the model failed on alone."""
 
     reason: str
+    category: Category = Category.MODEL_ERROR
 
 
 Example = np.ndarray | EncodedImage  # an (H, W, 3) uint8 crop, or bytes to decode
@@ -110,7 +112,7 @@ class Classifier:
     def classify(self, model, batch: Sequence[Example]) -> list[np.ndarray | Failure]:
         """``model`` (a ``LoadedModel``, or a proxy of one) over ``batch``: per example, logits or a Failure."""
         items = self._decode(batch)
-        results: list = [Failure(str(x)) if isinstance(x, BadInput) else None for x in items]
+        results: list = [Failure(str(x), x.category) if isinstance(x, BadInput) else None for x in items]
         ready = [i for i, r in enumerate(results) if r is None]
         for i, result in zip(ready, self._infer(model, [items[i] for i in ready]) if ready else ()):
             results[i] = result
@@ -134,7 +136,7 @@ class Classifier:
         except Exception as err:  # a bad batch must not fail the job: bisect down to the culprit
             if len(batch) == 1:
                 if isinstance(err, BadInput):  # an encoded image that no decoder could read
-                    return [Failure(str(err))]
+                    return [Failure(str(err), err.category)]
                 return [Failure(f"model {self.spec.key} failed: {failure_reason(err)}")]
             half = len(batch) // 2
             return self._infer(model, batch[:half]) + self._infer(model, batch[half:])

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.failures import Category
 from models.registry import InputConfig
 
 DEFAULT_MAX_PIXELS = 100_000_000  # the one default pixel limit of images and video frames (decode.max_pixels)
@@ -48,7 +49,15 @@ TORCH_INTERPOLATIONS = {"nearest": "nearest", "bilinear": "bilinear", "bicubic":
 
 
 class BadInput(ValueError):
-    """An input record that cannot be turned into a model input; the message is the dead-letter reason."""
+    """An input record that cannot be turned into a model input; the message is the dead-letter reason and
+    ``category`` its ``dead_letter.category``."""
+
+    def __init__(self, reason: str, category: Category = Category.DECODE_ERROR):
+        super().__init__(reason)
+        self.category = Category(category)
+
+    def __reduce__(self):  # pickled with its category (results cross process boundaries)
+        return type(self), (str(self), self.category)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -91,7 +100,7 @@ def decode(data: bytes, *, target: int | None = None, max_pixels: int = DEFAULT_
     downscaling (Pillow's ``draft``) to no less than that size, which is much cheaper than a full decode.
     """
     if not data:
-        raise BadInput("empty file (0 bytes)")
+        raise BadInput("empty file (0 bytes)", Category.NOT_AN_IMAGE)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns on some odd but readable files
@@ -100,10 +109,10 @@ def decode(data: bytes, *, target: int | None = None, max_pixels: int = DEFAULT_
             if width * height > max_pixels:
                 raise BadInput(
                     f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels "
-                    "(decode.max_pixels)"
+                    "(decode.max_pixels)", Category.TOO_LARGE
                 )
             if width < 1 or height < 1:
-                raise BadInput(f"image has no pixels ({width}x{height})")
+                raise BadInput(f"image has no pixels ({width}x{height})", Category.NOT_AN_IMAGE)
             if target is not None and im.format == "JPEG":
                 im.draft("RGB", (target, target))
             im.seek(0)
@@ -113,7 +122,7 @@ def decode(data: bytes, *, target: int | None = None, max_pixels: int = DEFAULT_
     except BadInput:
         raise
     except UnidentifiedImageError:
-        raise BadInput("not an image Pillow can identify (unknown or corrupt format)") from None
+        raise BadInput("not an image Pillow can identify (unknown or corrupt format)", Category.NOT_AN_IMAGE) from None
     except Exception as err:  # Pillow's plugins raise many types on corrupt data: OSError, SyntaxError, IndexError...
         raise BadInput(f"image could not be decoded: {type(err).__name__}: {err}") from None
 

@@ -67,6 +67,10 @@ class ModelSpec:
     def class_name(self, index: int) -> str:
         return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
 
+    def label_name(self, label: Optional[int]) -> Optional[str]:
+        """The name of a record's label; None for an unlabelled record."""
+        return None if label is None else self.class_name(label)
+
 
 @functools.lru_cache(maxsize=None)
 def imagenet_class_names() -> tuple[str, ...]:

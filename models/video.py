@@ -24,6 +24,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from models.failures import Category
 from models.preprocess import DEFAULT_MAX_PIXELS, BadInput
 
 JPEG_QUALITY = 95  # sampled frames travel JPEG-encoded: small, and decoded again by the image path
@@ -156,12 +157,13 @@ def _views(frame: av.VideoFrame, short_side: int, crops: int) -> tuple[bytes, ..
 
 def _open(fh: BinaryIO) -> av.container.InputContainer:
     if not fh.read(1):
-        raise BadVideo("empty file (0 bytes)")
+        raise BadVideo("empty file (0 bytes)", Category.NOT_AN_IMAGE)
     fh.seek(0)
     try:
         return av.open(fh, mode="r")
     except (av.FFmpegError, ValueError) as err:
-        raise BadVideo(f"not a readable video (unknown format, or header damaged or truncated): {err}") from None
+        raise BadVideo(f"not a readable video (unknown format, or header damaged or truncated): {err}",
+                       Category.NOT_AN_IMAGE) from None
 
 
 def _measured_duration(fh: BinaryIO) -> Optional[Fraction]:
@@ -203,11 +205,11 @@ def read_video(fh: BinaryIO, plan: SamplingPlan, *, short_side: int,
 
 def _video_stream(container: av.container.InputContainer, max_pixels: int) -> av.video.stream.VideoStream:
     if not container.streams.video:
-        raise BadVideo("no video stream (audio only, or not a video)")
+        raise BadVideo("no video stream (audio only, or not a video)", Category.NOT_AN_IMAGE)
     stream = container.streams.video[0]
     if stream.width * stream.height > max_pixels:
         raise BadVideo(f"video of {stream.width}x{stream.height} pixels exceeds the limit of {max_pixels} "
-                       "pixels (decode.max_pixels)")
+                       "pixels (decode.max_pixels)", Category.TOO_LARGE)
     stream.thread_type = "AUTO"
     return stream
 
@@ -241,7 +243,7 @@ def _decode(container, stream, plan: SamplingPlan, short_side: int, declared: Op
                 if n:
                     if len(frames) + n > plan.max_frames:
                         raise BadVideo(f"more than {plan.max_frames} sampled frames (video.max_frames); "
-                                       "sample sparser or raise the limit")
+                                       "sample sparser or raise the limit", Category.TOO_LARGE)
                     views = _views(frame, short_side, crops)
                     frames.extend([SampledFrame(decoded, float(t), views)] * n)
                 last, last_t = frame, t

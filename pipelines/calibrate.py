@@ -30,6 +30,11 @@ the records whose manifest row (``--manifest``) has that value.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before Beam is imported: its import logs a warning that concerns no pipeline here
+    from pipelines import quiet_beam_import
+
+    quiet_beam_import()
+
 import argparse
 import dataclasses
 import os

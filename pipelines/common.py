@@ -1,5 +1,5 @@
-"""What the entry points share: splitting the command line, the output folder rules (its lock, the
-atomic manifest), reading tables back."""
+"""What the entry points share: splitting the command line, the output folder rules (its lock, run ids,
+the atomic manifest as the commit marker), reading tables back (only the files of committed runs)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import json
 import logging
 import os
 import platform
+import posixpath
 import re
+import secrets
 import socket
 import uuid
 from importlib import metadata
@@ -24,10 +26,20 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from transforms.tables import ALL_TABLE_NAMES
 
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # the latest committed run's manifest
+RUNS = "runs"  # runs/<run_id>.json: a run is committed iff its manifest is there
+RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")  # UTC start time + random suffix: sortable and unique
+RUN_FILE = re.compile(rf"^(?P<run_id>{RUN_ID.pattern})-\d{{5}}-of-\d{{5}}\.parquet$")
+BEAM_TEMP = re.compile(rf"^beam-temp-(?P<run_id>{RUN_ID.pattern})-")  # a sink's files before they are finalized
 RUNNING = "_RUNNING"  # the lock of the run writing a folder: created exclusively, removed when it ends
 OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
 GLOB_CHARS = "*?["  # Beam's file sinks match their temporary files by glob: these break finalize
+
+
+def new_run_id(now: Optional[datetime.datetime] = None) -> str:
+    """A run id: its UTC start time to the second and 6 random hex digits, e.g. ``20261128T101500Z-3fa2c1``."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
 
 
 def _beam_parser() -> argparse.ArgumentParser:
@@ -105,10 +117,9 @@ def _is_gone(holder: dict) -> bool:
     return False
 
 
-def _lock(fs, path: str, output: str, overwrite: bool) -> str:
-    """Create ``RUNNING`` exclusively (two runs cannot both create it) and return this run's id. A lock left by
-    a run that is gone (killed) is taken over with ``overwrite``; a live one is never."""
-    run_id = uuid.uuid4().hex
+def _lock(fs, path: str, output: str, overwrite: bool, run_id: str) -> str:
+    """Create ``RUNNING`` exclusively (two runs cannot both create it) for run ``run_id``. A lock left by a run
+    that is gone (killed) is taken over with ``overwrite``; a live one is never."""
     info = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     marker = f"{path}/{RUNNING}"
@@ -128,6 +139,12 @@ def _lock(fs, path: str, output: str, overwrite: bool) -> str:
                 fs.rm(marker)
                 continue
             who = ", ".join(f"{k} {holder[k]}" for k in ("run_id", "host", "pid", "started") if k in holder)
+            if _is_gone(holder) and holder.get("pid") != os.getpid():  # killed: its outputs were never committed
+                held = describe_folder(output) or "no table file"
+                raise SystemExit(
+                    f"output folder {output} holds an incomplete run: the run that locked it "
+                    f"({who or 'unreadable marker'}) ended without committing (killed or failed); the folder "
+                    f"holds {held}; pass --overwrite to replace it") from None
             raise SystemExit(
                 f"output folder {output} is locked by another run ({who or 'unreadable marker'}): {RUNNING} exists. "
                 "Two runs cannot write one folder. If that run has ended without cleaning up (killed), pass "
@@ -135,25 +152,71 @@ def _lock(fs, path: str, output: str, overwrite: bool) -> str:
     raise AssertionError("unreachable")
 
 
-def prepare_output(output: str, overwrite: bool, tables: Sequence[str] = ALL_TABLE_NAMES) -> str:
+def committed_runs(output: str) -> list[str]:
+    """The ids of the runs committed in an output folder (``runs/<run_id>.json`` exists), oldest first."""
+    fs, path = fsspec.core.url_to_fs(output)
+    names = [posixpath.basename(f) for f in fs.glob(f"{path.rstrip('/')}/{RUNS}/*.json")]
+    return sorted(n[:-5] for n in names if RUN_ID.fullmatch(n[:-5]))
+
+
+def incomplete_runs(output: str, tables: Sequence[str] = ALL_TABLE_NAMES) -> dict[str, list[str]]:
+    """Run id -> its files and temporary folders, for every run that wrote under ``output`` without being
+    committed: interrupted (killed, failed), or still running."""
+    fs, path = fsspec.core.url_to_fs(output)
+    committed = set(committed_runs(output))
+    found: dict[str, list[str]] = {}
+    for table in tables:
+        folder = f"{path.rstrip('/')}/{table}"
+        if not fs.isdir(folder):
+            continue
+        for entry in fs.ls(folder, detail=False):
+            name = posixpath.basename(entry.rstrip("/"))
+            match = RUN_FILE.match(name) or BEAM_TEMP.match(name)
+            if match and match["run_id"] not in committed:
+                found.setdefault(match["run_id"], []).append(f"{table}/{name}")
+    return found
+
+
+def describe_folder(output: str) -> str:
+    """What an output folder holds, for a person deciding whether to pass --overwrite."""
+    incomplete, committed = incomplete_runs(output), committed_runs(output)
+    parts = []
+    if incomplete:
+        run_id, files = sorted(incomplete.items())[-1]
+        temp = sum(BEAM_TEMP.match(f.split("/", 1)[1]) is not None for f in files)
+        parts.append(f"an incomplete run {run_id} (interrupted or still running: it has no {RUNS}/{run_id}.json; "
+                     f"{len(files) - temp} table file(s), {temp} temporary folder(s) of the Parquet sink)"
+                     + (f" and {len(incomplete) - 1} more" if len(incomplete) > 1 else ""))
+    if committed:
+        parts.append(f"the committed run {committed[-1]}" + (f" and {len(committed) - 1} earlier" if len(committed) > 1
+                                                             else ""))
+    return " and ".join(parts)
+
+
+def prepare_output(output: str, overwrite: bool, tables: Sequence[str] = ALL_TABLE_NAMES,
+                   run_id: Optional[str] = None) -> str:
     """Take the folder's lock (``RUNNING``), so that a second run started into it is refused; refuse a folder
-    holding anything else unless ``overwrite``; with it, remove the earlier run's manifest (first: a folder
-    without one is incomplete) and tables, so that no stale file can be mistaken for this run's. Then check
-    that the folder is writable. All before any work; returns this run's id, for ``release_output``."""
+    holding anything else unless ``overwrite``, saying what it holds (a committed run, or an incomplete
+    one); with it, remove the earlier runs' manifests and commit markers (first: without them their files
+    are never read) and tables, so that no stale file can be mistaken for this run's. Then check that the
+    folder is writable. All before any work; returns this run's id (``run_id``, or a new one), for
+    ``release_output``."""
+    run_id = run_id or new_run_id()
     check_output_name(output)
     fs, path = fsspec.core.url_to_fs(output)
     path = path.rstrip("/")
     try:
         fs.makedirs(path, exist_ok=True)
-        run_id = _lock(fs, path, output, overwrite)
+        _lock(fs, path, output, overwrite, run_id)
     except OSError as err:
         raise SystemExit(f"output: cannot write to {output}: {type(err).__name__}: {err}") from None
     try:
         existing = [e for e in fs.ls(path, detail=False) if e.rstrip("/").rsplit("/", 1)[-1] != RUNNING]
         if existing and not overwrite:
-            raise SystemExit(f"output folder {output} is not empty ({len(existing)} entries); "
-                             "pass --overwrite to replace an earlier run's outputs")
-        for name in (MANIFEST, *tables):
+            held = describe_folder(output)
+            raise SystemExit(f"output folder {output} is not empty ({len(existing)} entries"
+                             + (f": {held}" if held else "") + "); pass --overwrite to replace its outputs")
+        for name in (MANIFEST, RUNS, *tables):
             target = f"{path}/{name}"
             if fs.exists(target):
                 fs.rm(target, recursive=True)
@@ -179,26 +242,39 @@ def release_output(output: str, run_id: str) -> None:
         logging.getLogger("cascade").warning("could not remove the lock %s/%s", output, RUNNING)
 
 
-def table_dataset(output: str, name: str) -> ds.Dataset:
-    """The Parquet files of table ``name`` under a run's output folder, as one ``pyarrow.dataset``."""
+def table_files(output: str, name: str, run_ids: Optional[Sequence[str]] = None) -> tuple[object, list[str]]:
+    """(filesystem, files) of table ``name``: the files of ``run_ids``, by default of the committed runs; files
+    not named by a run id (tables written by hand, or before run ids) are read too. A run that was never
+    committed is never read by default."""
     fs, path = fsspec.core.url_to_fs(output)
-    files = sorted(fs.glob(f"{path.rstrip('/')}/{name}/*.parquet"))
+    wanted = set(committed_runs(output) if run_ids is None else run_ids)
+    files = []
+    for f in sorted(fs.glob(f"{path.rstrip('/')}/{name}/*.parquet")):
+        match = RUN_FILE.match(posixpath.basename(f))
+        if match is None or match["run_id"] in wanted:
+            files.append(f)
+    return fs, files
+
+
+def table_dataset(output: str, name: str, run_ids: Optional[Sequence[str]] = None) -> ds.Dataset:
+    """The Parquet files of table ``name`` (see ``table_files``), as one ``pyarrow.dataset``."""
+    fs, files = table_files(output, name, run_ids)
     if not files:
-        raise FileNotFoundError(f"no Parquet files for table {name!r} under {output}")
+        raise FileNotFoundError(f"no Parquet files of a committed run for table {name!r} under {output}")
     return ds.dataset(files, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs)))
 
 
-def count_rows(output: str, name: str) -> int:
+def count_rows(output: str, name: str, run_ids: Optional[Sequence[str]] = None) -> int:
     """Rows of a table, from the Parquet footers alone (0 if it has no files)."""
     try:
-        return table_dataset(output, name).count_rows()
+        return table_dataset(output, name, run_ids).count_rows()
     except FileNotFoundError:
         return 0
 
 
-def read_table(output: str, name: str) -> pa.Table:
+def read_table(output: str, name: str, run_ids: Optional[Sequence[str]] = None) -> pa.Table:
     """A whole table (for the small ones, and for tests and reports)."""
-    return table_dataset(output, name).to_table()
+    return table_dataset(output, name, run_ids).to_table()
 
 
 def versions(*packages: str) -> dict[str, str]:
@@ -216,7 +292,9 @@ def write_json(output: str, name: str, payload: dict) -> str:
     so that a full disk or a kill never leaves a truncated file under the final name."""
     fs, path = fsspec.core.url_to_fs(output)
     target = f"{path.rstrip('/')}/{name}"
-    temporary = f"{path.rstrip('/')}/.{name}.{uuid.uuid4().hex}.tmp"
+    folder, base = posixpath.split(target)
+    fs.makedirs(folder, exist_ok=True)
+    temporary = f"{folder}/.{base}.{uuid.uuid4().hex}.tmp"
     data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
     try:
         with fs.open(temporary, "wb") as fh:
@@ -230,3 +308,27 @@ def write_json(output: str, name: str, payload: dict) -> str:
             pass
         raise
     return target
+
+
+def commit_run(output: str, manifest: dict) -> str:
+    """Commit a run whose tables are written: its manifest as ``runs/<run_id>.json`` (the commit marker), then
+    as ``manifest.json`` (the latest committed run's). Returns the marker's path."""
+    marker = write_json(output, f"{RUNS}/{manifest['run_id']}.json", manifest)
+    write_json(output, MANIFEST, manifest)
+    return marker
+
+
+def read_manifest(output: str, run_id: Optional[str] = None) -> dict:
+    """The manifest of a committed run (default: the latest); fails, saying why, for a folder without one."""
+    runs = committed_runs(output)
+    if not runs:
+        held = describe_folder(output)
+        raise FileNotFoundError(f"{output} holds no committed run (no {RUNS}/<run_id>.json)"
+                                + (f"; it holds {held}" if held else "") + ": an interrupted run's tables are "
+                                "incomplete, rerun it with --overwrite")
+    run_id = run_id or runs[-1]
+    if run_id not in runs:
+        raise FileNotFoundError(f"run {run_id} is not committed in {output}; committed: {', '.join(runs)}")
+    fs, path = fsspec.core.url_to_fs(output)
+    with fs.open(f"{path.rstrip('/')}/{RUNS}/{run_id}.json", "r") as fh:
+        return json.load(fh)

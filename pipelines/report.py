@@ -1,17 +1,29 @@
-"""Plots and a Markdown report of a calibration, or of a cascade run's outputs.
+"""Reports: of a finished cascade run, or plots of a pool of scores.
 
-    python -m pipelines.report --scores scores/ --output report/              # from pool scores alone
-    python -m pipelines.report --run out/cascade --output report/             # a real run of pipelines.cascade
+  python -m pipelines.report --run out/cascade          # writes out/cascade/report/report.md and report.html
+  python -m pipelines.report --scores scores/ --output plots/
 
-Plots (PNG): accuracy vs average GMACs of solitary models, ensembles and cascades (the paper's Figure 2);
-a 2-model cascade as its threshold t1 sweeps 0..1 (Figure 3); exit ratios per stage; accuracy of the top-k %
-most confident records for each confidence function (Figure A).
+--run: the report of the folder's latest committed run (--run_id another): counts and the count invariant,
+per stage the records in, the exit ratio (the share of all predictions exiting there), the accuracy of the
+records exiting there and the cumulative cost; GMACs against the last model alone; confidence per stage
+with its threshold; accuracy vs confidence; top confusions by class name; dead letters by category; and,
+when the config was calibrated, the run against its calibration: the exit ratios it expected (a warning
+when they drift), the accuracy and average GMACs it promised. report.html is the same page with its
+images inlined. A folder without a committed run (an interrupted one) is refused.
+
+--scores: plots of a pool scored by pipelines.score: accuracy vs average GMACs of solitary models,
+ensembles and cascades (the paper's Figure 2), a 2-model cascade as its threshold sweeps 0..1 (Figure 3),
+and the accuracy of the most confident records for each confidence function (Figure A).
 """
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before Beam is imported: its import logs a warning that concerns no pipeline here
+    from pipelines import quiet_beam_import
+
+    quiet_beam_import()
+
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
@@ -21,11 +33,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import yaml
 
 from models import calibration as cal
 from models import committee, registry
-from pipelines import common
+from pipelines import run_report
 from pipelines.pool import frontier_rows, load_pool, markdown_table
 
 KIND_STYLE = {"solitary": ("o", "tab:blue"), "ensemble": ("s", "tab:orange"), "cascade": ("^", "tab:green")}
@@ -274,87 +285,28 @@ def _measured_line(name: str, m: dict) -> str:
             + " / ".join(f"{x:.1%}" for x in m["exit_ratios"]) + " |")
 
 
-def compare_with_calibration(block: dict, stats: list[dict]) -> list[dict]:
-    """A run's figures (its ``exit_stats`` rows) beside what its config's ``calibration:`` block promised:
-    accuracy >= heldout_accuracy - margin, average GMACs <= heldout_gmacs + gmacs_margin, and the expected
-    exit ratio of each stage (shown, not judged: a run on other data exits differently)."""
-    first = stats[0]
-    rows = []
-    if block.get("heldout_accuracy") is not None:
-        bound = block["heldout_accuracy"] - (block.get("margin") or 0.0)
-        acc = first["accuracy"]
-        rows.append({"figure": "accuracy", "calibrated": block["heldout_accuracy"], "promised": f">= {bound:.2%}",
-                     "run": acc, "holds": None if acc is None else acc >= bound})
-    if block.get("heldout_gmacs") is not None and first["avg_gmacs"] is not None:
-        bound = block["heldout_gmacs"] + (block.get("gmacs_margin") or 0.0)
-        rows.append({"figure": "average GMACs", "calibrated": block["heldout_gmacs"], "promised": f"<= {bound:.3f}",
-                     "run": first["avg_gmacs"], "holds": first["avg_gmacs"] <= bound})
-    for s, expected in zip(stats, block.get("expected_exit_ratios") or []):
-        rows.append({"figure": f"exit ratio, stage {s['stage']}", "calibrated": expected, "promised": "",
-                     "run": s["share_of_predictions"], "holds": None})
-    return rows
-
-
-def calibration_check(run_output: str, output: str, stats: list[dict]) -> str | None:
-    """``calibration_check.md`` beside the plots when the run's config has a calibration block; returns its text."""
-    try:
-        with fsspec.open(f"{run_output.rstrip('/')}/{common.MANIFEST}", "r") as fh:
-            config = yaml.safe_load(json.load(fh)["config"])
-    except FileNotFoundError:
-        return None
-    block = (config or {}).get("calibration")
-    if not block:
-        return None
-    rows = compare_with_calibration(block, sorted(stats, key=lambda s: s["stage"]))
-
-    def fmt(name, x):
-        return "-" if x is None else (f"{x:.3f}" if "GMACs" in name else f"{x:.2%}")
-
-    lines = [f"# The run against its calibration ({block.get('target')}, measured on {block.get('heldout_records')} "
-             f"held-out records of {block.get('data')})", "",
-             "| figure | calibrated (held out) | promised | this run | holds |", "|---|---:|---:|---:|:-:|",
-             *[f"| {r['figure']} | {fmt(r['figure'], r['calibrated'])} | {r['promised']} | "
-               f"{fmt(r['figure'], r['run'])} | {'' if r['holds'] is None else ('yes' if r['holds'] else 'NO')} |"
-               for r in rows], ""]
-    text = "\n".join(lines)
-    fs, path = fsspec.core.url_to_fs(output)
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(f"{path}/calibration_check.md", "w") as fh:
-        fh.write(text)
-    return text
-
-
-def run_report(run_output: str, output: str) -> list[str]:
-    """Plots of a real run of pipelines.cascade: exit ratios per stage and top-k % accuracy by confidence; and,
-    when its config was calibrated, ``calibration_check.md``: the run against the held-out figures."""
-    stats = common.read_table(run_output, "exit_stats").to_pylist()
-    check = calibration_check(run_output, output, stats)
-    if check:
-        print(check)
-    stages = [{"label": f"{s['stage']}: {s['model']}@{s['resolution']}"
-               + ("" if s["threshold"] is None else f"\nt={s['threshold']:.3f}"),
-               "exit_ratio": s["share_of_predictions"] or 0.0, "accuracy": s["accuracy_exited"]} for s in stats]
-    pngs = [plot_exit_ratios(stages, output, f"Exit ratios per stage of the run {run_output}")]
-    pred = common.read_table(run_output, "predictions").select(["label", "pred_class", "confidence"]).to_pydict()
-    labelled = [i for i, lab in enumerate(pred["label"]) if lab is not None]
-    if labelled:
-        shares = np.linspace(0.01, 1.0, 100)
-        conf = np.asarray(pred["confidence"])[labelled]
-        correct = np.asarray(pred["label"])[labelled] == np.asarray(pred["pred_class"])[labelled]
-        pngs.append(plot_topk({"cascade predictions": {"exit confidence": topk_curve(conf, correct, shares)}},
-                              shares, output))
-    return pngs
-
-
 def run(argv: Sequence[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(prog="python -m pipelines.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scores", default=None, help="output folder of pipelines.score")
-    parser.add_argument("--run", default=None, help="output folder of pipelines.cascade")
-    parser.add_argument("--output", default=None, help="folder for the plots (default: the input folder)")
+    parser.add_argument("--run", default=None, help="output folder of pipelines.cascade: write its run report")
+    parser.add_argument("--run_id", default=None, help="with --run: the committed run to report (default: the latest)")
+    parser.add_argument("--drift_margin", type=float, default=run_report.DRIFT_MARGIN,
+                        help="with --run: warn when a stage's exit ratio differs from the calibration's by more "
+                             "than this (absolute share; default %(default)s)")
+    parser.add_argument("--scores", default=None, help="output folder of pipelines.score: plot the pool")
+    parser.add_argument("--output", default=None,
+                        help="folder to write into (default: <run>/report for --run, the scores folder for --scores)")
     args = parser.parse_args(argv)
     if args.run:
-        pngs = run_report(args.run, args.output or args.run)
+        try:
+            written = run_report.write_report(args.run, args.output, args.run_id, args.drift_margin)
+        except FileNotFoundError as err:
+            raise SystemExit(f"report: {err}") from None
+        pngs = [f"{written['output']}/{name}" for name in written["files"]]
+        for d in written["drift"]:
+            if d["drifts"]:
+                print(f"WARNING: stage {d['stage']} exit ratio {d['run']:.1%} vs {d['expected']:.1%} expected by the "
+                      f"calibration: the data is not like the calibration data (see the report)")
     elif args.scores:
         pool, _ = load_pool(args.scores)
         output = args.output or args.scores

@@ -1,20 +1,26 @@
 """Score a labelled held-out set with every model of a pool: the first step of calibration.
 
-    python -m pipelines.score --models lite0@224,lite0@288,lite1@240,lite2@260 \
-        --input held_out/labels.csv --output scores/ --runner=DirectRunner
+  python -m pipelines.score --models lite0@224,lite0@288,lite1@240,lite2@260
+      --input held_out/labels.csv --output scores/ --runner=DirectRunner      (one command line)
 
-Each pool entry is a registered model at one resolution (``lite0@288`` is Lite0 fed at 288 pixels).
-The records go through the main job's own reader, preprocessing and RunInference model handler (full
-batches), so the logits are those the cascade would see. Output, under ``--output``:
-``scores/*.parquet`` (one row per record and pool entry: id, uri, label, model, gmacs, logits),
-``dead_letter/*.parquet`` (``stage`` = 1-based pool entry, 0 = reading) and ``manifest.json``.
-Count invariant, per pool entry: inputs listed = scored rows + dead letters of reading + of that entry.
+Each pool entry is a registered model at one resolution (lite0@288 is Lite0 fed at 288 pixels). The
+records go through the main job's own reader, preprocessing and RunInference model handler (full
+batches), so the logits are those the cascade would see. Output, under --output: scores/*.parquet (one
+row per record and pool entry: id, uri, label, model, gmacs, logits), dead_letter/*.parquet (stage =
+1-based pool entry, 0 = reading), committed like a cascade run's (runs/<run_id>.json, then
+manifest.json). Count invariant, per pool entry: inputs listed = scored rows + dead letters of reading +
+of that entry.
 
-Flags: --models (comma-separated keys; or --config, a cascade YAML whose stages are the pool),
---input, --output, --overwrite, --batch_size; ``key=value`` OmegaConf overrides; the rest goes to Beam.
+Flags: --models (comma-separated keys; or --config, a cascade YAML whose stages are the pool), --input,
+--output, --overwrite, --batch_size; key=value words are OmegaConf overrides; the rest goes to Beam.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # before Beam is imported: its import logs a warning that concerns no pipeline here
+    from pipelines import quiet_beam_import
+
+    quiet_beam_import()
 
 import argparse
 import dataclasses
@@ -93,7 +99,9 @@ def score_row(element, plan: StagePlan):
     """(record, PredictionResult) -> a scores row, or a dead letter if the model failed on the record."""
     record, result = element
     if isinstance(result.inference, Failure):
-        yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, plan.number, result.inference.reason))
+        failure = result.inference
+        yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, plan.number, failure.reason,
+                                                        failure.category))
         return
     yield SCORES.row(id=record.id, uri=record.uri, label=record.label, model=plan.key, gmacs=plan.gmacs,
                      logits=result.inference.tolist())
@@ -113,7 +121,7 @@ class ScoreEntry(beam.PTransform):
         return {SCORES.name: rows[SCORES.name], DEAD: rows[DEAD]}
 
 
-def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan) -> list[tuple[str, float]]:
+def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan, run_id: str) -> list[tuple[str, float]]:
     """Add the scoring job to ``p``; returns (key, gmacs) of each pool entry."""
     inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes, timeout_s=cfg.decode.read_timeout_s)
     scored, dead = [], [inputs[DEAD]]
@@ -121,21 +129,24 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan) -> lis
         out = inputs["records"] | f"Score_{stage.key}" >> ScoreEntry(stage)
         scored.append(out[SCORES.name])
         dead.append(out[DEAD])
-    scored | "MergeScores" >> beam.Flatten() | "WriteScores" >> WriteTable(cfg.output, SCORES, cfg.output_shards)
+    metadata = {"cascade.run_id": run_id, "cascade.config": schema.to_yaml(cfg)}
+    scored | "MergeScores" >> beam.Flatten() | "WriteScores" >> WriteTable(cfg.output, SCORES, run_id, metadata,
+                                                                           cfg.output_shards)
     (
         dead
         | "MergeDeadLetters" >> beam.Flatten()
-        | "DeadLetterRows" >> beam.Map(lambda d: d.as_row())
-        | "WriteDeadLetters" >> WriteTable(cfg.output, DEAD_LETTER, cfg.output_shards)
+        | "DeadLetterRows" >> beam.Map(lambda d: d.as_row(run_id))
+        | "WriteDeadLetters" >> WriteTable(cfg.output, DEAD_LETTER, run_id, metadata, cfg.output_shards)
     )
     return [(stage.key, stage.gmacs) for stage in plan.stages]
 
 
-def check_counts(output: str, pool: list[tuple[str, float]], listed: int | None) -> tuple[dict, str | None]:
+def check_counts(output: str, pool: list[tuple[str, float]], listed: int | None,
+                 run_id: str) -> tuple[dict, str | None]:
     """Per pool entry: scored rows + dead letters (its own and reading's) must equal the inputs listed."""
-    scores = common.read_table(output, SCORES.name).select(["model"]).column("model").to_pylist()
+    scores = common.read_table(output, SCORES.name, [run_id]).select(["model"]).column("model").to_pylist()
     try:
-        stages = common.read_table(output, DEAD_LETTER.name).column("stage").to_pylist()
+        stages = common.read_table(output, DEAD_LETTER.name, [run_id]).column("stage").to_pylist()
     except FileNotFoundError:
         stages = []
     counts = {"inputs_listed": listed, "read_dead_letters": stages.count(0), "entries": {}}
@@ -155,12 +166,13 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     cfg, beam_args = parse(argv)
     run_id = common.prepare_output(cfg.output, cfg.overwrite, TABLES)
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-    pool = build(p, cfg, build_plan(cfg))
+    pool = build(p, cfg, build_plan(cfg), run_id)
     started = time.time()
     result = p.run()
     result.wait_until_finish()
-    counts, problem = check_counts(cfg.output, pool, listed_inputs(result))
+    counts, problem = check_counts(cfg.output, pool, listed_inputs(result), run_id)
     manifest = {
+        "run_id": run_id,
         "config": schema.to_yaml(dataclasses.replace(cfg, overwrite=False)),
         "pool": [{"model": key, "gmacs": g} for key, g in pool],
         "beam_args": list(beam_args),
@@ -169,7 +181,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
         "invariant_holds": problem is None,
         "wall_seconds": round(time.time() - started, 2),
     }
-    common.write_json(cfg.output, common.MANIFEST, manifest)
+    common.commit_run(cfg.output, manifest)
     common.release_output(cfg.output, run_id)
     for key, entry in counts["entries"].items():
         print(f"{key}: {entry['scored']} scored, {entry['dead_letters']} dead letters")

@@ -51,10 +51,10 @@ def test_a_budget_stage_escalates_its_share_within_one_point(tiny_inputs, tmp_pa
     result = cascade.run(["--config", str(folder / "config.yaml"), "--input", manifest,
                           "--output", str(tmp_path / "out"), "--runner=FnApiRunner"])
     assert result["invariant_holds"] and result["counts"]["predictions"] == 2000
-    stats = read_table(str(tmp_path / "out"), "exit_stats").to_pylist()
-    escalated = stats[1]["records_in"] / stats[0]["records_in"]
+    stats = {s["stage"]: s for s in read_table(str(tmp_path / "out"), "exit_stats").to_pylist()}  # 0: reading
+    escalated = stats[2]["records_in"] / stats[1]["records_in"]
     assert abs(escalated - 0.15) <= 0.01, escalated
-    used = stats[0]["threshold"]
+    used = stats[1]["threshold"]
     assert 0 < used < 1  # the threshold computed over the run, recorded
     predictions = read_table(str(tmp_path / "out"), "predictions").to_pylist()
     stage1 = [p for p in predictions if p["exit_stage"] == 1]

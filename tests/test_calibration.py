@@ -366,35 +366,54 @@ def test_score_pipeline_on_real_images(tmp_path):
     assert pool.solitary_accuracy("lite0@224") >= 0.5  # clean ImageNet images, one per class; one unlabelled
 
 
-def test_report_of_a_real_run_reads_its_tables(tmp_path):
+def test_report_of_a_run_refuses_a_folder_with_no_committed_run(tmp_path):
+    """Tables without ``runs/<run_id>.json`` are an interrupted run's: the report says so and writes nothing
+    (the report of a committed run: tests/test_outputs.py)."""
     from pipelines import report
-    from transforms.tables import EXIT_STATS, PREDICTIONS
+    from transforms.tables import EXIT_STATS
 
     run_dir = tmp_path / "run"
-    preds = [{"id": f"r{i}", "uri": f"/x/{i}", "label": i % 3, "pred_class": 0, "pred_name": "a",
-              "confidence": i / 10, "exit_stage": 1 + i % 2, "gmacs": 0.4, "top5_classes": [0],
-              "top5_probs": [0.5]} for i in range(10)]
-    stats = [{"stage": s, "model": "lite0", "resolution": 224, "threshold": 0.5 if s == 1 else None,
-              "stage_gmacs": 0.4, "cumulative_gmacs": 0.4 * s, "records_in": 10, "records_exited": 5,
-              "records_failed": 0, "exit_ratio": 0.5, "share_of_predictions": 0.5, "labelled_exited": 5,
-              "accuracy_exited": 0.4, "total_inputs": 10, "predictions": 10, "dead_letters": 0, "avg_gmacs": 0.6,
-              "worst_case_gmacs": 0.8, "last_model_gmacs": 0.4, "accuracy": 0.4} for s in (1, 2)]
+    os.makedirs(run_dir / "exit_stats")
+    name = "20261128T101500Z-abc123-00000-of-00001.parquet"
+    pq.write_table(EXIT_STATS.schema.empty_table(), run_dir / "exit_stats" / name)
+    with pytest.raises(SystemExit, match=r"^report: .* holds no committed run .*an incomplete run 20261128T101500Z"):
+        report.run(["--run", str(run_dir), "--output", str(tmp_path / "plots")])
+    assert not (tmp_path / "plots").exists()
+    curve = report.topk_curve(np.array([0.9, 0.8, 0.1]), np.array([True, False, True]), np.array([1 / 3, 1.0]))
+    assert curve.tolist() == [1.0, 2 / 3]
+
+
+def test_the_run_report_holds_a_run_against_its_calibrations_promises(tmp_path):
+    """A committed run whose config carries a calibration block: the report shows, per figure, what the block
+    promised on data alike and whether the run keeps it."""
+    from pipelines import common, report
+    from transforms.tables import EXIT_STATS, PREDICTIONS
+
+    run_dir, run_id = tmp_path / "run", "20261128T101500Z-abc123"
+    top = [{"class": 0, "name": "a", "prob": 0.5}]
+    preds = [{"run_id": run_id, "id": f"r{i}", "uri": f"/x/{i}", "label": i % 3, "label_name": "x", "pred_class": 0,
+              "pred_name": "a", "confidence": i / 10, "exit_stage": 1 + i % 2, "gmacs": 0.4, "top5": top}
+             for i in range(10)]
+    stats = [{"run_id": run_id, "stage": s, "model": "read" if s == 0 else "lite0", "resolution": None if s == 0
+              else 224, "threshold": 0.5 if s == 1 else None, "stage_gmacs": 0.4 * (s > 0),
+              "cumulative_gmacs": 0.4 * s, "records_in": 10 if s < 2 else 5, "records_exited": 5 * (s > 0),
+              "records_failed": 0, "exit_ratio": 0.5 * (s > 0), "exit_ratio_of_reached": None if s == 0 else 0.5 * s,
+              "labelled_exited": 5 * (s > 0), "accuracy_exited": 0.4, "total_inputs": 10, "predictions": 10,
+              "dead_letters": 0, "avg_gmacs": 0.6, "worst_case_gmacs": 0.8, "last_model_gmacs": 0.4,
+              "accuracy": 0.4} for s in (0, 1, 2)]
     for name, rows, sch in (("predictions", preds, PREDICTIONS.schema), ("exit_stats", stats, EXIT_STATS.schema)):
         os.makedirs(run_dir / name)
-        pq.write_table(pa.Table.from_pylist(rows, schema=sch), run_dir / name / "part-0.parquet")
+        pq.write_table(pa.Table.from_pylist(rows, schema=sch), run_dir / name / f"{run_id}-00000-of-00001.parquet")
     cfg = schema.load("lite_cascade", ["stages=[{model: lite0}, {model: lite1}]", "calibration.heldout_accuracy=0.45",
                                        "calibration.margin=0.1", "calibration.heldout_gmacs=0.55",
                                        "calibration.gmacs_margin=0.02", "calibration.expected_exit_ratios=[0.6,0.4]"])
-    (run_dir / "manifest.json").write_text(json.dumps({"config": schema.to_yaml(cfg)}))
-    pngs = report.run(["--run", str(run_dir), "--output", str(tmp_path / "plots")])
-    assert pngs == ["exit_ratios.png", "confidence_topk.png"]
-    check = (tmp_path / "plots" / "calibration_check.md").read_text()
-    assert "| accuracy | 45.00% | >= 35.00% | 40.00% | yes |" in check  # the run's 40 % is within the margin
-    assert "| average GMACs | 0.550 | <= 0.570 | 0.600 | NO |" in check
-    assert "| exit ratio, stage 2 | 40.00% |  | 50.00% |  |" in check
-    assert all((tmp_path / "plots" / p).stat().st_size > 0 for p in pngs)
-    curve = report.topk_curve(np.array([0.9, 0.8, 0.1]), np.array([True, False, True]), np.array([1 / 3, 1.0]))
-    assert curve.tolist() == [1.0, 2 / 3]
+    common.commit_run(str(run_dir), {"run_id": run_id, "config": schema.to_yaml(cfg), "wall_seconds": 1.0,
+                                     "counts": {"inputs_listed": 10}, "invariant_holds": True})
+    report.run(["--run", str(run_dir), "--output", str(tmp_path / "plots")])
+    md = (tmp_path / "plots" / "report.md").read_text()
+    assert "| accuracy | 45.00% | >= 35.00% | 40.00% | -5.0 | yes |" in md  # the run's 40 % is within the margin
+    assert "| average GMACs | 0.550 | <= 0.570 | 0.600 | +0.050 GMACs | **NO** |" in md
+    assert "| exit ratio, stage 2 lite0 | 40.0% | within 5 points | 50.0% | +10.0 | **NO** |" in md
 
 
 CALIBRATED = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")

@@ -26,6 +26,12 @@ def rows_by_uri(out, table="predictions"):
     return {r["uri"]: r for r in read_table(str(out), table).to_pylist()}
 
 
+def stage_rows(out):
+    """exit_stats without its stage-0 (reading) row, by stage."""
+    return sorted((r for r in read_table(str(out), "exit_stats").to_pylist() if r["stage"] >= 1),
+                  key=lambda r: r["stage"])
+
+
 @pytest.fixture(scope="module")
 def subset_logits(sample_subset):
     """Per-model logits of the subset computed by a plain loop, outside Beam: the committee's input."""
@@ -58,13 +64,13 @@ def test_pipeline_decisions_equal_committee_maths(tmp_path, sample_subset, subse
         assert pred["confidence"] == pytest.approx(ref.confidence[i], abs=1e-4)
         assert pred["gmacs"] == pytest.approx(ref.gmacs[i])
         assert pred["label"] == row["label"]
-        assert pred["top5_classes"][0] == pred["pred_class"]
+        assert pred["top5"][0]["class"] == pred["pred_class"] and pred["top5"][0]["name"] == pred["pred_name"]
         assert pred["pred_name"] == registry.get("lite0").class_name(pred["pred_class"])
     if thresholds == (1.0, 1.0):  # all thresholds 1: every record reaches stage 3, the three-model ensemble
         assert {r["exit_stage"] for r in got.values()} == {3}
         ensemble = committee.ensemble(subset_logits).argmax(-1)
         assert [got[r["uri"]]["pred_class"] for r in sample_subset] == list(ensemble)
-    stats = read_table(str(tmp_path / "out"), "exit_stats").to_pylist()
+    stats = stage_rows(tmp_path / "out")
     assert [s["records_exited"] for s in stats] == [int((ref.exit_stage == k).sum()) for k in (1, 2, 3)]
     assert stats[0]["avg_gmacs"] == pytest.approx(ref.gmacs.mean())
     assert stats[0]["worst_case_gmacs"] == pytest.approx(sum(gmacs_of_keys()))
@@ -77,7 +83,7 @@ def test_thresholds_zero_on_whole_sample_is_lite0_alone(tmp_path, sample_dir):
     out = tmp_path / "out"
     manifest = run_cascade(out, str(sample_dir / "labels.csv"), "stages.0.threshold=0", "stages.1.threshold=0",
                            "stages.0.batch_size=64")
-    stats = read_table(str(out), "exit_stats").to_pylist()
+    stats = stage_rows(out)
     assert stats[0]["records_in"] == 496 and stats[0]["records_exited"] == 496 and stats[0]["exit_ratio"] == 1.0
     assert stats[1]["records_in"] == 0 and stats[2]["records_in"] == 0
     assert stats[0]["dead_letters"] == 0
@@ -150,5 +156,5 @@ def test_a_timm_architecture_with_local_weights_runs_end_to_end(tmp_path, sample
                           str(tmp_path / "out"), "--runner=FnApiRunner"])
     assert result["invariant_holds"] and result["counts"]["predictions"] == 8
     assert [s["model"] for s in result["stages"]] == ["lite0@128", "r10t@96"]
-    stats = read_table(str(tmp_path / "out"), "exit_stats").to_pylist()
+    stats = stage_rows(tmp_path / "out")
     assert stats[1]["records_in"] == 8 - stats[0]["records_exited"]

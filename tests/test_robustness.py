@@ -103,20 +103,21 @@ def png_with_bad_crc(im: Image.Image) -> bytes:
 
 
 def corpus(photo: Image.Image) -> dict[str, tuple[bytes | None, str | tuple[int, str]]]:
-    """File name -> (bytes, None for a missing file; what must happen: CLASSIFIED or (stage, reason regex))."""
+    """File name -> (bytes, None for a missing file; what must happen: CLASSIFIED or (stage, reason regex,
+    category regex))."""
     small = photo.resize((160, 120))
     jpeg = encode(small, "JPEG", quality=90)
     gray16 = Image.fromarray(np.asarray(small.convert("L"), dtype=np.uint16) * 257)
     assert gray16.mode == "I;16"
     return {
         # issue list: bad inputs, each with its reason
-        "missing.jpg": (None, (0, r"^file not found$")),
-        "zero-bytes.jpg": (b"", (1, r"^empty file \(0 bytes\)$")),
+        "missing.jpg": (None, (0, r"^file not found$", "not_found")),
+        "zero-bytes.jpg": (b"", (1, r"^empty file \(0 bytes\)$", "not_an_image")),
         "truncated.jpg": (jpeg[: len(jpeg) // 2], (1, r"^image could not be decoded: OSError: image file is "
-                                                      r"truncated")),
-        "text.jpg": (b"this is not a picture\n", (1, r"^not an image Pillow can identify")),
+                                                      r"truncated", "decode_error")),
+        "text.jpg": (b"this is not a picture\n", (1, r"^not an image Pillow can identify", "not_an_image")),
         "bomb.png": (bomb_png(), (1, rf"^image of 30000x30000 pixels exceeds the limit of {MAX_PIXELS} pixels "
-                                    r"\(decode\.max_pixels\)$")),
+                                    r"\(decode\.max_pixels\)$", "too_large")),
         # issue list: odd but decodable, so classified whatever their mode
         "cmyk.jpg": (encode(small.convert("CMYK"), "JPEG"), CLASSIFIED),
         "gray16.png": (encode(gray16, "PNG"), CLASSIFIED),
@@ -136,8 +137,8 @@ def corpus(photo: Image.Image) -> dict[str, tuple[bytes | None, str | tuple[int,
         "photo.bmp": (encode(small, "BMP"), CLASSIFIED),
         "one-bit.png": (encode(small.convert("1"), "PNG"), CLASSIFIED),
         "float.tif": (encode(small.convert("F"), "TIFF"), CLASSIFIED),
-        "bad-crc.png": (png_with_bad_crc(small), (1, UNREADABLE)),
-        "truncated.png": (encode(small, "PNG")[:300], (1, UNREADABLE)),
+        "bad-crc.png": (png_with_bad_crc(small), (1, UNREADABLE, "decode_error|not_an_image")),
+        "truncated.png": (encode(small, "PNG")[:300], (1, UNREADABLE, "decode_error|not_an_image")),
     }
 
 
@@ -202,19 +203,24 @@ def test_every_input_ends_in_exactly_one_table(runs):
     assert len({r["id"] for r in predictions}) == len(predictions)  # ids are keys
 
 
-def test_each_bad_input_has_its_stage_and_reason(runs):
+def test_each_bad_input_has_its_stage_reason_and_category(runs):
     dead = rows_by(runs["tmp"] / "mixed", "dead_letter", "id")
     for name, (_, expected) in runs["files"].items():
         if expected == CLASSIFIED:
             assert name not in dead, (name, dead.get(name))
             continue
-        stage, reason = expected
+        stage, reason, category = expected
         assert name in dead, name
         assert dead[name]["stage"] == stage, (name, dead[name])
         assert re.search(reason, dead[name]["error"]), (name, dead[name]["error"])
-    assert (dead["percent-encoded"]["stage"], dead["percent-encoded"]["error"]) == (0, "file not found")
-    assert (dead["unknown-protocol"]["stage"], dead["unknown-protocol"]["error"]) == (
-        0, "could not read: ValueError: Protocol not known: nosuchfs")
+        assert re.fullmatch(category, dead[name]["category"]), (name, dead[name])
+        if dead[name]["error"].startswith("not an image"):
+            assert dead[name]["category"] == "not_an_image"
+    assert [dead["percent-encoded"][k] for k in ("stage", "error", "category")] == [0, "file not found", "not_found"]
+    assert [dead["unknown-protocol"][k] for k in ("stage", "error", "category")] == [
+        0, "could not read: ValueError: Protocol not known: nosuchfs", "read_error"]
+    twice = [d for d in dead.values() if d["error"].startswith("duplicate id")]
+    assert twice and {d["category"] for d in twice} == {"duplicate_id"}
 
 
 def test_decodable_inputs_are_classified(runs):
@@ -248,7 +254,7 @@ def test_good_predictions_are_unchanged_by_bad_neighbours(runs):
     assert clean.keys() == {g["id"] for g in runs["good"]}
     for rid, row in clean.items():
         assert mixed[rid]["pred_class"] == row["pred_class"], rid
-        assert mixed[rid]["top5_classes"] == row["top5_classes"], rid
+        assert [t["class"] for t in mixed[rid]["top5"]] == [t["class"] for t in row["top5"]], rid
         assert mixed[rid]["confidence"] == pytest.approx(row["confidence"], abs=1e-5), rid
     assert runs["clean"]["counts"]["dead_letters"] == 0
 
@@ -354,8 +360,9 @@ def test_poisonous_record_is_dead_lettered_and_its_neighbours_predicted_once(tmp
         ("poison", 1, "model poisoned@32 failed: RuntimeError: poisoned input in this batch")]
     assert sorted(p["id"] for p in predictions) == [f"good{i}" for i in range(6)]
     assert manifest["invariant_holds"] and manifest["counts"]["inputs_listed"] == 7
-    stats = read_table(str(tmp_path / "out"), "exit_stats").to_pylist()
-    assert (stats[0]["records_in"], stats[0]["records_exited"], stats[0]["records_failed"]) == (7, 6, 1)
+    stats = {s["stage"]: s for s in read_table(str(tmp_path / "out"), "exit_stats").to_pylist()}
+    assert (stats[1]["records_in"], stats[1]["records_exited"], stats[1]["records_failed"]) == (7, 6, 1)
+    assert dead[0]["category"] == "model_error"
 
 
 # ---- safe loading: checked per stage before any work -------------------------------------------------------
@@ -439,13 +446,14 @@ def test_a_failed_run_leaves_no_manifest(tmp_path, monkeypatch, poisoned_model):
     """manifest.json marks a complete run: a run that dies after (some of) its tables leaves none."""
     (tmp_path / "text.jpg").write_text("not a picture")
 
-    def broken(acc, stages):
+    def broken(*args):
         raise RuntimeError("killed while tallying")
 
     monkeypatch.setattr("transforms.outputs.exit_stats_rows", broken)
     with pytest.raises(Exception, match="killed while tallying"):
         run(tmp_path, tmp_path / "out", str(tmp_path / "*.jpg"), config=poisoned_config(poisoned_model))
     assert not (tmp_path / "out" / common.MANIFEST).exists()
+    assert common.committed_runs(str(tmp_path / "out")) == []
 
 
 KILLED_IN_THE_SINK = """
@@ -480,9 +488,19 @@ def test_a_killed_run_leaves_no_file_that_looks_complete(tmp_path, sample_subset
     for table in ALL_TABLE_NAMES:
         for f in out.glob(f"{table}/*.parquet"):  # what was finalized before the kill is whole
             assert pq.ParquetFile(f).metadata.num_rows >= 0
+    assert common.committed_runs(str(out)) == [] and len(common.incomplete_runs(str(out))) == 1
+    with pytest.raises(SystemExit, match=r"holds an incomplete run: the run that locked it .* ended without "
+                                         r"committing .*an incomplete run \d{8}T\d{6}Z-[0-9a-f]{6} .*no runs/\S+\.json"
+                                         r".*--overwrite"):
+        cascade.run(args)
+    from pipelines import report
+
+    with pytest.raises(SystemExit, match=r"^report: .* holds no committed run .*an incomplete run"):
+        report.run(["--run", str(out)])
     rerun = cascade.run([*args, "--overwrite"])
     assert rerun["invariant_holds"] and rerun["counts"]["inputs_listed"] == 3
     assert not list(out.glob("*/beam-temp-*"))
+    assert common.committed_runs(str(out)) == [rerun["run_id"]] and common.incomplete_runs(str(out)) == {}
 
 
 def test_overwrite_removes_the_manifest_before_the_tables(tmp_path, monkeypatch):
@@ -499,7 +517,7 @@ def test_overwrite_removes_the_manifest_before_the_tables(tmp_path, monkeypatch)
     monkeypatch.setattr(fs_type, "rm", lambda self, path, *a, **k: (removed.append(Path(path).name),
                                                                      real_rm(self, path, *a, **k)))
     run_id = common.prepare_output(str(out), overwrite=True)
-    assert removed[:1 + len(ALL_TABLE_NAMES)] == [common.MANIFEST, *ALL_TABLE_NAMES]
+    assert removed[:1 + len(ALL_TABLE_NAMES)] == [common.MANIFEST, *ALL_TABLE_NAMES]  # (no runs/ folder here)
     assert os.listdir(out) == [common.RUNNING]  # this run's lock
     common.release_output(str(out), run_id)
     assert os.listdir(out) == []
@@ -517,6 +535,9 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(SystemExit, match=r"^output: cannot write to .*a-file/out: "):
         common.prepare_output(str(tmp_path / "a-file" / "out"), overwrite=False)
+
+
+RUN = "20261128T101500Z-abc123"
 
 
 class FailOnce:
@@ -544,13 +565,14 @@ def test_a_retried_bundle_writes_no_duplicate_rows(tmp_path, monkeypatch):
     attempts, open_writer = [], parquetio._ParquetSink.open_writer
     monkeypatch.setattr(parquetio._ParquetSink, "open_writer",
                         lambda s, init, uid: (attempts.append(uid), open_writer(s, init, uid))[1])
-    rows = [{"id": str(i), "uri": f"u{i}", "stage": 1, "error": "e"} for i in range(10)]
+    rows = [{"run_id": RUN, "id": str(i), "uri": f"u{i}", "stage": 1, "category": "model_error", "error": "e"}
+            for i in range(10)]
     with beam.Pipeline(runner=BundleBasedDirectRunner()) as p:
-        _ = p | beam.Create(rows) | WriteTable(str(tmp_path), DEAD_LETTER, 1)
+        _ = p | beam.Create(rows) | WriteTable(str(tmp_path), DEAD_LETTER, RUN, num_shards=1)
     assert fail.failed and len(set(attempts)) == 2  # the failed attempt wrote to a temporary file of its own
-    assert sorted(r["id"] for r in read_table(str(tmp_path), "dead_letter").to_pylist()) == sorted(
+    assert sorted(r["id"] for r in read_table(str(tmp_path), "dead_letter", [RUN]).to_pylist()) == sorted(
         r["id"] for r in rows)
-    assert os.listdir(tmp_path / "dead_letter") == ["part-00000-of-00001.parquet"]  # temporary files gone
+    assert os.listdir(tmp_path / "dead_letter") == [f"{RUN}-00000-of-00001.parquet"]  # temporary files gone
 
 
 # ---- issue 13: one bad row never stops the job; bad settings stop it before any work -----------------------

@@ -11,11 +11,11 @@ from transforms.tasks import TASKS, task_for
 
 
 def test_a_row_must_have_exactly_its_tables_columns():
-    row = DEAD_LETTER.row(id="a", uri="a.jpg", stage=0, error="file not found")
-    assert list(row) == ["id", "uri", "stage", "error"]
+    row = DEAD_LETTER.row(run_id="r", id="a", uri="a.jpg", stage=0, category="not_found", error="file not found")
+    assert list(row) == ["run_id", "id", "uri", "stage", "category", "error"]
     with pytest.raises(ValueError, match=r"'dead_letter' does not fit its schema: missing \['error'\], "
                                          r"unknown \['reason'\]"):
-        DEAD_LETTER.row(id="a", uri="a.jpg", stage=0, reason="file not found")
+        DEAD_LETTER.row(run_id="r", id="a", uri="a.jpg", stage=0, category="not_found", reason="file not found")
 
 
 def test_every_task_kind_has_a_task_whose_predictions_table_extends_the_image_one():

@@ -27,10 +27,12 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from fsspec.implementations.local import LocalFileSystem
 
+from models.failures import Category
 from transforms.progress import NAMESPACE, progress
 from transforms.records import READ_STAGE, DeadLetter, Record, record_id
 
@@ -157,17 +159,46 @@ def manifest_rows(source: str, columns: Optional[list[str]] = None) -> Iterator[
             yield number, dict(zip(header, fields + [""] * (len(header) - len(fields)))), ""
 
 
-def manifest_columns(source: str) -> tuple[str, Optional[str], Optional[str]]:
-    """(uri column, label column, id column) of a manifest, read from its header; fails if no uri column."""
+def _header(source: str) -> list[pa.Field]:
+    """A manifest's columns with their types: a Parquet manifest's own, strings for a CSV's."""
     with fsspec.open(source, "rb") as fh:
         if source.lower().endswith(".parquet"):
-            columns = pq.ParquetFile(fh).schema_arrow.names
-        else:
-            columns = _csv_header(fh, source)
+            return list(pq.ParquetFile(fh).schema_arrow)
+        return [pa.field(name, pa.string()) for name in _csv_header(fh, source)]
+
+
+def manifest_columns(source: str) -> tuple[str, Optional[str], Optional[str]]:
+    """(uri column, label column, id column) of a manifest, read from its header; fails if no uri column."""
+    columns = [f.name for f in _header(source)]
     uri = _pick(columns, URI_COLUMNS)
     if uri is None:
         raise ValueError(f"manifest {source}: needs a column named one of {URI_COLUMNS}; has {columns}")
     return uri, _pick(columns, LABEL_COLUMNS), _pick(columns, ("id",))
+
+
+def extra_fields(source: str) -> list[pa.Field]:
+    """The columns of a manifest besides its uri, label and id ones (none for a glob): carried through to the
+    predictions under their own names and types (strings from a CSV, an empty cell as null)."""
+    if not is_manifest(source):
+        return []
+    used = set(manifest_columns(source))
+    return [f for f in _header(source) if f.name not in used]
+
+
+def count_inputs(source: str) -> tuple[int, str]:
+    """(inputs a source lists, how they were counted), without reading any input and as the job counts
+    them: a Parquet manifest's rows from its footer, a CSV manifest's non-empty physical lines after the
+    header, a glob's files. Bad rows and duplicate ids are counted too (they become dead letters)."""
+    if source.lower().endswith(".parquet"):
+        with fsspec.open(source, "rb") as fh:
+            return pq.ParquetFile(fh).metadata.num_rows, "rows in the Parquet manifest's footer"
+    if is_manifest(source):
+        with fsspec.open(source, "rb") as fh:
+            lines = sum(1 for _, line in _physical_lines(fh) if line != b"")
+        return max(lines - 1, 0), "non-empty lines of the CSV manifest after its header"
+    fs, _, _ = fsspec.get_fs_token_paths(source)
+    found = fs.glob(source if "://" in source else fs._strip_protocol(source), detail=True)
+    return sum(1 for info in found.values() if info.get("type") != "directory"), "files matching the glob"
 
 
 def parse_label(value: Any, num_classes: Optional[int] = None) -> Optional[int]:
@@ -222,8 +253,10 @@ def manifest_entries(source: str, num_classes: Optional[int] = None) -> Iterator
     """``(row, Record or DeadLetter)`` for every row of a manifest, in order. Ids are the ``id`` column, else
     the uri; a row that cannot be listed is a dead letter at stage 0 naming its line (or Parquet row)."""
     uri_col, label_col, id_col = manifest_columns(source)
+    extras = [f.name for f in extra_fields(source)]
+    csv_cells = source.lower().endswith(".csv")
     base = posixpath.dirname(source)
-    for number, row, problem in manifest_rows(source, [c for c in (uri_col, label_col, id_col) if c]):
+    for number, row, problem in manifest_rows(source, [c for c in (uri_col, label_col, id_col) if c] + extras):
         where = f"{source}#{number}"
         if row is None:
             yield None, DeadLetter(where, where, READ_STAGE, problem)
@@ -245,7 +278,8 @@ def manifest_entries(source: str, num_classes: Optional[int] = None) -> Iterator
         except BadRow as err:
             yield row, DeadLetter(record_id(rid, uri), uri, READ_STAGE, f"bad label: {place}: {err}")
             continue
-        yield row, Record(id=record_id(rid, uri), uri=uri, label=label)
+        carried = {k: None if csv_cells and row.get(k) == "" else row.get(k) for k in extras}
+        yield row, Record(id=record_id(rid, uri), uri=uri, label=label, extras=carried)
 
 
 def _has_file(pattern: str) -> bool:
@@ -280,10 +314,10 @@ def check_source(source: str) -> None:
         raise ValueError(f"{source}: cannot be read: {type(err).__name__}: {err}") from None
 
 
-def dead(rid: str, uri: str, error: str) -> beam.pvalue.TaggedOutput:
-    """A dead letter raised while listing or reading an input."""
+def dead(rid: str, uri: str, error: str, category: Category | str = "") -> beam.pvalue.TaggedOutput:
+    """A dead letter raised while listing or reading an input (its category from the reason unless given)."""
     progress.add(READ_STAGE, "failed")
-    return beam.pvalue.TaggedOutput(DEAD, DeadLetter(rid, uri, READ_STAGE, error))
+    return beam.pvalue.TaggedOutput(DEAD, DeadLetter(rid, uri, READ_STAGE, error, category))
 
 
 class ExpandSource(beam.DoFn):

@@ -1,12 +1,14 @@
 """Writing the run's tables (``transforms.tables``) and the exit statistics combiner.
 
 Each table is a folder of Parquet files under the run's output folder (``predictions/``, ``exit_stats/``,
-``dead_letter/``) written by Beam's file sink: temporary files first, renamed into place on success.
+``dead_letter/``) written by Beam's file sink: temporary files first, renamed into place on success. A run's
+files are named by its run id (``<table>/<run_id>-SSSSS-of-NNNNN.parquet``), compressed with zstd, and carry
+the run's description (id, start time, resolved config, versions) in their Parquet key-value metadata.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
 
@@ -55,9 +57,16 @@ class ExitStatsFn(beam.CombineFn):
         return acc
 
 
-def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], thresholds: Optional[dict] = None) -> list[dict]:
-    """The exit_stats table from the combined tallies: one row per stage, run-level columns repeated.
-    ``thresholds``: stage number -> the threshold a budget stage computed over the run."""
+READ_MODEL = "read"  # the "model" of stage 0, where inputs are listed and read
+
+
+def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], run_id: str,
+                    thresholds: Optional[dict] = None) -> list[dict]:
+    """The exit_stats table from the combined tallies: one row for reading (stage 0: the inputs that failed
+    before stage 1) and one per stage, run-level columns repeated. ``exit_ratio`` is the paper's (exited at
+    the stage / all predictions, summing to 1 over the stages); ``exit_ratio_of_reached`` is conditional
+    (exited / records classified at the stage). ``thresholds``: stage number -> the threshold a budget
+    stage computed over the run."""
     thresholds = thresholds or {}
     exited, failed = acc["exited"], acc["failed"]
     predictions = sum(exited)
@@ -66,22 +75,22 @@ def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], thresholds: Optional
     cumulative = 0.0
     worst = sum(s.gmacs for s in stages)
     rows = []
-    for s in stages:
-        k = s.number
-        cumulative += s.gmacs
+    for k, s in [(0, None), *((s.number, s) for s in stages)]:
+        cumulative += s.gmacs if s else 0.0
         records_in = sum(exited[k:]) + sum(failed[k:])
         rows.append(EXIT_STATS.row(
+            run_id=run_id,
             stage=k,
-            model=s.key,
-            resolution=s.resolution,
-            threshold=thresholds.get(k, s.threshold),
-            stage_gmacs=s.gmacs,
+            model=s.key if s else READ_MODEL,
+            resolution=s.resolution if s else None,
+            threshold=thresholds.get(k, s.threshold) if s else None,
+            stage_gmacs=s.gmacs if s else 0.0,
             cumulative_gmacs=cumulative,
             records_in=records_in,
             records_exited=exited[k],
             records_failed=failed[k],
-            exit_ratio=_ratio(exited[k], records_in - failed[k]),
-            share_of_predictions=_ratio(exited[k], predictions),
+            exit_ratio=_ratio(exited[k], predictions),
+            exit_ratio_of_reached=_ratio(exited[k], records_in - failed[k]) if s else None,
             labelled_exited=acc["labelled"][k],
             accuracy_exited=_ratio(acc["correct"][k], acc["labelled"][k]),
             total_inputs=predictions + dead,
@@ -95,18 +104,23 @@ def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], thresholds: Optional
     return rows
 
 
-class WriteTable(beam.PTransform):
-    """Rows of ``table`` (dicts from ``table.row``) -> ``<output>/<name>/part-SSSSS-of-NNNNN.parquet``."""
+CODEC = "zstd"  # Beam's WriteToParquet writes uncompressed files unless told
 
-    def __init__(self, output: str, table: Table, num_shards: int = 0):
+
+class WriteTable(beam.PTransform):
+    """Rows of ``table`` (dicts from ``table.row``) -> ``<output>/<name>/<run_id>-SSSSS-of-NNNNN.parquet``,
+    zstd-compressed, with ``metadata`` (and the table's name) as each file's key-value metadata."""
+
+    def __init__(self, output: str, table: Table, run_id: str, metadata: Optional[Mapping[str, str]] = None,
+                 num_shards: int = 0):
         super().__init__()
-        self.prefix = f"{output.rstrip('/')}/{table.name}/part"
-        self.schema = table.schema
+        self.prefix = f"{output.rstrip('/')}/{table.name}/{run_id}"
+        self.schema = table.schema.with_metadata({**(metadata or {}), "cascade.table": table.name})
         self.num_shards = num_shards
 
     def expand(self, rows):
         return rows | beam.io.WriteToParquet(
-            self.prefix, self.schema, file_name_suffix=".parquet", num_shards=self.num_shards
+            self.prefix, self.schema, codec=CODEC, file_name_suffix=".parquet", num_shards=self.num_shards
         )
 
 
@@ -114,9 +128,10 @@ class ExitStats(beam.PTransform):
     """(prediction rows, dead letters) -> exit_stats rows; ``thresholds`` (optional): a PCollection of
     (stage number, threshold) pairs computed during the run, recorded in place of the plan's."""
 
-    def __init__(self, stages: Sequence[StagePlan], thresholds=None):
+    def __init__(self, stages: Sequence[StagePlan], run_id: str, thresholds=None):
         super().__init__()
         self.stages = tuple(stages)
+        self.run_id = run_id
         self.thresholds = thresholds
 
     def expand(self, pcolls: Iterable):
@@ -125,6 +140,6 @@ class ExitStats(beam.PTransform):
             tuple(pcolls)
             | "All" >> beam.Flatten()
             | "Tally" >> beam.CombineGlobally(ExitStatsFn(len(stages)))
-            | "Rows" >> beam.FlatMap(exit_stats_rows, stages,
+            | "Rows" >> beam.FlatMap(exit_stats_rows, stages, self.run_id,
                                      beam.pvalue.AsDict(self.thresholds) if self.thresholds is not None else None)
         )

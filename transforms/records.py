@@ -2,46 +2,50 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import numpy as np
 
+from models.failures import Category
 from transforms.tables import DEAD_LETTER
 
 READ_STAGE = 0  # dead letters raised while listing or reading inputs, before stage 1
 
-# What kind of failure a dead letter is, from the first words of its reason (first match wins); a reason
-# that matches none is a decoding failure (Pillow's and PyAV's many ways of saying "corrupt").
+# A dead letter raised where its failure's kind is known carries its category (``models.failures.Category``);
+# the others take it from the first words of their reason (first match wins); a reason that matches none is a
+# decoding failure (Pillow's and PyAV's many ways of saying "corrupt").
 REASON_CATEGORIES = (
-    ("file not found", "not_found"),
-    ("permission denied", "permission_denied"),
-    ("HTTP error", "http_error"),
-    ("connection failed", "http_error"),
-    ("timeout", "timeout"),
-    ("not a regular file", "not_a_regular_file"),
-    ("too large", "too_large"),
-    ("image of ", "too_large"),
-    ("video of ", "too_large"),
-    ("more than ", "too_large"),
-    ("empty file", "not_an_image"),
-    ("not an image", "not_an_image"),
-    ("image has no pixels", "not_an_image"),
-    ("not a readable video", "not_an_image"),
-    ("no video stream", "not_an_image"),
-    ("model ", "model_error"),
-    ("bad manifest row", "bad_manifest_row"),
-    ("bad label", "bad_label"),
-    ("duplicate id", "duplicate_id"),
-    ("could not read", "read_error"),
+    ("file not found", Category.NOT_FOUND),
+    ("permission denied", Category.PERMISSION_DENIED),
+    ("HTTP error", Category.HTTP_ERROR),
+    ("connection failed", Category.HTTP_ERROR),
+    ("timeout", Category.TIMEOUT),
+    ("not a regular file", Category.NOT_A_REGULAR_FILE),
+    ("too large", Category.TOO_LARGE),
+    ("image of ", Category.TOO_LARGE),
+    ("video of ", Category.TOO_LARGE),
+    ("more than ", Category.TOO_LARGE),
+    ("file of ", Category.TOO_LARGE),
+    ("file exceeds", Category.TOO_LARGE),
+    ("empty file", Category.NOT_AN_IMAGE),
+    ("not an image", Category.NOT_AN_IMAGE),
+    ("image has no pixels", Category.NOT_AN_IMAGE),
+    ("not a readable video", Category.NOT_AN_IMAGE),
+    ("no video stream", Category.NOT_AN_IMAGE),
+    ("model ", Category.MODEL_ERROR),
+    ("bad manifest row", Category.BAD_MANIFEST_ROW),
+    ("manifest row", Category.BAD_MANIFEST_ROW),
+    ("bad label", Category.BAD_LABEL),
+    ("duplicate id", Category.DUPLICATE_ID),
+    ("could not read", Category.READ_ERROR),
 )
-DECODE_ERROR = "decode_error"
-CATEGORIES = tuple(dict.fromkeys([c for _, c in REASON_CATEGORIES] + [DECODE_ERROR]))
+CATEGORIES = tuple(c.value for c in Category)
 
 
-def category_of(reason: str) -> str:
-    """The category of a dead letter's reason (one of ``CATEGORIES``)."""
-    return next((c for prefix, c in REASON_CATEGORIES if reason.startswith(prefix)), DECODE_ERROR)
+def category_of(reason: str) -> Category:
+    """The category of a dead letter's reason, for a dead letter raised without one."""
+    return next((c for prefix, c in REASON_CATEGORIES if reason.startswith(prefix)), Category.DECODE_ERROR)
 
 
 def record_id(given: Optional[str], uri: str) -> str:
@@ -64,6 +68,7 @@ class Record:
     score_sum: Optional[np.ndarray] = None  # float64 (C,), sum over the stages applied so far
     stages_run: int = 0
     gmacs: float = 0.0
+    extras: dict[str, Any] = field(default_factory=dict)  # the manifest's own columns, written with the prediction
 
 
 @dataclass
@@ -99,12 +104,12 @@ class DeadLetter:
     id: str
     uri: str
     stage: int  # 0 = listing/reading the input, k = stage k (decode or inference)
-    error: str
-    category: str = ""  # one of CATEGORIES; derived from ``error`` when not given
+    error: str  # the reason, for a person
+    category: Category | str = ""  # the reason's kind, for grouping; from ``error`` when not given
 
     def __post_init__(self):
-        if not self.category:
-            object.__setattr__(self, "category", category_of(self.error))
+        object.__setattr__(self, "category", Category(self.category) if self.category else category_of(self.error))
 
-    def as_row(self) -> dict:
-        return DEAD_LETTER.row(id=self.id, uri=self.uri, stage=self.stage, error=self.error)
+    def as_row(self, run_id: str) -> dict:
+        return DEAD_LETTER.row(run_id=run_id, id=self.id, uri=self.uri, stage=self.stage,
+                               category=Category(self.category).value, error=self.error)

@@ -120,7 +120,7 @@ class Route(beam.DoFn):
         if isinstance(result.inference, Failure):
             progress.add(plan.number, "failed")
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, plan.number,
-                                                            result.inference.reason))
+                                                            result.inference.reason, result.inference.category))
             return
         record, combined, conf = self.update(record, result.inference)
         if plan.is_last or committee.exits(conf, plan.threshold if threshold is None else threshold):

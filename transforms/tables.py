@@ -7,6 +7,7 @@ added to a row without its schema, nor to the schema without its rows. No Beam h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import pyarrow as pa
 
@@ -28,18 +29,34 @@ class Table:
                              f"unknown {extra}")
         return values
 
+    def extended(self, fields: Sequence[pa.Field]) -> "Table":
+        """This table with ``fields`` appended (a manifest's own columns, carried through under their names);
+        a name that is already a column, in any letter case (DuckDB ignores case), is refused."""
+        ours = {name.lower() for name in self.schema.names}
+        clash = sorted(f.name for f in fields if f.name.lower() in ours)
+        if clash:
+            raise ValueError(f"manifest column(s) {clash} would clash with column(s) of table {self.name!r} "
+                             f"({', '.join(self.schema.names)}); rename them in the manifest")
+        return Table(self.name, pa.schema(list(self.schema) + list(fields)))
+
+
+RUN_ID = pa.field("run_id", pa.string(), nullable=False)  # in every table: which run wrote the row
+
+TOP_K_ENTRY = pa.struct([pa.field("class", pa.int32()), pa.field("name", pa.string()),
+                         pa.field("prob", pa.float32())])
 
 _PREDICTION_FIELDS = [
+    RUN_ID,
     pa.field("id", pa.string(), nullable=False),
     pa.field("uri", pa.string(), nullable=False),
     pa.field("label", pa.int32()),
+    pa.field("label_name", pa.string()),
     pa.field("pred_class", pa.int32(), nullable=False),
     pa.field("pred_name", pa.string()),
     pa.field("confidence", pa.float64(), nullable=False),
     pa.field("exit_stage", pa.int32(), nullable=False),
     pa.field("gmacs", pa.float64(), nullable=False),
-    pa.field("top5_classes", pa.list_(pa.int32())),
-    pa.field("top5_probs", pa.list_(pa.float32())),
+    pa.field("top5", pa.list_(TOP_K_ENTRY)),
 ]
 
 PREDICTIONS = Table("predictions", pa.schema(_PREDICTION_FIELDS))
@@ -53,9 +70,11 @@ FRAME_PREDICTIONS = Table("predictions", pa.schema(_PREDICTION_FIELDS + [
 
 # Frame granularity: one row per video, the mean of its frames' final logits.
 VIDEO_PREDICTIONS = Table("video_predictions", pa.schema([
+    RUN_ID,
     pa.field("video_id", pa.string(), nullable=False),
     pa.field("uri", pa.string(), nullable=False),
     pa.field("label", pa.int32()),
+    pa.field("label_name", pa.string()),
     pa.field("pred_class", pa.int32(), nullable=False),
     pa.field("pred_name", pa.string()),
     pa.field("confidence", pa.float64(), nullable=False),
@@ -64,24 +83,28 @@ VIDEO_PREDICTIONS = Table("video_predictions", pa.schema([
 ]))
 
 DEAD_LETTER = Table("dead_letter", pa.schema([
+    RUN_ID,
     pa.field("id", pa.string(), nullable=False),
     pa.field("uri", pa.string(), nullable=False),
     pa.field("stage", pa.int32(), nullable=False),
+    pa.field("category", pa.string(), nullable=False),  # a models.failures.Category value
     pa.field("error", pa.string(), nullable=False),
 ]))
 
+# Stage 0 is reading the inputs (model "read"): its records_failed are the inputs dead-lettered before stage 1.
 EXIT_STATS = Table("exit_stats", pa.schema([
+    RUN_ID,
     pa.field("stage", pa.int32(), nullable=False),
     pa.field("model", pa.string(), nullable=False),
-    pa.field("resolution", pa.int32(), nullable=False),
-    pa.field("threshold", pa.float64()),  # null on the last stage, where every record exits
+    pa.field("resolution", pa.int32()),  # null on stage 0
+    pa.field("threshold", pa.float64()),  # null on the last stage, where every record exits, and on stage 0
     pa.field("stage_gmacs", pa.float64(), nullable=False),
     pa.field("cumulative_gmacs", pa.float64(), nullable=False),
     pa.field("records_in", pa.int64(), nullable=False),
     pa.field("records_exited", pa.int64(), nullable=False),
     pa.field("records_failed", pa.int64(), nullable=False),
-    pa.field("exit_ratio", pa.float64()),
-    pa.field("share_of_predictions", pa.float64()),
+    pa.field("exit_ratio", pa.float64()),  # the paper's: exited here / all predictions (sums to 1 over stages)
+    pa.field("exit_ratio_of_reached", pa.float64()),  # exited here / records classified at this stage
     pa.field("labelled_exited", pa.int64(), nullable=False),
     pa.field("accuracy_exited", pa.float64()),
     pa.field("total_inputs", pa.int64(), nullable=False),

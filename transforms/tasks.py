@@ -12,40 +12,45 @@ shows how a dense task (segmentation, escalated per grid cell) fits as one more 
 
 from __future__ import annotations
 
-from typing import Optional
+import copy
+from typing import Callable, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 
 from configs.plan import CascadePlan, StagePlan, TaskKind
 from configs.schema import Granularity
 from models import committee
-from transforms.outputs import WriteTable
 from transforms.records import Exit
 from transforms.stage import classify_images
 from transforms.tables import FRAME_PREDICTIONS, PREDICTIONS, VIDEO_PREDICTIONS, Table
 from transforms.video import DecodeVideos, VideoPredictions, classify_views
 
 TOP_K = 5
+Sink = Callable[[Table], beam.PTransform]  # a table -> the transform writing its rows for this run
 
 
 def prediction_columns(exit: Exit, plan: CascadePlan) -> dict:
-    """The columns every task's prediction row has: the record, its class, top-k, exit stage and cost."""
+    """The columns every task's prediction row has: the run, the record (and the manifest's own columns), its
+    class, top-k, exit stage and cost."""
     record = exit.record
     spec = plan.stages[record.stages_run - 1].spec
     probs = committee.softmax(exit.combined)
-    top = np.argsort(-probs, kind="stable")[:TOP_K]
+    top = [int(c) for c in np.argsort(-probs, kind="stable")[:TOP_K]]
     return {
+        "run_id": plan.run_id,
         "id": record.id,
         "uri": record.uri,
         "label": record.label,
-        "pred_class": int(top[0]),
-        "pred_name": spec.class_name(int(top[0])),
+        "label_name": spec.label_name(record.label),
+        "pred_class": top[0],
+        "pred_name": spec.class_name(top[0]),
         "confidence": float(exit.confidence),
         "exit_stage": record.stages_run,
         "gmacs": float(record.gmacs),
-        "top5_classes": [int(c) for c in top],
-        "top5_probs": [float(probs[c]) for c in top],
+        "top5": [{"class": c, "name": spec.class_name(c), "prob": float(probs[c])} for c in top],
+        **record.extras,
     }
 
 
@@ -72,7 +77,7 @@ class ImageTask:
     def prediction_row(self, exit: Exit, plan: CascadePlan) -> dict:
         return self.predictions.row(**prediction_columns(exit, plan))
 
-    def extra_outputs(self, exits, plan: CascadePlan, output: str, shards: int) -> None:
+    def extra_outputs(self, exits, plan: CascadePlan, sink: Sink) -> None:
         """Tables built from the exits besides ``predictions``."""
 
 
@@ -101,11 +106,11 @@ class FrameTask(ImageTask):
         return self.predictions.row(**prediction_columns(exit, plan), video_id=record.video_id,
                                     frame_index=record.frame_index, timestamp_s=record.timestamp_s)
 
-    def extra_outputs(self, exits, plan: CascadePlan, output: str, shards: int) -> None:
+    def extra_outputs(self, exits, plan: CascadePlan, sink: Sink) -> None:
         (
             exits
-            | "VideoPredictions" >> VideoPredictions(plan.stages[-1].spec, plan.settings.confidence)
-            | "WriteVideoPredictions" >> WriteTable(output, VIDEO_PREDICTIONS, shards)
+            | "VideoPredictions" >> VideoPredictions(plan.stages[-1].spec, plan.settings.confidence, plan.run_id)
+            | "WriteVideoPredictions" >> sink(VIDEO_PREDICTIONS)
         )
 
 
@@ -130,5 +135,11 @@ TASKS: dict[TaskKind, ImageTask] = {
 }
 
 
-def task_for(plan: CascadePlan) -> ImageTask:
-    return TASKS[plan.task]
+def task_for(plan: CascadePlan, extra_fields: Sequence[pa.Field] = ()) -> ImageTask:
+    """The plan's task; with ``extra_fields`` (a manifest's own columns), its predictions table carries them
+    (a name that clashes with one of the table's raises ``ValueError``)."""
+    task = TASKS[plan.task]
+    if extra_fields:
+        task = copy.copy(task)
+        task.predictions = task.predictions.extended(extra_fields)
+    return task

@@ -56,7 +56,7 @@ class DecodeVideos(beam.DoFn):
         try:  # reading and decoding one video is bounded in time too (decode.read_timeout_s)
             frames = with_timeout(lambda: self._read(record.uri), self.timeout_s, record.uri)
         except BadVideo as err:
-            yield dead(record.id, record.uri, str(err))
+            yield dead(record.id, record.uri, str(err), err.category)
             return
         except Exception as err:  # one video's failure, whatever it is, is that video's dead letter
             yield dead(record.id, record.uri, read_failure(err))
@@ -64,12 +64,12 @@ class DecodeVideos(beam.DoFn):
         self.videos.inc()
         self.frames.inc(len(frames))
         if self.granularity is Granularity.VIDEO:
-            yield VideoRecord(id=record.id, uri=record.uri, label=record.label,
+            yield VideoRecord(id=record.id, uri=record.uri, label=record.label, extras=record.extras,
                               views=tuple(view for frame in frames for view in frame.views))
             return
         for frame in frames:
             yield FrameRecord(id=f"{record.id}#{frame.index}", uri=record.uri, label=record.label,
-                              data=frame.views[0], video_id=record.id, frame_index=frame.index,
+                              extras=record.extras, data=frame.views[0], video_id=record.id, frame_index=frame.index,
                               timestamp_s=frame.timestamp_s)
 
 
@@ -88,7 +88,8 @@ class SplitViews(beam.DoFn):
                      for v in record.views]
         except BadInput as err:
             progress.add(number, "failed")
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, number, f"view: {err}"))
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, number, f"view: {err}",
+                                                                       err.category))
             return
         key = (record.id, record.uri)
         yield key, record
@@ -147,27 +148,28 @@ class MeanLogitsFn(beam.CombineFn):
         return acc
 
 
-def video_row(element, spec: registry.ModelSpec, kind: committee.Confidence) -> dict:
+def video_row(element, spec: registry.ModelSpec, kind: committee.Confidence, run_id: str) -> dict:
     (video_id, uri), (total, frames, gmacs, label) = element
     mean = total / frames
     pred = int(np.argmax(mean))
-    return VIDEO_PREDICTIONS.row(video_id=video_id, uri=uri, label=label, pred_class=pred,
-                                 pred_name=spec.class_name(pred),
+    return VIDEO_PREDICTIONS.row(run_id=run_id, video_id=video_id, uri=uri, label=label,
+                                 label_name=spec.label_name(label), pred_class=pred, pred_name=spec.class_name(pred),
                                  confidence=float(committee.confidence(mean, kind)), frames=frames, gmacs=gmacs)
 
 
 class VideoPredictions(beam.PTransform):
     """Frame exits -> one row per video: the mean of its frames' final logits, their count and total GMACs."""
 
-    def __init__(self, spec: registry.ModelSpec, kind: committee.Confidence):
+    def __init__(self, spec: registry.ModelSpec, kind: committee.Confidence, run_id: str):
         super().__init__()
         self.spec = spec
         self.kind = kind
+        self.run_id = run_id
 
     def expand(self, rows):
         return (
             rows
             | "ByVideo" >> beam.Map(lambda e: ((e.record.video_id, e.record.uri), e))
             | "MeanLogits" >> beam.CombinePerKey(MeanLogitsFn())
-            | "Rows" >> beam.Map(video_row, self.spec, self.kind)
+            | "Rows" >> beam.Map(video_row, self.spec, self.kind, self.run_id)
         )

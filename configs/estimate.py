@@ -1,0 +1,147 @@
+"""What a run will cost, before it runs: from a plan, the exit ratios its calibration expects and throughputs
+measured by ``benchmarks/`` (``benchmarks/throughput_figures.json``), the expected and worst-case GMACs
+per record and the compute of N records, next to the last model alone. No Beam, no models loaded.
+
+The cost model is docs/SCALING.md's: stage k runs on the share ``reach[k]`` of the records that get to it
+(reach[1] = 1, reach[k+1] = reach[k] - exit ratio of stage k) and decodes each of them again.
+- A CPU machine (``cores`` cores, one process): seconds per record = sum_k reach[k] (1 / model_k +
+  1 / (cores x decode per core)) + the per-record overhead of the pipeline.
+- A GPU worker (1 GPU + ``cores`` vCPUs): records/s = min(cores x decode per core / decodes, 1 / G) with PIL
+  decoding, or 1 / (G + decodes / GPU decode rate) with nvJPEG, where G = sum_k reach[k] / model_k.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from configs.plan import CascadePlan
+
+FIGURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                       "throughput_figures.json")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One reference machine's measured throughputs (an entry of ``throughput_figures.json``)."""
+
+    name: str
+    kind: str  # cpu | gpu
+    machine: str
+    date: str
+    cores: int
+    model_images_per_s: dict[str, float]
+    decode_images_per_s_per_core: float
+    overhead_s_per_record: float = 0.0
+    gpu_decode_images_per_s: Optional[float] = None
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def load_figures(path: str = FIGURES) -> dict[str, Machine]:
+    """The reference machines of a figures file, by name; none if the file is absent."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as fh:
+        machines = json.load(fh)["machines"]
+    return {name: Machine(name=name, **entry) for name, entry in machines.items()}
+
+
+def reach(exit_ratios: Sequence[float]) -> list[float]:
+    """The share of records that get to each stage, from the paper's exit ratios (summing to 1)."""
+    out, left = [], 1.0
+    for ratio in exit_ratios:
+        out.append(max(left, 0.0))
+        left -= ratio
+    return out
+
+
+@dataclass(frozen=True)
+class Compute:
+    """The compute of a run on one reference machine."""
+
+    machine: Machine
+    seconds_per_record: float  # machine (CPU) or worker (GPU) seconds per record
+    bound: str  # what limits it
+    hours: float  # machine-hours (CPU) or GPU-hours (GPU) for the records
+
+    @property
+    def core_hours(self) -> float:
+        return self.hours * self.machine.cores
+
+
+def compute(machine: Machine, keys: Sequence[str], stage_reach: Sequence[float], records: int,
+            gpu_decode: bool) -> Optional[Compute]:
+    """The compute of ``records`` records through the stages ``keys`` reached by ``stage_reach``; None when
+    the machine has no figure for one of the models."""
+    if any(k not in machine.model_images_per_s for k in keys):
+        return None
+    rates = [machine.model_images_per_s[k] for k in keys]
+    decodes = sum(stage_reach)
+    model_s = sum(r / m for r, m in zip(stage_reach, rates))
+    decode_rate = machine.cores * machine.decode_images_per_s_per_core
+    if machine.kind == "cpu":
+        seconds = model_s + decodes / decode_rate + machine.overhead_s_per_record
+        bound = "CPU (models, decoding and the pipeline take turns)"
+    elif gpu_decode and machine.gpu_decode_images_per_s:
+        seconds = model_s + decodes / machine.gpu_decode_images_per_s + machine.overhead_s_per_record
+        bound = "GPU (nvJPEG decoding and models)"
+    else:
+        cpu_s = decodes / decode_rate
+        seconds, bound = (cpu_s, "CPU decoding") if cpu_s > model_s else (model_s, "GPU models")
+        seconds += machine.overhead_s_per_record
+    return Compute(machine, seconds, bound, records * seconds / 3600)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    keys: tuple[str, ...]
+    thresholds: tuple[Optional[float], ...]
+    stage_gmacs: tuple[float, ...]
+    expected_exit_ratios: Optional[tuple[float, ...]]  # from the config's calibration block; None without one
+    records: Optional[int]
+
+    @property
+    def cumulative_gmacs(self) -> list[float]:
+        total, out = 0.0, []
+        for g in self.stage_gmacs:
+            total += g
+            out.append(total)
+        return out
+
+    @property
+    def worst_gmacs(self) -> float:
+        return sum(self.stage_gmacs)
+
+    @property
+    def last_model_gmacs(self) -> float:
+        return self.stage_gmacs[-1]
+
+    @property
+    def reach(self) -> Optional[list[float]]:
+        return None if self.expected_exit_ratios is None else reach(self.expected_exit_ratios)
+
+    @property
+    def avg_gmacs(self) -> Optional[float]:
+        if self.expected_exit_ratios is None:
+            return None
+        return sum(r * c for r, c in zip(self.expected_exit_ratios, self.cumulative_gmacs))
+
+    def cascade_compute(self, machine: Machine, gpu_decode: bool) -> Optional[Compute]:
+        """At the expected exit ratios, or in the worst case (every record through every stage) without them."""
+        stage_reach = self.reach or [1.0] * len(self.keys)
+        return None if self.records is None else compute(machine, self.keys, stage_reach, self.records, gpu_decode)
+
+    def last_alone_compute(self, machine: Machine, gpu_decode: bool) -> Optional[Compute]:
+        return None if self.records is None else compute(machine, self.keys[-1:], [1.0], self.records, gpu_decode)
+
+
+def estimate(plan: CascadePlan, expected_exit_ratios: Optional[Sequence[float]], records: Optional[int]) -> Estimate:
+    """The estimate of a plan. ``expected_exit_ratios`` must have one ratio per stage (else ValueError)."""
+    if expected_exit_ratios is not None and len(expected_exit_ratios) != len(plan.stages):
+        raise ValueError(f"calibration.expected_exit_ratios has {len(expected_exit_ratios)} ratios for "
+                         f"{len(plan.stages)} stages")
+    return Estimate(tuple(s.key for s in plan.stages), tuple(s.threshold for s in plan.stages),
+                    tuple(s.gmacs for s in plan.stages),
+                    None if expected_exit_ratios is None else tuple(expected_exit_ratios), records)
