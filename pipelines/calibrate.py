@@ -156,9 +156,12 @@ def parse(argv: Sequence[str] | None):
                         help="the config's margins, in standard errors of held-out vs a new set's figure")
     parser.add_argument("--reference_groups", type=int, default=None,
                         help="groups of the new set the promise is for (default: as many as held out)")
-    parser.add_argument("--strategy", choices=["exhaustive", "beam"], default="exhaustive")
-    parser.add_argument("--beam_width", type=int, default=8)
-    parser.add_argument("--backend", choices=["numpy", "torch"], default="numpy")
+    parser.add_argument("--strategy", choices=["exhaustive", "beam"], default="exhaustive",
+                        help="exhaustive: every sequence of up to --max_models entries; beam: extend the best "
+                             "--beam_width prefixes only (large pools)")
+    parser.add_argument("--beam_width", type=int, default=8, help="prefixes kept per depth with --strategy beam")
+    parser.add_argument("--backend", choices=["numpy", "torch"], default="numpy",
+                        help="numpy (exact reference) or torch (multi-threaded or CUDA, float64 confidences)")
     parser.add_argument("--manifest", default=None, help="manifest with extra columns (--where, --group)")
     parser.add_argument("--where", action="append", default=[], help="COLUMN=VALUE filter on --manifest rows")
     parser.add_argument("--data", default=None, help="a line saying what the scored records are (for the config)")
@@ -252,6 +255,34 @@ def calibration_info(target: str, data: str, held: cal.Measured, sigmas: float,
     )
 
 
+def describe(objective: cal.Objective) -> str:
+    """An objective in words."""
+    if objective.goal is cal.Goal.MIN_COST:
+        parts = [f"the least average GMACs at accuracy >= {objective.target_accuracy:.2%}"]
+    else:
+        parts = ["the best accuracy"] + ([f"within {objective.budget_gmacs:.3f} average GMACs"]
+                                         if objective.budget_gmacs is not None else [])
+    if objective.max_worst_gmacs is not None:
+        parts.append(f"worst case <= {objective.max_worst_gmacs:.3f} GMACs")
+    if objective.max_past_first is not None:
+        parts.append(f"at most {objective.max_past_first:.0%} of the records past stage 1")
+    if objective.margin_sigmas:
+        parts.append(f"with a margin of {objective.margin_sigmas:g} standard errors")
+    return ", ".join(parts)
+
+
+def no_choice(objective: cal.Objective, records: int, frontier: list[dict], output: str) -> str:
+    """Why nothing was chosen, what is reachable, and what to change."""
+    best = max(frontier, key=lambda r: (r["accuracy"], -r["avg_gmacs"]))
+    cheapest = min(frontier, key=lambda r: (r["avg_gmacs"], -r["accuracy"]))
+    return (f"no cascade meets the objective on the {records} selection records: {describe(objective)}.\n"
+            f"  reachable: the best accuracy is {best['accuracy']:.2%} ({best['models']}, {best['avg_gmacs']:.3f} "
+            f"GMACs); the cheapest entry costs {cheapest['avg_gmacs']:.3f} GMACs ({cheapest['models']}, "
+            f"{cheapest['accuracy']:.2%}).\n"
+            f"  the whole frontier: {output.rstrip('/')}/frontier.md. Lower --target, raise --budget, or lower "
+            "--margin_sigmas; no config was written.")
+
+
 def committee_name(keys: Sequence[str]) -> str:
     return keys[0] if len(keys) == 1 else f"ensemble({','.join(keys)})"
 
@@ -326,11 +357,17 @@ def run(argv: Sequence[str] | None = None) -> dict:
         if chosen is not None:
             only = [list(chosen)]
     result = cal.search(sel, objective, only=only, strategy=args.strategy, beam_width=args.beam_width, **search_kw)
-    if result.best is None:
-        raise SystemExit(f"no cascade meets the objective {objective} on {sel.size} records")
     full = cal.search(sel, objective, frontier=True, prune=False, **search_kw)
-    best = cal.trimmed(sel, result.best, kind, aggregation)
     frontier = frontier_rows(sel, full.frontier, args.max_models, kind, aggregation, held)
+    fs, out = fsspec.core.url_to_fs(args.output)
+    fs.makedirs(out, exist_ok=True)
+    with fs.open(f"{out}/frontier.parquet", "wb") as fh:
+        pq.write_table(pa.Table.from_pylist(frontier, schema=FRONTIER_SCHEMA), fh)
+    with fs.open(f"{out}/frontier.md", "w") as fh:
+        fh.write(markdown_table(frontier))
+    if result.best is None:
+        raise SystemExit(no_choice(objective, sel.size, frontier, args.output))
+    best = cal.trimmed(sel, result.best, kind, aggregation)
 
     def measured(rows_: np.ndarray) -> cal.Measured:
         part = replace(pool, labels=truth).subset(rows_)
@@ -339,12 +376,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     on_selection = measured(sel_rows)
     on_heldout = measured(held_rows) if held is not None else None
-    fs, out = fsspec.core.url_to_fs(args.output)
-    fs.makedirs(out, exist_ok=True)
-    with fs.open(f"{out}/frontier.parquet", "wb") as fh:
-        pq.write_table(pa.Table.from_pylist(frontier, schema=FRONTIER_SCHEMA), fh)
-    with fs.open(f"{out}/frontier.md", "w") as fh:
-        fh.write(markdown_table(frontier))
     target_text = args.target or (f"{goal.value} within {args.budget} GMACs" if args.budget else goal.value)
     data = args.data or f"{pool.size} scored records" + (f" ({', '.join(args.where)})" if args.where else "")
     block = (calibration_info(target_text, data, on_heldout, args.promise_sigmas, args.reference_groups,

@@ -446,3 +446,16 @@ def test_lite_cascade_carries_the_thresholds_and_figures_of_its_calibration_repo
     assert all(s.batch_size == 8 for s in cfg.stages)
     assert [s.threshold for s in cfg.stages[:-1]] == summary["choice"]["thresholds"]
     assert dataclasses.asdict(cfg.calibration) == summary["calibration"]
+
+
+def test_an_unreachable_target_says_what_is_reachable_and_writes_the_frontier(tmp_path):
+    pool = small_pool(n=300, classes=1000, seed=7, keys=KEYS, gmacs=GMACS)
+    scores = write_scores(tmp_path / "scores", pool, variants=2)
+    with pytest.raises(SystemExit) as refused:
+        calibrate.run(["--scores", scores, "--output", str(tmp_path / "c"), "--no_plots", "--target", "0.999",
+                       "--percentile_step", "10", "--folds", "0", "--max_models", "2"])
+    message = str(refused.value)
+    assert message.startswith("no cascade meets the objective on the 150 selection records: the least average "
+                              "GMACs at accuracy >= 99.90%, with a margin of 1 standard errors.")
+    assert "reachable: the best accuracy is" in message and "Objective(" not in message
+    assert (tmp_path / "c" / "frontier.md").exists() and not (tmp_path / "c" / "cascade.yaml").exists()
