@@ -11,6 +11,10 @@ row per record and pool entry: id, uri, label, model, gmacs, logits), dead_lette
 manifest.json). Count invariant, per pool entry: inputs listed = scored rows + dead letters of reading +
 of that entry.
 
+Videos: with a config whose video.granularity is video (--config video_clips --models ...), a record is a
+video and its logits are the mean over its views (clips x crops), exactly what the cascade's stages decide
+on, so pipelines.calibrate chooses video thresholds the same way as image ones.
+
 Flags: --models (comma-separated keys; or --config, a cascade YAML whose stages are the pool), --input,
 --output, --overwrite, --batch_size; key=value words are OmegaConf overrides; the rest goes to Beam.
 """
@@ -33,7 +37,7 @@ import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from configs import schema
-from configs.plan import CascadePlan, StagePlan, build_plan
+from configs.plan import CascadePlan, StagePlan, TaskKind, build_plan, task_kind
 from models import registry
 from models.classifier import Failure
 from pipelines import common
@@ -41,8 +45,8 @@ from pipelines.cascade import listed_inputs
 from transforms.io import DEAD, ReadInputs
 from transforms.outputs import WriteTable
 from transforms.records import DeadLetter
-from transforms.stage import classify_images
 from transforms.tables import DEAD_LETTER, Table
+from transforms.tasks import task_for
 
 SCORES = Table("scores", pa.schema(
     [
@@ -88,6 +92,9 @@ def parse(argv: Sequence[str] | None) -> tuple[schema.CascadeConfig, list[str]]:
         cfg = schema.load(args.config, overrides, **values)
     except schema.ConfigError as err:
         raise SystemExit(f"invalid config: {err}") from None
+    if task_kind(cfg) is TaskKind.VIDEO_FRAMES:
+        raise SystemExit("invalid config: video.granularity: scoring takes images, or videos at granularity video "
+                         "(a video's logits are the mean over its views); to calibrate on frames, score them as images")
     keys = [spec.key for spec in schema.stage_specs(cfg)]
     if len(set(keys)) != len(keys):
         raise SystemExit(f"invalid pool: an entry appears twice ({', '.join(keys)}); the same model at the same "
@@ -109,24 +116,29 @@ def score_row(element, plan: StagePlan):
 
 class ScoreEntry(beam.PTransform):
     """Records -> {scores rows of one pool entry, dead letters}: the cascade stage's preprocessing and
-    inference without routing."""
+    inference without routing, through the run's task (an image's logits; a video's, the mean over its
+    views, as the cascade decides on it)."""
 
-    def __init__(self, plan: StagePlan):
+    def __init__(self, plan: StagePlan, task):
         super().__init__()
         self.plan = plan
+        self.task = task
 
     def expand(self, records):
-        inferred = classify_images(records, self.plan)
+        inferred, failed = self.task.classify(records, self.plan)
         rows = inferred | "Rows" >> beam.FlatMap(score_row, self.plan).with_outputs(DEAD, main=SCORES.name)
-        return {SCORES.name: rows[SCORES.name], DEAD: rows[DEAD]}
+        dead = (*failed, rows[DEAD]) | "Failures" >> beam.Flatten()
+        return {SCORES.name: rows[SCORES.name], DEAD: dead}
 
 
 def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan, run_id: str) -> list[tuple[str, float]]:
-    """Add the scoring job to ``p``; returns (key, gmacs) of each pool entry."""
-    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes, timeout_s=cfg.decode.read_timeout_s)
+    """Add the scoring job to ``p``; returns (key, gmacs per record) of each pool entry."""
+    task = task_for(plan)
+    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes, task.reader(plan),
+                                            timeout_s=cfg.decode.read_timeout_s)
     scored, dead = [], [inputs[DEAD]]
     for stage in plan.stages:
-        out = inputs["records"] | f"Score_{stage.key}" >> ScoreEntry(stage)
+        out = inputs["records"] | f"Score_{stage.key}" >> ScoreEntry(stage, task)
         scored.append(out[SCORES.name])
         dead.append(out[DEAD])
     metadata = {"cascade.run_id": run_id, "cascade.config": schema.to_yaml(cfg)}

@@ -217,3 +217,35 @@ def test_frame_granularity_writes_one_row_per_sampled_frame(videos, sample, tmp_
     assert sorted(d["uri"] for d in dead) == sorted(broken) and all(d["stage"] == 0 for d in dead)
     assert not {r["uri"] for r in frames} & set(broken)
     assert os.path.exists(out / "manifest.json")
+
+
+def test_scoring_videos_gives_the_logits_the_cascade_decides_on(videos, tmp_path):
+    """pipelines.score at video granularity: one row per video, the mean over its views, so calibration sees
+    what a video_clips stage routes by; a broken video is a dead letter of reading."""
+    import numpy as np
+
+    from models import committee
+    from pipelines import score
+
+    good, broken = videos["good"][:3], next(iter(videos["broken"]))
+    manifest = write_manifest(tmp_path / "v.csv", good + [(broken, 0)])
+    views = ["video.clips=2", "video.crops=1"]
+    scored = score.run(["--config", "video_clips", "--models", "lite0@224", "--input", manifest, "--output",
+                        str(tmp_path / "scores"), "--runner=FnApiRunner", *views])
+    assert scored["invariant_holds"] and scored["counts"]["read_dead_letters"] == 1
+    table = {r["uri"]: r for r in rows(tmp_path / "scores", "scores")}
+    assert sorted(table) == sorted(uri for uri, _ in good)
+    run(tmp_path / "cascade", "--config", "video_clips", "--input", manifest, "stages=[{model: lite0}]", *views)
+    for r in rows(tmp_path / "cascade", "predictions"):
+        logits = np.asarray(table[r["uri"]]["logits"], dtype=np.float64)
+        assert table[r["uri"]]["gmacs"] == pytest.approx(r["gmacs"])  # 2 views x Lite0's GMACs
+        assert r["pred_class"] == int(np.argmax(logits))
+        assert r["confidence"] == pytest.approx(float(committee.confidence(logits)), abs=1e-5)
+
+
+def test_scoring_refuses_frame_granularity(tmp_path):
+    from pipelines import score
+
+    with pytest.raises(SystemExit, match="video.granularity: scoring takes images, or videos at granularity video"):
+        score.run(["--config", "video_frames", "--models", "lite0@224", "--input", str(tmp_path / "m.csv"),
+                   "--output", str(tmp_path / "out")])
