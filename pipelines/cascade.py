@@ -24,7 +24,9 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from configs import schema
 from configs.plan import CascadePlan, TaskKind, build_plan
+from configs.schema import Execution
 from pipelines import common, runners
+from transforms.fused import FusedCascade
 from transforms.io import DEAD, ReadInputs, is_manifest
 from transforms.outputs import ExitStats, WriteTable
 from transforms.progress import NAMESPACE
@@ -89,16 +91,22 @@ def plan(cfg: schema.CascadeConfig, torch_threads: Optional[int] = None) -> Casc
 
 def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan) -> None:
     """Add the cascade to pipeline ``p``: read -> stage 1 -> ... -> stage n -> Parquet tables. The plan's
-    task says what a record is (``transforms.tasks``)."""
+    task says what a record is (``transforms.tasks``); its execution mode whether the stages are one step
+    (fused: each record decoded once) or a step each (staged)."""
     task = task_for(plan)
     inputs = p | "ReadInputs" >> ReadInputs(cfg.input, plan.settings.decode.max_bytes, task.reader(plan))
     records = inputs["records"]
     exited, dead = [], [inputs[DEAD]]
-    for stage in plan.stages:
-        out = records | f"Stage{stage.number}" >> CascadeStage(stage, task)
+    if plan.execution is Execution.FUSED:
+        out = records | "Cascade" >> FusedCascade(plan)
         exited.append(out[EXITED])
         dead.append(out[DEAD])
-        records = out[CONTINUE]
+    else:
+        for stage in plan.stages:
+            out = records | f"Stage{stage.number}" >> CascadeStage(stage, task)
+            exited.append(out[EXITED])
+            dead.append(out[DEAD])
+            records = out[CONTINUE]
     exits = exited | "MergeExits" >> beam.Flatten()
     predictions = exits | "PredictionRows" >> beam.Map(task.prediction_row, plan)
     dead_letters = dead | "MergeDeadLetters" >> beam.Flatten()

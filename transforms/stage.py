@@ -76,6 +76,37 @@ def classify_images(records, plan: StagePlan):
     return records | "Batch" >> beam.Map(encoded, plan.number) | "Infer" >> RunInference(handler)
 
 
+def route(record: Record, result: np.ndarray | Failure, plan: StagePlan) -> Exit | DeadLetter | Record:
+    """Algorithm 1 at one stage for one record: add the stage's logits to its running committee, then an
+    ``Exit``, the updated record (it continues), or a ``DeadLetter`` if the stage failed on it. Both
+    execution modes route through here, so they decide alike."""
+    settings = plan.settings
+    if isinstance(result, Failure):
+        progress.add(plan.number, "failed")
+        return DeadLetter(record.id, record.uri, plan.number, result.reason)
+    scores = committee.member_scores(result, settings.aggregation).astype(np.float64)
+    score_sum = scores if record.score_sum is None else record.score_sum + scores
+    record = dataclasses.replace(
+        record, score_sum=score_sum, stages_run=record.stages_run + 1, gmacs=record.gmacs + plan.gmacs
+    )
+    combined = committee.combine(score_sum, record.stages_run, settings.aggregation)
+    conf = float(committee.confidence(combined, settings.confidence))
+    if plan.is_last or committee.exits(conf, plan.threshold):
+        progress.add(plan.number, "exited")
+        return Exit(record, combined, conf)
+    progress.add(plan.number, "escalated")
+    return record
+
+
+def tagged(routed: Exit | DeadLetter | Record, value=None):
+    """A routed record as the output of a step: an ``Exit`` on the main output, the others tagged.
+    ``value`` replaces what is emitted (a ``WindowedValue`` of it, for outputs of ``finish_bundle``)."""
+    value = routed if value is None else value
+    if isinstance(routed, Exit):
+        return value
+    return beam.pvalue.TaggedOutput(DEAD if isinstance(routed, DeadLetter) else CONTINUE, value)
+
+
 class Route(beam.DoFn):
     """(record, logits) -> update the running committee; exit (an ``Exit``) or continue."""
 
@@ -84,35 +115,21 @@ class Route(beam.DoFn):
 
     def process(self, element):
         record, result = element
-        plan, settings = self.plan, self.plan.settings
-        if isinstance(result.inference, Failure):
-            progress.add(plan.number, "failed")
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, plan.number,
-                                                            result.inference.reason))
-            return
-        scores = committee.member_scores(result.inference, settings.aggregation).astype(np.float64)
-        score_sum = scores if record.score_sum is None else record.score_sum + scores
-        record = dataclasses.replace(
-            record, score_sum=score_sum, stages_run=record.stages_run + 1, gmacs=record.gmacs + plan.gmacs
-        )
-        combined = committee.combine(score_sum, record.stages_run, settings.aggregation)
-        conf = float(committee.confidence(combined, settings.confidence))
-        if plan.is_last or committee.exits(conf, plan.threshold):
-            progress.add(plan.number, "exited")
-            yield Exit(record, combined, conf)
-        else:
-            progress.add(plan.number, "escalated")
-            yield beam.pvalue.TaggedOutput(CONTINUE, record)
+        yield tagged(route(record, result.inference, self.plan))
 
 
 class CascadeStage(beam.PTransform):
     """Records in -> {exited: ``Exit``s, continue: records for the next stage, dead_letter}. ``task`` says how
-    records become model examples and how their results regroup (``transforms.tasks``)."""
+    records become model examples and how their results regroup (``transforms.tasks``). The stage's resource
+    hints (``stages[i].resources``) apply to its steps, so that a runner can place each stage on its own
+    kind of worker."""
 
     def __init__(self, plan: StagePlan, task):
         super().__init__()
         self.plan = plan
         self.task = task
+        if plan.resources:
+            self.with_resource_hints(**plan.resource_hints)
 
     def expand(self, records):
         if self.plan.number > 1:  # escalated records of all bundles meet again, so batches stay full
