@@ -86,7 +86,7 @@ def check_run(output: str, n_images: int, threads: int) -> list[float]:
     from omegaconf import OmegaConf
 
     from pipelines import common
-    from transforms.io import ExpandSource
+    from transforms.io import list_source
 
     stats = sorted(common.read_table(output, "exit_stats").to_pylist(), key=lambda r: r["stage"])
     with fsspec.open(f"{output.rstrip('/')}/{common.MANIFEST}") as fh:
@@ -94,7 +94,7 @@ def check_run(output: str, n_images: int, threads: int) -> list[float]:
     config = OmegaConf.create(manifest["config"])
     total = stats[0]["records_in"]
     reach = [s["records_in"] / total for s in stats]
-    records = [r for r in ExpandSource()._expand(config.input) if hasattr(r, "uri")][:n_images]
+    records = [r for r in list_source(config.input) if hasattr(r, "label")][:n_images]
     images = [fsspec.open(r.uri, "rb").open().read() for r in records]
     print(f"run {output}: {total} records; reach per stage {[round(r, 3) for r in reach]}")
     seconds = 0.0

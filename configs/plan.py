@@ -54,6 +54,7 @@ class StagePlan:
     channels_last: bool
     compile: bool
     settings: RunSettings
+    escalate: Optional[float] = None  # set: the threshold is the run's quantile of this share (a budget)
     resources: tuple[tuple[str, str], ...] = ()  # Beam resource hints of the stage's step
 
     @property
@@ -82,7 +83,7 @@ class StagePlan:
     def summary(self) -> dict:
         """The stage as the run manifest records it."""
         return {"number": self.number, "model": self.key, "resolution": self.resolution,
-                "threshold": self.threshold, "gmacs": self.gmacs}
+                "threshold": self.threshold, "escalate": self.escalate, "gmacs": self.gmacs}
 
 
 @dataclass(frozen=True)
@@ -123,10 +124,11 @@ def build_plan(cfg: CascadeConfig, *, torch_threads: Optional[int] = None, check
         if check_models:
             try:
                 registry.check_output(spec, registry.build(spec))
-            except (ValueError, OSError, RuntimeError) as err:
-                raise ConfigError(f"stages.{i}.model: {err}") from None
+            except Exception as err:  # any way a model fails to build or run once is the config's, found before work
+                raise ConfigError(f"stages.{i}.model: {err or type(err).__name__}") from None
         last = i == len(cfg.stages) - 1
         stages.append(StagePlan(i + 1, spec, None if last else stage.threshold, registry.gmacs(spec) * views,
                                 stage.batch_size, Precision(stage.precision), stage.channels_last, stage.compile,
-                                settings, tuple(sorted((k, str(v)) for k, v in stage.resources.items()))))
+                                settings, None if last else stage.escalate,
+                                tuple(sorted((k, str(v)) for k, v in stage.resources.items()))))
     return CascadePlan(kind, tuple(stages), settings, video, Execution(cfg.execution))

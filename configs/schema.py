@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from models import registry
@@ -28,6 +28,7 @@ from models.video import Sampling, SamplingPlan
 log = logging.getLogger("cascade.config")
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,9 @@ class StageConfig:
     resolution: Optional[int] = None  # input resolution; default: the model's own (another one = self-cascade)
     batch_size: int = 32  # images per inference batch; every batch but a bundle's last is full
     threshold: float = 1.0  # exit when confidence >= threshold; 1 never exits; ignored on the last stage
+    # a compute budget instead of a threshold: the share of the records reaching this stage to send on; the
+    # threshold is then the run's quantile of this stage's confidences (Beam's approximate quantiles)
+    escalate: Optional[float] = None
     precision: Precision = Precision.FP32  # autocast precision on CUDA; logits stay float32
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU and GPU)
     compile: bool = False  # torch.compile the model once per process
@@ -137,7 +141,7 @@ def load(config: Optional[str] = None, overrides: Optional[list[str]] = None, **
     try:
         merged = OmegaConf.structured(CascadeConfig)
         if config:
-            merged = OmegaConf.merge(merged, OmegaConf.load(profile_path(config)))
+            merged = OmegaConf.merge(merged, _load_yaml(profile_path(config)))
         given = {k: v for k, v in values.items() if v is not None}
         if given:
             merged = OmegaConf.merge(merged, given)
@@ -151,7 +155,11 @@ def load(config: Optional[str] = None, overrides: Optional[list[str]] = None, **
                 # the index one past the end appends a new stage
                 if parts[0] == "stages" and parts[1].isdigit() and int(parts[1]) == len(merged.stages):
                     merged.stages.append(OmegaConf.structured(StageConfig))
-                OmegaConf.update(merged, key.strip(), yaml.safe_load(value) if value.strip() else "", merge=True)
+                try:
+                    parsed = yaml.safe_load(value) if value.strip() else ""
+                except yaml.YAMLError as err:
+                    raise ConfigError(f"{override}: the value is not valid YAML: {_first_line(err)}") from None
+                OmegaConf.update(merged, key.strip(), parsed, merge=True)
             else:
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
         cfg = OmegaConf.to_object(merged)
@@ -160,6 +168,25 @@ def load(config: Optional[str] = None, overrides: Optional[list[str]] = None, **
         raise ConfigError(f"{key or 'config'}: {err.msg if hasattr(err, 'msg') else err}") from None
     validate(cfg)
     return cfg
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _load_yaml(path: str) -> DictConfig:
+    """A YAML config file as a mapping; syntax errors, duplicate keys and anything but a mapping at the top
+    are ``ConfigError``s naming the file, never tracebacks."""
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:  # syntax errors and duplicate keys, with their line and column
+        raise ConfigError(f"config: {path} is not valid YAML: {_first_line(err)}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config: cannot read {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config: {path} must hold a mapping of keys (stages:, models:, ...) at the top, "
+                          f"not a {type(loaded).__name__.removesuffix('Config').lower()}")
+    return loaded
 
 
 def to_yaml(cfg: CascadeConfig) -> str:
@@ -260,6 +287,15 @@ def validate(cfg: CascadeConfig) -> None:
             raise ConfigError(f"{key}.batch_size: must be > 0, got {stage.batch_size}")
         if not 0.0 <= stage.threshold <= 1.0:
             raise ConfigError(f"{key}.threshold: must be in [0, 1], got {stage.threshold}")
+        if stage.escalate is not None:
+            if not 0.0 <= stage.escalate <= 1.0:
+                raise ConfigError(f"{key}.escalate: must be in [0, 1] (a share of the stage's records), "
+                                  f"got {stage.escalate}")
+            if i == len(cfg.stages) - 1:
+                raise ConfigError(f"{key}.escalate: the last stage escalates nothing (every record exits there)")
+            if stage.threshold != 1.0:
+                raise ConfigError(f"{key}.escalate: give a threshold or a share to escalate, not both "
+                                  f"(threshold={stage.threshold})")
         if i == len(cfg.stages) - 1 and stage.threshold != 1.0:
             # accepted so that sweeps like "every threshold 0" stay one command; it decides nothing
             log.warning("%s.threshold=%s is ignored: the last stage exits every record (a cascade has one fewer "
@@ -281,8 +317,10 @@ def validate(cfg: CascadeConfig) -> None:
         raise ConfigError(f"torch_threads: must be >= 0, got {cfg.torch_threads}")
     if cfg.output_shards < 0:
         raise ConfigError(f"output_shards: must be >= 0, got {cfg.output_shards}")
-    if cfg.device != "auto" and cfg.device != "cpu" and not cfg.device.startswith("cuda"):
-        raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
+    if not DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda, cuda:N (N a GPU index)")
+    if not cfg.decode.read_timeout_s > 0:
+        raise ConfigError(f"decode.read_timeout_s: must be > 0, got {cfg.decode.read_timeout_s}")
     if not cfg.output:
         raise ConfigError("output: an output folder is needed")
     if cfg.video is not None:
@@ -291,6 +329,10 @@ def validate(cfg: CascadeConfig) -> None:
     if fused and cfg.video is not None and Granularity(cfg.video.granularity) is Granularity.VIDEO:
         raise ConfigError("execution: fused runs image and frame records; video granularity (a video's views "
                           "decided together) runs staged: set execution: staged")
+    budgeted = next((i for i, stage in enumerate(cfg.stages) if stage.escalate is not None), None)
+    if fused and budgeted is not None:
+        raise ConfigError(f"execution: fused routes each batch as it runs; stages.{budgeted}.escalate (a share of "
+                          "the whole run's records) needs every confidence first: set execution: staged")
     if fused and ModelSharing(cfg.model_sharing) is ModelSharing.MACHINE:
         raise ConfigError("execution: fused keeps the decoded images next to each process's models; "
                           "model_sharing: machine needs execution: staged")

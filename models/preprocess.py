@@ -32,6 +32,7 @@ class DecodeConfig:
     max_bytes: int = 256 * 1024 * 1024  # larger files are dead-lettered unread
     draft: bool = True  # JPEG DCT-domain downscaling towards the stage's resize size
     gpu: bool = True  # on a CUDA device, decode JPEGs in batches with nvJPEG (torchvision); others on the CPU
+    read_timeout_s: float = 300.0  # reading one input (file, URL) taking longer -> that input's dead letter
 
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,

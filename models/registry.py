@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
-import importlib.resources
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -201,12 +201,32 @@ def _build_architecture(spec: ModelSpec) -> torch.nn.Module:
     return family.build(name, spec)
 
 
+@functools.lru_cache(maxsize=None)
+def _distributions_of(module: str) -> tuple[str, ...]:
+    return tuple(importlib.metadata.packages_distributions().get(module, ()))
+
+
 def resolve_weights(url: str) -> str:
-    """Turn ``pkg:MODULE/relative/path`` into a local path; other URLs are returned unchanged."""
-    if url.startswith("pkg:"):
-        module, _, rel = url[len("pkg:"):].partition("/")
-        return str(importlib.resources.files(module).joinpath(rel))
-    return url
+    """Turn ``pkg:MODULE/relative/path`` into a local path; other URLs are returned unchanged.
+
+    Resolved from the installed distributions' file lists, without importing anything: a config cannot
+    make the job import (run) a module it names. The path must be a file that a distribution providing
+    the top-level package ``MODULE`` ships (listed in its RECORD), e.g. a package of weights."""
+    if not url.startswith("pkg:"):
+        return url
+    module, _, rel = url[len("pkg:"):].partition("/")
+    if not module.isidentifier() or not rel:
+        raise ValueError(f"weights {url!r}: a packaged file is pkg:MODULE/relative/path (MODULE a top-level package)")
+    wanted = pathlib.PurePosixPath(module, rel)
+    dists = _distributions_of(module)
+    for name in dists:
+        dist = importlib.metadata.distribution(name)
+        for file in dist.files or ():
+            if pathlib.PurePosixPath(file.as_posix()) == wanted:
+                return str(dist.locate_file(file))
+    where = f"the distribution(s) {', '.join(dists)}" if dists else "any installed distribution"
+    raise ValueError(f"weights {url!r}: {rel!r} is not a file shipped in package {module!r} by {where}; "
+                     "nothing was imported")
 
 
 def _read_state_dict(url: str) -> dict[str, torch.Tensor]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 from collections.abc import Sequence
 
@@ -125,17 +124,12 @@ def load_pool(scores: str, models: Sequence[str] | None = None, families: dict[s
 
 def manifest_ids(manifest: str, where: Sequence[str]) -> set[str]:
     """Ids (as ReadInputs makes them) of the manifest rows matching every COLUMN=VALUE filter."""
-    from transforms.io import _join, _manifest_rows, manifest_columns
+    from transforms.io import manifest_entries
+    from transforms.records import Record
 
-    uri_col, _, id_col = manifest_columns(manifest)
     tests = [w.split("=", 1) for w in where]
-    base = os.path.dirname(manifest)
-    out = set()
-    for row in _manifest_rows(manifest):
-        if all(str(row.get(c)) == v for c, v in tests):
-            uri = _join(base, str(row[uri_col]).strip())
-            out.add(str(row[id_col]) if id_col and row.get(id_col) not in (None, "") else uri)
-    return out
+    return {entry.id for row, entry in manifest_entries(manifest)
+            if isinstance(entry, Record) and all(str(row.get(c)) == v for c, v in tests)}
 
 
 def resolve(value: str | None, pool: cal.Pool, what: str) -> float | None:

@@ -27,10 +27,10 @@ from configs.plan import CascadePlan, TaskKind, build_plan
 from configs.schema import Execution
 from pipelines import common, runners
 from transforms.fused import FusedCascade
-from transforms.io import DEAD, ReadInputs, is_manifest
+from transforms.io import DEAD, ReadInputs, check_source
 from transforms.outputs import ExitStats, WriteTable
 from transforms.progress import NAMESPACE
-from transforms.stage import CONTINUE, EXITED, CascadeStage, default_threads
+from transforms.stage import CONTINUE, EXITED, THRESHOLD, CascadeStage, default_threads
 from transforms.tables import ALL_TABLE_NAMES, DEAD_LETTER, EXIT_STATS, VIDEO_PREDICTIONS
 from transforms.tasks import task_for
 
@@ -94,9 +94,12 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan) -> Non
     task says what a record is (``transforms.tasks``); its execution mode whether the stages are one step
     (fused: each record decoded once) or a step each (staged)."""
     task = task_for(plan)
-    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, plan.settings.decode.max_bytes, task.reader(plan))
+    decode = plan.settings.decode
+    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, decode.max_bytes, task.reader(plan),
+                                            num_classes=plan.stages[0].spec.num_classes,
+                                            timeout_s=decode.read_timeout_s)
     records = inputs["records"]
-    exited, dead = [], [inputs[DEAD]]
+    exited, dead, thresholds = [], [inputs[DEAD]], []
     if plan.execution is Execution.FUSED:
         out = records | "Cascade" >> FusedCascade(plan)
         exited.append(out[EXITED])
@@ -106,6 +109,7 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan) -> Non
             out = records | f"Stage{stage.number}" >> CascadeStage(stage, task)
             exited.append(out[EXITED])
             dead.append(out[DEAD])
+            thresholds += [out[THRESHOLD]] if out[THRESHOLD] is not None else []
             records = out[CONTINUE]
     exits = exited | "MergeExits" >> beam.Flatten()
     predictions = exits | "PredictionRows" >> beam.Map(task.prediction_row, plan)
@@ -119,7 +123,8 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan) -> Non
     )
     (
         (predictions, dead_letters)
-        | "ExitStats" >> ExitStats(plan.stages)
+        | "ExitStats" >> ExitStats(plan.stages,
+                                   (thresholds | "BudgetThresholds" >> beam.Flatten()) if thresholds else None)
         | "WriteExitStats" >> WriteTable(cfg.output, EXIT_STATS, 1)
     )
 
@@ -136,9 +141,9 @@ def summarize(cfg: schema.CascadeConfig, listed: Optional[int]) -> tuple[dict, l
         lines.append(f"  stage {s['stage']} {s['model']}: {s['records_in']} in, {s['records_exited']} exited "
                      f"(exit ratio {ratio}), {s['records_failed']} failed")
     if run["avg_gmacs"] is not None:
+        share = f" ({run['avg_gmacs'] / run['last_model_gmacs']:.0%} of it)" if run["last_model_gmacs"] else ""
         lines.append(f"GMACs (multiply-adds x1e9) per record: average {run['avg_gmacs']:.3f}, worst case "
-                     f"{run['worst_case_gmacs']:.3f}; last model alone {run['last_model_gmacs']:.3f} "
-                     f"({run['avg_gmacs'] / run['last_model_gmacs']:.0%} of it)")
+                     f"{run['worst_case_gmacs']:.3f}; last model alone {run['last_model_gmacs']:.3f}{share}")
     if run["accuracy"] is not None:
         lines.append(f"accuracy on labelled records: {run['accuracy']:.2%}")
     counts = {"inputs_listed": listed, "predictions": predictions, "dead_letters": dead,
@@ -207,20 +212,27 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
         raise SystemExit("invalid pipeline options:\n  " + "\n  ".join(problems))
     dry_run = runners.is_dry_run(options)
     p = test_pipeline or beam.Pipeline(options=options)  # Beam validates the options here, before any work
-    if is_manifest(cfg.input) and not dry_run:
-        from transforms.io import manifest_columns
-
+    if not dry_run:
         try:
-            manifest_columns(cfg.input)
-        except (OSError, ValueError) as err:
+            check_source(cfg.input)
+        except ValueError as err:
             raise SystemExit(f"invalid input: {err}") from None
+    common.check_output_name(cfg.output)
     threads = None
     direct = options.view_as(DirectOptions)
     if not cfg.torch_threads and direct.direct_running_mode == "multi_processing":
         threads = default_threads(direct.direct_num_workers or os.cpu_count() or 1)
-    run_plan = plan(cfg, threads)  # models checked before the output folder is touched
-    if not dry_run:
-        common.prepare_output(cfg.output, cfg.overwrite, ALL_TABLE_NAMES)
+    run_plan = plan(cfg, threads)  # models too are validated before the output folder is touched (--overwrite)
+    if dry_run:
+        return _execute(p, cfg, run_plan, beam_args, profile, dry_run, None)
+    run_id = common.prepare_output(cfg.output, cfg.overwrite, ALL_TABLE_NAMES)
+    try:
+        return _execute(p, cfg, run_plan, beam_args, profile, dry_run, run_id)
+    finally:
+        common.release_output(cfg.output, run_id)
+
+
+def _execute(p, cfg, run_plan, beam_args, profile, dry_run, run_id) -> dict:
     build(p, cfg, run_plan)
     started = time.time()
     result = p.run()
@@ -238,12 +250,16 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
         if listed is not None:
             listed += listed_inputs(result, "frames_sampled") - videos_sampled
     counts, lines = summarize(cfg, listed)
+    if not listed and not counts["predictions"] + counts["dead_letters"]:
+        raise SystemExit(f"no inputs: {cfg.input} listed nothing (a glob that matches no file, or a manifest "
+                         "without rows); the run is not marked complete")
     if frames:
         lines += frame_summary(cfg, counts, videos_listed, videos_sampled)
     problem = check_invariant(counts)
     manifest = {
         "config": schema.to_yaml(cfg),
         "profile": profile,
+        "run_id": run_id,
         "beam_args": list(beam_args),
         "versions": common.versions("apache-beam", "torch", "torchvision", "pyarrow", "numpy", "pillow",
                                     "omegaconf", "cascade-inference", *(("av",) if cfg.video else ())),
@@ -253,7 +269,11 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
         "wall_seconds": round(elapsed, 2),
         "gmacs_note": "GMACs are multiply-adds x1e9 (the paper's 'FLOPS (B)'), measured by torch's FLOP counter / 2",
     }
-    common.write_json(cfg.output, common.MANIFEST, manifest)
+    try:
+        common.write_json(cfg.output, common.MANIFEST, manifest)
+    except OSError as err:
+        raise SystemExit(f"output: could not write {cfg.output}/{common.MANIFEST} ({type(err).__name__}: {err}); "
+                         "the tables are written but the run is not marked complete") from None
     print("\n".join(lines))
     print(f"outputs: {cfg.output}/{{predictions,exit_stats,dead_letter}}/*.parquet and {cfg.output}/manifest.json "
           f"({elapsed:.1f} s)")

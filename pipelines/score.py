@@ -115,7 +115,7 @@ class ScoreEntry(beam.PTransform):
 
 def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan) -> list[tuple[str, float]]:
     """Add the scoring job to ``p``; returns (key, gmacs) of each pool entry."""
-    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes)
+    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes, timeout_s=cfg.decode.read_timeout_s)
     scored, dead = [], [inputs[DEAD]]
     for stage in plan.stages:
         out = inputs["records"] | f"Score_{stage.key}" >> ScoreEntry(stage)
@@ -153,7 +153,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     """Run the scoring job; returns its manifest (also written as ``manifest.json``)."""
     common.setup_logging()
     cfg, beam_args = parse(argv)
-    common.prepare_output(cfg.output, cfg.overwrite, TABLES)
+    run_id = common.prepare_output(cfg.output, cfg.overwrite, TABLES)
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
     pool = build(p, cfg, build_plan(cfg))
     started = time.time()
@@ -170,6 +170,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
         "wall_seconds": round(time.time() - started, 2),
     }
     common.write_json(cfg.output, common.MANIFEST, manifest)
+    common.release_output(cfg.output, run_id)
     for key, entry in counts["entries"].items():
         print(f"{key}: {entry['scored']} scored, {entry['dead_letters']} dead letters")
     print(f"outputs: {cfg.output}/{{{SCORES.name},dead_letter}}/*.parquet and {cfg.output}/manifest.json "

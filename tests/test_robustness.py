@@ -8,27 +8,36 @@ safe loading, the output folder rules and the sink's retries need no pipeline ru
 
 from __future__ import annotations
 
+import argparse
 import collections
 import csv
+import http.server
 import io
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 
 import apache_beam as beam
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
+from apache_beam.testing.util import assert_that, equal_to
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from configs import schema
@@ -37,9 +46,19 @@ from models.classifier import Classifier, Failure
 from models.preprocess import BadInput, decode, load_image
 from pipelines import cascade, common
 from pipelines.common import read_table
-from transforms.io import ReadBytes
+from transforms.io import (
+    DEAD,
+    MAX_ROW_BYTES,
+    ExpandSource,
+    FirstOfId,
+    ReadBytes,
+    ReadInputs,
+    check_source,
+    manifest_entries,
+    with_timeout,
+)
 from transforms.outputs import WriteTable
-from transforms.records import DeadLetter, Record
+from transforms.records import CATEGORIES, DeadLetter, Record
 from transforms.tables import ALL_TABLE_NAMES, DEAD_LETTER
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,16 +215,6 @@ def test_each_bad_input_has_its_stage_and_reason(runs):
     assert (dead["percent-encoded"]["stage"], dead["percent-encoded"]["error"]) == (0, "file not found")
     assert (dead["unknown-protocol"]["stage"], dead["unknown-protocol"]["error"]) == (
         0, "could not read: ValueError: Protocol not known: nosuchfs")
-
-
-def test_a_protocol_whose_package_is_absent_is_a_dead_letter(monkeypatch):
-    def absent(*args, **kwargs):
-        raise ImportError("Install s3fs to access S3")
-
-    monkeypatch.setattr(fsspec, "open", absent)
-    (out,) = ReadBytes(100).process(Record(id="a", uri="s3://bucket/a.jpg"))
-    assert out.value == DeadLetter("a", "s3://bucket/a.jpg", 0,
-                                   "could not read: ImportError: Install s3fs to access S3")
 
 
 def test_decodable_inputs_are_classified(runs):
@@ -489,8 +498,10 @@ def test_overwrite_removes_the_manifest_before_the_tables(tmp_path, monkeypatch)
     real_rm = fs_type.rm
     monkeypatch.setattr(fs_type, "rm", lambda self, path, *a, **k: (removed.append(Path(path).name),
                                                                      real_rm(self, path, *a, **k)))
-    common.prepare_output(str(out), overwrite=True)
+    run_id = common.prepare_output(str(out), overwrite=True)
     assert removed[:1 + len(ALL_TABLE_NAMES)] == [common.MANIFEST, *ALL_TABLE_NAMES]
+    assert os.listdir(out) == [common.RUNNING]  # this run's lock
+    common.release_output(str(out), run_id)
     assert os.listdir(out) == []
 
 
@@ -540,3 +551,625 @@ def test_a_retried_bundle_writes_no_duplicate_rows(tmp_path, monkeypatch):
     assert sorted(r["id"] for r in read_table(str(tmp_path), "dead_letter").to_pylist()) == sorted(
         r["id"] for r in rows)
     assert os.listdir(tmp_path / "dead_letter") == ["part-00000-of-00001.parquet"]  # temporary files gone
+
+
+# ---- issue 13: one bad row never stops the job; bad settings stop it before any work -----------------------
+
+class Flat(torch.nn.Module):
+    """A 10-class model with no multiply-add torch's FLOP counter counts: 0 GMACs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)).repeat(1, 4)[:, :10]
+
+
+class AwkwardServer(http.server.BaseHTTPRequestHandler):
+    """HTTP answers a real server may give: a JPEG, a 500 after a good HEAD, a body shorter than its
+    Content-Length, 403, 404, and a stall longer than the read timeout."""
+
+    jpeg = b""
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.answer(head=True)
+
+    def do_GET(self):
+        self.answer(head=False)
+
+    def answer(self, head: bool):
+        name = self.path.rsplit("/", 1)[-1]
+        status, length, body = {"ok.jpg": (200, len(self.jpeg), self.jpeg), "head-ok-get-500.jpg": (200, 100, None),
+                                "short.jpg": (200, 1000, b"\xff\xd8" * 5), "forbidden.jpg": (403, 0, b""),
+                                "stall.jpg": (200, 100, None)}.get(name, (404, 0, b""))
+        if name == "head-ok-get-500.jpg" and not head:
+            status, length, body = 500, 0, b""
+        if name == "stall.jpg" and not head:
+            time.sleep(READ_TIMEOUT_S + 3)
+        self.send_response(status)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        if not head and body:
+            self.wfile.write(body)
+            self.close_connection = True
+
+
+@pytest.fixture(scope="module")
+def server(sample_subset):
+    AwkwardServer.jpeg = Path(sample_subset[0]["uri"]).read_bytes()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AwkwardServer)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    with socket.socket() as s:  # a port nobody listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    yield f"http://127.0.0.1:{srv.server_address[1]}", f"http://127.0.0.1:{closed}"
+    srv.shutdown()
+
+
+READ_TIMEOUT_S = 3
+TINY = "stages:\n  - {model: flat, batch_size: 8}\n"
+
+
+@pytest.fixture(scope="module")
+def flat_model(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("flat") / "flat.pt"
+    torch.jit.script(Flat().eval()).save(str(path))
+    return str(path)
+
+
+def tiny_config(weights: str) -> str:
+    return f"models:\n  flat: {{arch: torchscript, weights: '{weights}', num_classes: 10, resolution: 32}}\n" + TINY
+
+
+def csv_line(*fields) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(fields)
+    return buf.getvalue().encode()
+
+
+# id -> what must happen: CLASSIFIED, or (category, reason regex)
+AWKWARD = {
+    "good": CLASSIFIED,
+    "no-label": CLASSIFIED,
+    "integral-float-label": CLASSIFIED,  # 2.0 is class 2 (pandas writes int columns with gaps as floats)
+    "after-quote-1": CLASSIFIED,
+    "after-quote-2": CLASSIFIED,
+    "trailing-space": CLASSIFIED,  # "space.jpg " exists: the space is part of the name
+    "without-the-space": ("not_found", r"^file not found$"),
+    "beyond-int32": ("bad_label", r"^bad label: line \d+: 3000000000 is outside the model's classes 0\.\.9$"),
+    "out-of-range": ("bad_label", r"^bad label: line \d+: 10 is outside the model's classes 0\.\.9$"),
+    "negative": ("bad_label", r"^bad label: line \d+: -1 is outside"),
+    "fractional": ("bad_label", r"^bad label: line \d+: 2\.7 is not an integer$"),
+    "boolean": ("bad_label", r"^bad label: line \d+: 'true' is not an integer$"),
+    "fifo": ("not_a_regular_file", r"^not a regular file: a FIFO \(named pipe\)$"),
+    "folder": ("not_a_regular_file", r"^not a regular file: a folder$"),
+    "http-ok": CLASSIFIED,
+    "http-500": ("http_error", r"^HTTP error 500 Internal Server Error$"),
+    "http-short": ("http_error", r"^HTTP error: the body ended early \(ClientPayloadError"),
+    "http-403": ("permission_denied", r"^permission denied \(HTTP 403 Forbidden\)$"),
+    "http-404": ("not_found", r"^file not found \(HTTP 404 Not Found\)$"),
+    "http-refused": ("http_error", r"^connection failed: ClientConnectorError: Cannot connect to host"),
+    "http-stall": ("timeout", rf"^timeout: reading took longer than {READ_TIMEOUT_S} s \(decode\.read_timeout_s\)$"),
+}
+# rows without a usable id: their dead letters are keyed by manifest#line
+BROKEN_LINES = {
+    "unbalanced quote": r"^bad manifest row: line \d+: malformed CSV \(unexpected end of data\)",
+    "not UTF-8 after 120 KB": r"^bad manifest row: line \d+: not UTF-8 text \(byte 0xff at byte 4\)$",
+    "longer than the csv field limit": r"^bad manifest row: line \d+: longer than 131072 bytes$",
+    "more fields than the header": r"^bad manifest row: line \d+: 4 fields but the header has 3",
+}
+
+
+@pytest.fixture(scope="module")
+def awkward(tmp_path_factory, sample_subset, server, flat_model):
+    """One run of a manifest holding every awkward row of issue 13 (bad labels, broken lines deep in the file,
+    a FIFO, a folder, HTTP failures, a trailing space) among good images, with the 0-GMACs model."""
+    tmp = tmp_path_factory.mktemp("awkward")
+    http_ok, http_closed = server
+    shutil.copy(sample_subset[0]["uri"], tmp / "good.jpg")
+    shutil.copy(sample_subset[1]["uri"], tmp / "space.jpg ")
+    os.mkfifo(tmp / "pipe.jpg")
+    (tmp / "folder.jpg").mkdir()
+    uris = {"good": "good.jpg", "no-label": "good.jpg", "integral-float-label": "good.jpg",
+            "after-quote-1": "good.jpg", "after-quote-2": "good.jpg", "trailing-space": "space.jpg ",
+            "without-the-space": "space.jpg", "beyond-int32": "good.jpg", "out-of-range": "good.jpg",
+            "negative": "good.jpg", "fractional": "good.jpg", "boolean": "good.jpg", "fifo": "pipe.jpg",
+            "folder": "folder.jpg", "http-ok": f"{http_ok}/ok.jpg", "http-500": f"{http_ok}/head-ok-get-500.jpg",
+            "http-short": f"{http_ok}/short.jpg", "http-403": f"{http_ok}/forbidden.jpg",
+            "http-404": f"{http_ok}/missing.jpg", "http-refused": f"{http_closed}/a.jpg",
+            "http-stall": f"{http_ok}/stall.jpg"}
+    labels = {"good": "3", "integral-float-label": "2.0", "beyond-int32": "3000000000", "out-of-range": "10",
+              "negative": "-1", "fractional": "2.7", "boolean": "true"}
+    lines = [csv_line("id", "uri", "label")]
+    for rid in ("good", "no-label", "integral-float-label", "beyond-int32"):
+        lines.append(csv_line(rid, uris[rid], labels.get(rid, "")))
+    lines.append(b'"unbalanced.jpg,0\n')
+    lines += [csv_line(rid, uris[rid], "") for rid in ("after-quote-1", "after-quote-2")]
+    lines.append(b"\n")  # an empty line is not a row
+    lines += [csv_line(f"pad{i}-" + "x" * 2000, "missing.jpg", "") for i in range(60)]  # ~120 KB of rows
+    lines.append(b"id,\xff.jpg,1\n")
+    lines.append(b"id,long.jpg," + b"9" * 140_000 + b"\n")
+    lines.append(b"a,b.jpg,1,extra\n")
+    lines += [csv_line(rid, uris[rid], labels.get(rid, "")) for rid in AWKWARD if rid not in
+              {"good", "no-label", "integral-float-label", "beyond-int32", "after-quote-1", "after-quote-2"}]
+    (tmp / "awkward.csv").write_bytes(b"".join(lines).replace(b"\n", b"\r\n", 3))  # some CRLF lines too
+    physical = [line for line in (tmp / "awkward.csv").read_bytes().split(b"\n")[1:] if line.strip(b"\r")]
+    started = time.time()
+    manifest = run(tmp, tmp / "out", str(tmp / "awkward.csv"), f"decode.read_timeout_s={READ_TIMEOUT_S}",
+                   config=tiny_config(flat_model))
+    return {"tmp": tmp, "manifest": manifest, "physical_rows": len(physical), "seconds": time.time() - started}
+
+
+def test_awkward_rows_end_as_one_prediction_or_one_dead_letter_each(awkward):
+    out, manifest = awkward["tmp"] / "out", awkward["manifest"]
+    predictions = rows_by(out, "predictions", "id")
+    dead = read_table(str(out), "dead_letter").to_pylist()
+    assert manifest["invariant_holds"]
+    assert manifest["counts"]["inputs_listed"] == len(predictions) + len(dead) == awkward["physical_rows"]
+    by_id = {d["id"]: d for d in dead}
+    for rid, expected in AWKWARD.items():
+        if expected == CLASSIFIED:
+            assert rid in predictions, (rid, by_id.get(rid))
+            continue
+        category, reason = expected
+        assert re.search(reason, by_id[rid]["error"]), (rid, by_id[rid]["error"])
+        assert DeadLetter(rid, by_id[rid]["uri"], 0, by_id[rid]["error"]).category == category, rid
+    assert predictions["integral-float-label"]["label"] == 2 and predictions["no-label"]["label"] is None
+    assert predictions["trailing-space"]["uri"].endswith("space.jpg ")
+    broken = [d["error"] for d in dead if d["id"].startswith(str(awkward["tmp"] / "awkward.csv#"))]
+    for what, reason in BROKEN_LINES.items():
+        assert sum(bool(re.search(reason, e)) for e in broken) == 1, (what, broken)
+    assert awkward["seconds"] < 120  # the stalled server and the FIFO hold nothing
+
+
+def test_a_model_of_zero_counted_gmacs_completes_with_its_manifest(awkward):
+    assert awkward["manifest"]["stages"][0]["gmacs"] == 0
+    assert (awkward["tmp"] / "out" / common.MANIFEST).exists()
+    assert not (awkward["tmp"] / "out" / common.RUNNING).exists()  # the lock is released
+
+
+@pytest.mark.parametrize("column, values, reasons", [
+    (pa.array([float("inf"), float("nan"), 2.5, 3.0]), [None, None, None, 3],
+     [r"inf is not an integer", None, r"2\.5 is not an integer", None]),
+    (pa.array([[1], [2, 3]]), [None, None], [r"a list \(\[1\]\) is not a class index", r"a list \(\[2, 3\]\)"]),
+    (pa.array([{"a": 1}, {"a": 2}]), [None, None], [r"a dict \(\{'a': 1\}\) is not a class index", r"a dict"]),
+    (pa.array([True, False]), [None, None], [r"True is a boolean, not a class index", r"False is a boolean"]),
+    (pa.array([2**40, 7], pa.int64()), [None, 7], [r"1099511627776 is outside the model's classes", None]),
+], ids=["floats", "lists", "structs", "booleans", "int64"])
+def test_parquet_labels_of_any_type_are_validated_row_by_row(tmp_path, column, values, reasons):
+    ids = [f"r{i}" for i in range(len(column))]
+    pq.write_table(pa.table({"id": ids, "uri": [f"{i}.jpg" for i in ids], "label": column}), tmp_path / "m.parquet",
+                   row_group_size=1)
+    out = [e for _, e in manifest_entries(str(tmp_path / "m.parquet"), 10)]
+    for entry, value, reason in zip(out, values, reasons):
+        if reason is None:
+            assert isinstance(entry, Record) and entry.label == value, entry
+        else:
+            assert isinstance(entry, DeadLetter) and entry.category == "bad_label", entry
+            assert re.search(rf"^bad label: row \d: {reason}", entry.error), entry.error
+            assert entry.id == entry.uri.rsplit("/", 1)[-1].removesuffix(".jpg")  # the manifest's own id
+
+
+def test_a_corrupt_parquet_row_group_is_one_dead_letter_per_row(tmp_path):
+    pq.write_table(pa.table({"uri": [f"{i}.jpg" for i in range(6)]}), tmp_path / "m.parquet", row_group_size=3,
+                   compression="NONE")
+    data = bytearray((tmp_path / "m.parquet").read_bytes())
+    first = pq.ParquetFile(tmp_path / "m.parquet").metadata.row_group(1).column(0).data_page_offset
+    data[first:first + 12] = b"\xff" * 12  # the second row group's page header
+    (tmp_path / "m.parquet").write_bytes(bytes(data))
+    out = [e for _, e in manifest_entries(str(tmp_path / "m.parquet"))]
+    assert [type(e).__name__ for e in out] == ["Record"] * 3 + ["DeadLetter"] * 3
+    assert all(re.match(r"^bad manifest row: row [456]: its row group 1 could not be read", e.error) for e in out[3:])
+
+
+def test_reading_any_input_fails_only_that_input(tmp_path, server):
+    """Exceptions that are not OSError (aiohttp's) and inputs that would block are that input's dead letter."""
+    http_ok, http_closed = server
+    os.mkfifo(tmp_path / "fifo")
+    reader = ReadBytes(1000, timeout_s=READ_TIMEOUT_S)
+    for uri, reason in [(f"{http_ok}/head-ok-get-500.jpg", "HTTP error 500"), (str(tmp_path / "fifo"),
+                        "not a regular file: a FIFO"), (f"{http_closed}/x.jpg", "connection failed"),
+                        ("s3://bucket/a.jpg", "could not read: ImportError: Install s3fs to access S3")]:
+        (out,) = ReadBytes.process(reader, Record(id="a", uri=uri))
+        assert out.value.error.startswith(reason), out.value
+
+
+def test_the_read_timeout_holds_neither_the_job_nor_the_process():
+    started = time.time()
+    with pytest.raises(TimeoutError, match=r"^timeout: reading took longer than 0\.2 s"):
+        with_timeout(lambda: time.sleep(30), 0.2, "x")
+    assert time.time() - started < 5
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--ouput", "elsewhere"], "--ouput: unknown flag (did you mean --output?)"),
+    (["stages.0.threshold:0.5"], "stages.0.threshold:0.5: neither a flag nor a key=value override"),
+    (["--runer=DirectRunner"], "--runer=DirectRunner: unknown flag (did you mean --runner?)"),
+    (["threshold"], "threshold: neither a flag nor a key=value override"),
+], ids=["flag-typo", "override-without-equals", "beam-flag-typo", "stray-word"])
+def test_typos_on_the_command_line_are_refused_before_any_work(argv, named, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cascade.parse(["--input", "x.csv", *argv])
+    assert exit_.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_beam_flags_and_overrides_still_split():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output")
+    args, overrides, beam_args = common.split_argv(parser, [
+        "--output", "o", "--runner=FnApiRunner", "--project", "p", "stages.0.threshold=0.5", "--direct_num_workers",
+        "2", "--experiments=a=b", "stages.2={model: lite2, resolution: 300}"])
+    assert args.output == "o"
+    assert overrides == ["stages.0.threshold=0.5", "stages.2={model: lite2, resolution: 300}"]
+    assert beam_args == ["--runner=FnApiRunner", "--project", "p", "--direct_num_workers", "2", "--experiments=a=b"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stages: [ {model: lite0\n", r"^invalid config: config: .*c\.yaml is not valid YAML: while parsing .* line 2"),
+    ("stages: []\nstages: []\n", r"^invalid config: config: .*c\.yaml is not valid YAML: .*found duplicate key stages"),
+    ("- {model: lite0}\n", r"^invalid config: config: .*c\.yaml must hold a mapping .* not a list$"),
+], ids=["syntax-error", "duplicate-key", "top-level-list"])
+def test_yaml_mistakes_are_invalid_config_lines(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        cascade.parse(["--config", str(tmp_path / "c.yaml")])
+
+
+@pytest.mark.parametrize("device, ok", [("cuda:abc", False), ("cuda:-1", False), ("gpu", False), ("cuda:1", True),
+                                        ("cpu", True)])
+def test_device_is_validated_when_the_config_loads(device, ok):
+    if ok:
+        assert schema.load("lite_cascade", [f"device={device}"]).device == device
+    else:
+        with pytest.raises(schema.ConfigError, match=rf"^device: '{re.escape(device)}' is not one of auto, cpu"):
+            schema.load("lite_cascade", [f"device={device}"])
+
+
+def earlier_run(out: Path) -> dict:
+    files = {out / common.MANIFEST: b'{"earlier": true}', out / "predictions" / "part-00000-of-00001.parquet": b"x"}
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize("weights", ["missing.pt", "ten.pt"], ids=["missing-weights", "wrong-shapes"])
+def test_a_failed_overwrite_never_loses_the_earlier_run(tmp_path, sample_subset, weights):
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "ten.pt")
+    files = earlier_run(tmp_path / "out")
+    config = (f"models:\n  mine: {{arch: 'torchvision:resnet18', weights: '{tmp_path / weights}', num_classes: 1000,"
+              " resolution: 32}\nstages:\n  - {model: mine}\n")
+    with pytest.raises(SystemExit, match=r"^invalid config: stages\.0\.model: "):
+        run(tmp_path, tmp_path / "out", sample_subset[0]["uri"], "--overwrite", config=config)
+    assert {path: path.read_bytes() for path in files} == files
+    assert sorted(os.listdir(tmp_path / "out")) == [common.MANIFEST, "predictions"]
+
+
+FULL_DISK = """
+import resource, signal, sys
+from pipelines import common
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+try:
+    common.write_json(sys.argv[1], "manifest.json", {"counts": "x" * 5000})
+except OSError as err:
+    print("OSError", err.errno)
+"""
+
+
+def test_a_full_disk_while_writing_the_manifest_leaves_the_old_or_none(tmp_path):
+    (tmp_path / common.MANIFEST).write_text('{"earlier": true}')
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], cwd=ROOT, capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.decode().startswith("OSError 27"), done.stderr.decode()[-2000:]  # EFBIG
+    assert os.listdir(tmp_path) == [common.MANIFEST]  # no temporary file left behind
+    assert (tmp_path / common.MANIFEST).read_text() == '{"earlier": true}'  # never a truncated manifest
+
+
+def test_an_output_path_with_glob_characters_is_refused_before_any_work(tmp_path, sample_subset):
+    with pytest.raises(SystemExit, match=r"^output: '.*run\[1\]' contains \[, glob characters that Beam's file "
+                                         r"sinks cannot finalize"):
+        run(tmp_path, tmp_path / "run[1]", sample_subset[0]["uri"])
+    assert not (tmp_path / "run[1]").exists()
+
+
+LOCK_AND_HOLD = """
+import os, sys, time
+from pipelines import common
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+try:
+    run_id = common.prepare_output(sys.argv[1], False)
+except SystemExit as err:
+    print("REFUSED", err)
+else:
+    print("LOCKED")
+    time.sleep(3)
+    common.release_output(sys.argv[1], run_id)
+"""
+
+
+def test_two_runs_started_together_into_one_folder_one_is_refused(tmp_path):
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", LOCK_AND_HOLD, str(tmp_path / "out"), str(go)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(2)]
+    time.sleep(1)
+    go.touch()
+    outs = sorted(p.communicate(timeout=120)[0].decode() for p in procs)
+    assert outs[0].startswith("LOCKED"), outs
+    assert outs[1].startswith("REFUSED output folder") and "is locked by another run" in outs[1], outs
+    assert os.listdir(tmp_path / "out") == []  # released
+
+
+def test_a_run_into_a_folder_another_run_holds_is_refused(tmp_path, sample_subset, flat_model):
+    holder = common.prepare_output(str(tmp_path / "out"), False)  # a run in progress (this live process)
+    with pytest.raises(SystemExit, match=r"^output folder .*out is locked by another run \(run_id " + holder):
+        run(tmp_path, tmp_path / "out", sample_subset[0]["uri"], config=tiny_config(flat_model))
+    assert os.listdir(tmp_path / "out") == [common.RUNNING]
+    common.release_output(str(tmp_path / "out"), holder)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("empty/*.jpg", r"the glob matches no file$"),
+    ("empty", r"empty is a folder; give a glob of its files \(e\.g\. '.*empty/\*\.jpg'"),
+    ("absent.jpg", r"absent\.jpg: no such file$"),
+    ("absent.csv", r"absent\.csv: no such file$"),
+    ("fifo.csv", r"fifo\.csv: not a regular file$"),
+    ("utf16.csv", r"utf16\.csv: header: not UTF-8 text"),
+], ids=["glob-matching-nothing", "folder", "missing-file", "missing-manifest", "fifo-manifest", "utf16-manifest"])
+def test_an_input_that_cannot_list_anything_is_refused_before_any_work(tmp_path, source, message):
+    (tmp_path / "empty").mkdir()
+    os.mkfifo(tmp_path / "fifo.csv")
+    (tmp_path / "utf16.csv").write_bytes("uri\na.jpg\n".encode("utf-16"))
+    with pytest.raises(SystemExit, match=r"^invalid input: .*" + message):
+        run(tmp_path, tmp_path / "out", str(tmp_path / source))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_without_rows_fails_the_run_without_a_manifest(tmp_path, flat_model):
+    (tmp_path / "m.csv").write_text("uri,label\n\n")
+    with pytest.raises(SystemExit, match=r"^no inputs: .*m\.csv listed nothing"):
+        run(tmp_path, tmp_path / "out", str(tmp_path / "m.csv"), config=tiny_config(flat_model))
+    assert not (tmp_path / "out" / common.MANIFEST).exists() and not (tmp_path / "out" / common.RUNNING).exists()
+
+
+def test_pkg_weights_never_import_the_module_a_config_names(tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    (tmp_path / "sneaky_weights_mod.py").write_text(f"open({str(marker)!r}, 'w').write('code ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for url in ("pkg:sneaky_weights_mod/w.pt", "pkg:torch/../../etc/passwd", "pkg:os.path/x"):
+        with pytest.raises(ValueError, match=r"^weights 'pkg:"):
+            registry.resolve_weights(url)
+    assert not marker.exists()
+    assert Path(registry.resolve_weights(registry.get("lite0").weights)).is_file()  # packaged weights still load
+
+
+def test_torch_floor_excludes_the_weights_only_bypass():
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch>=2.6" in deps  # CVE-2025-32434: torch.load(weights_only=True) bypass in torch <= 2.5.1
+
+
+# ---- fuzzing ReadInputs: generated manifests and files, the invariant on every one -------------------------
+
+CSV_CASES, PARQUET_CASES, PIPELINE_CASES = 1200, 400, 6
+FUZZ_MAX_BYTES = 1000
+FUZZ_NAMES = ["good.jpg", "junk.bin", "empty.jpg", "fifo", "folder", "loop", "big.bin", "missing.jpg", " good.jpg",
+              "good.jpg ", "café.jpg", "", "   ", "/abs/missing.jpg", "nosuch://x", "nul\x00.jpg", "../good.jpg",
+              "file:///nonexistent/a.jpg", "a,b.jpg", 'quo"te.jpg', "line\nbreak.jpg"]
+LABEL_TEXT = ["1", "2.0", "2.7", "true", " 3 ", "1e3", "nan", "inf", "-0", "9", "10", "3000000000", "", "0x1", "١"]
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory) -> Path:
+    """The files generated manifests point at: good, junk, empty, oversized, a FIFO, a folder, a symlink loop."""
+    d = tmp_path_factory.mktemp("fuzz")
+    (d / "good.jpg").write_bytes(encode(Image.new("RGB", (8, 8), "red"), "JPEG"))
+    (d / "junk.bin").write_bytes(np.random.default_rng(0).bytes(500))
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "big.bin").write_bytes(b"\0" * (FUZZ_MAX_BYTES + 1))
+    os.mkfifo(d / "fifo")
+    (d / "folder").mkdir()
+    os.symlink(d / "loop", d / "loop")
+    return d
+
+
+def physical_csv_rows(data: bytes) -> int:
+    """Rows of a CSV manifest counted without any CSV parser: non-empty physical lines after the header."""
+    lines = data.split(b"\n")
+    return sum(1 for line in lines[1:] if line not in (b"", b"\r"))
+
+
+def physical_rows(source: str) -> int:
+    if source.endswith(".parquet"):
+        return pq.ParquetFile(source).metadata.num_rows
+    return physical_csv_rows(Path(source).read_bytes())
+
+
+def read_inputs_in_process(source: str) -> tuple[int, list[DeadLetter], list[Record]]:
+    """ReadInputs' three steps applied in order without a runner (the shuffle by id is a dict):
+    (inputs listed, dead letters, records read)."""
+    listed = list(ExpandSource(num_classes=10).process(source))
+    dead = [e.value for e in listed if isinstance(e, beam.pvalue.TaggedOutput)]
+    groups = collections.defaultdict(list)
+    for rid, item in (e for e in listed if not isinstance(e, beam.pvalue.TaggedOutput)):
+        groups[rid].append(item)
+    kept = []
+    for out in (o for group in groups.items() for o in FirstOfId().process(group)):
+        (dead.append(out.value) if isinstance(out, beam.pvalue.TaggedOutput) else kept.append(out))
+    reader, records = ReadBytes(FUZZ_MAX_BYTES, timeout_s=5), []
+    for record in kept:
+        (out,) = reader.process(record)  # exactly one outcome per input
+        (dead.append(out.value) if isinstance(out, beam.pvalue.TaggedOutput) else records.append(out))
+    return len(listed), dead, records
+
+
+def check_invariant_on(source: str) -> str:
+    """Refused before any work (a ValueError from check_source), or every row is one record or one dead
+    letter with a reason of a known category; labels that pass are class indices. Returns the outcome."""
+    try:
+        check_source(source)
+    except ValueError as err:
+        assert source in str(err), err
+        return "refused"
+    listed, dead, records = read_inputs_in_process(source)
+    assert listed == physical_rows(source) == len(dead) + len(records)
+    for letter in dead:
+        assert letter.stage == 0 and letter.error and letter.category in CATEGORIES, letter
+        if letter.category in ("bad_manifest_row", "bad_label"):
+            assert re.match(r"^bad (manifest row|label): (line|row) \d+: ", letter.error), letter
+    for record in records:
+        assert record.label is None or (type(record.label) is int and 0 <= record.label < 10), record
+        assert len(record.data) <= FUZZ_MAX_BYTES  # an empty file is read; decoding dead-letters it
+    return "listed"
+
+
+def csv_cell(column: str):
+    if column in ("uri", "path"):
+        return st.one_of(st.sampled_from(FUZZ_NAMES), st.text(max_size=20))
+    if column in ("label", "class_index"):
+        return st.one_of(st.sampled_from(LABEL_TEXT), st.integers(-5, 2**40).map(str),
+                         st.floats(allow_nan=True, allow_infinity=True).map(repr), st.text(max_size=6))
+    return st.one_of(st.sampled_from(["a", "a", "b", "", "1", "1.0"]), st.text(max_size=12))
+
+
+@st.composite
+def csv_manifests(draw) -> bytes:
+    """Headers with and without the columns; rows written by csv.writer in any quoting, or raw bytes (broken
+    quotes, other encodings, NULs, lines over the csv limit), joined by LF, CRLF or CR, in several encodings."""
+    header = draw(st.sampled_from([["uri"], ["id", "uri", "label"], ["path", "class_index"], ["URI", "Label", "id",
+                                                                                               "extra"], ["file"]]))
+    quoting = draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONE]))
+    newline = draw(st.sampled_from(["\n", "\n", "\r\n", "\r"]))
+    encoding = draw(st.sampled_from(["utf-8", "utf-8", "utf-8-sig", "latin-1", "utf-16"]))
+    lines = []
+    for kind in draw(st.lists(st.sampled_from(["row", "row", "row", "short", "bytes", "long", "empty"]), max_size=12)):
+        if kind in ("row", "short"):
+            cells = [draw(csv_cell(c.lower())) for c in header][: None if kind == "row" else draw(st.integers(0, 3))]
+            buf = io.StringIO()
+            try:
+                csv.writer(buf, quoting=quoting, escapechar="\\", lineterminator="").writerow(cells)
+            except csv.Error:  # QUOTE_NONE cannot write a lone empty field: write it unquoted anyway
+                buf.write(",".join(cells))
+            lines.append(buf.getvalue().encode(encoding, errors="replace").removeprefix(b"\xef\xbb\xbf"))
+        elif kind == "bytes":
+            lines.append(draw(st.binary(max_size=60)))
+        elif kind == "long":
+            lines.append(b"good.jpg," + b"7" * draw(st.integers(MAX_ROW_BYTES - 12, MAX_ROW_BYTES + 3)))
+        else:
+            lines.append(b"")
+    head = ",".join(header).encode(encoding)
+    end = newline.encode(encoding).removeprefix(b"\xff\xfe").removeprefix(b"\xef\xbb\xbf")
+    return end.join([head, *lines]) + (end if draw(st.booleans()) else b"")
+
+
+def arrow_column(draw, kind: str, n: int):
+    values = {
+        "string": st.sampled_from(FUZZ_NAMES + LABEL_TEXT), "int64": st.integers(-2**63, 2**63 - 1),
+        "small": st.integers(-3, 12), "float64": st.floats(allow_nan=True, allow_infinity=True),
+        "bool": st.booleans(), "binary": st.binary(max_size=8), "list": st.lists(st.integers(0, 9), max_size=3),
+        "struct": st.fixed_dictionaries({"a": st.integers(0, 9)}), "null": st.none(),
+    }[kind]
+    cells = draw(st.lists(st.one_of(st.none(), values), min_size=n, max_size=n))
+    types = {"string": pa.string(), "int64": pa.int64(), "small": pa.int64(), "float64": pa.float64(),
+             "bool": pa.bool_(), "binary": pa.binary(), "list": pa.list_(pa.int64()),
+             "struct": pa.struct([("a", pa.int64())]), "null": pa.null()}
+    return pa.array(cells, type=types[kind])
+
+
+@st.composite
+def parquet_manifests(draw) -> pa.Table:
+    n = draw(st.integers(0, 8))
+    kinds = ["string", "int64", "small", "float64", "bool", "binary", "list", "struct", "null"]
+    columns = {"uri": arrow_column(draw, draw(st.sampled_from(["string"] * 4 + kinds)), n)}
+    for name in draw(st.lists(st.sampled_from(["label", "id", "class_index", "other"]), unique=True, max_size=3)):
+        columns[name] = arrow_column(draw, draw(st.sampled_from(kinds)), n)
+    if draw(st.booleans()) and n:
+        columns = {("path" if k == "uri" else k): v for k, v in columns.items()}
+    return pa.table(columns)
+
+
+def fuzz(cases: int) -> settings:
+    """Deterministic (the same cases on every run, so CI is reproducible), no example database on disk."""
+    return settings(max_examples=cases, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck))
+
+
+def test_fuzzed_csv_manifests_keep_the_invariant(fuzz_dir):
+    outcomes = collections.Counter()
+
+    @fuzz(CSV_CASES)
+    @given(data=csv_manifests())
+    def check(data):
+        (fuzz_dir / "m.csv").write_bytes(data)
+        outcomes[check_invariant_on(str(fuzz_dir / "m.csv"))] += 1
+
+    check()
+    print(f"fuzzed CSV manifests: {dict(outcomes)}")
+    assert sum(outcomes.values()) >= CSV_CASES and outcomes["listed"] > CSV_CASES // 2
+
+
+def test_fuzzed_parquet_manifests_and_files_keep_the_invariant(fuzz_dir):
+    outcomes = collections.Counter()
+
+    @fuzz(PARQUET_CASES)
+    @given(table=parquet_manifests(), group=st.integers(1, 4), garbage=st.one_of(st.none(), st.binary(max_size=300)))
+    def check(table, group, garbage):
+        path = fuzz_dir / "m.parquet"
+        if garbage is None:
+            pq.write_table(table, path, row_group_size=group)
+        else:  # not Parquet at all, or a Parquet file cut short
+            path.write_bytes(garbage if len(garbage) % 2 else b"PAR1" + garbage)
+        outcomes[check_invariant_on(str(path))] += 1
+
+    check()
+    print(f"fuzzed Parquet manifests: {dict(outcomes)}")
+    assert sum(outcomes.values()) >= PARQUET_CASES and outcomes["listed"] > PARQUET_CASES // 3
+
+
+def test_fuzzed_manifests_through_read_inputs_in_a_real_pipeline(fuzz_dir, tmp_path):
+    """The same generator through the real ``ReadInputs`` (one Beam pipeline of several manifests): each
+    manifest's records and dead letters add up to its physical rows."""
+    sources = []
+
+    @fuzz(PIPELINE_CASES * 20)
+    @given(data=csv_manifests())
+    def collect(data):
+        path = fuzz_dir / f"p{len(sources)}.csv"
+        path.write_bytes(data)
+        try:
+            check_source(str(path))
+        except ValueError:
+            return
+        if len(sources) < PIPELINE_CASES and physical_csv_rows(data):
+            sources.append(str(path))
+
+    collect()
+    assert len(sources) == PIPELINE_CASES
+    with beam.Pipeline(runner="FnApiRunner") as p:
+        for i, source in enumerate(sources):
+            read = p | f"Read{i}" >> ReadInputs(source, FUZZ_MAX_BYTES, num_classes=10, timeout_s=5)
+            counted = ((read["records"], read[DEAD]) | f"All{i}" >> beam.Flatten()
+                       | f"Count{i}" >> beam.combiners.Count.Globally())
+            assert_that(counted, equal_to([physical_rows(source)]), label=f"Invariant{i}")
+
+
+def test_a_record_that_cannot_be_routed_is_its_own_dead_letter():
+    """The routing boundary: logits that do not fit the record's running committee (3 scores added to a
+    sum of 10) fail that record only."""
+    from apache_beam.ml.inference.base import PredictionResult
+
+    from configs.plan import RunSettings, StagePlan
+    from models.inference import Precision
+    from transforms.stage import Route
+
+    spec = registry.ModelSpec("tiny", registry.TORCHSCRIPT, "x.pt", registry.InputConfig(32), num_classes=10)
+    route = Route(StagePlan(2, spec, 0.5, 0.0, 8, Precision.FP32, True, False, RunSettings()))
+    record = Record(id="r", uri="u", score_sum=np.zeros(10), stages_run=1)
+    (out,) = route.process((record, PredictionResult(None, np.zeros(3, np.float32))))
+    assert out.tag == DEAD and out.value.stage == 2 and out.value.category == "model_error"
+    assert out.value.error.startswith("model tiny@32 output could not be routed: ValueError: operands could not")

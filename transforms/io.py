@@ -1,57 +1,167 @@
-"""Reading inputs: a glob of image URLs or a manifest (CSV / Parquet), all through fsspec.
+"""Reading inputs: a glob of image URLs, a manifest (CSV / Parquet) or a glob of manifests, all through fsspec.
 
-Listing happens in a DoFn, not on the driver, and is followed by a shuffle keyed by record id, so that
-reading bytes and the first stage spread over workers and duplicate ids meet: an id is a key, so the input
-listed first with it is kept and the others become dead letters. Every input that cannot be listed or read
-becomes a dead letter.
+Listing happens in DoFns, not on the driver. A manifest input is split into parts (``SplitManifests``: each
+CSV file, and runs of row groups of each Parquet file), spread over workers by a shuffle, so that no worker
+reads every row of 10^8; each row's position is (file, row), its place in the listing. A shuffle keyed by
+record id follows, so that reading bytes and the first stage spread over workers and duplicate ids meet:
+an id is a key, so the input listed first with it (the lowest position) is kept and the others become
+dead letters.
+
+Error boundaries: every manifest row and every listed file ends as one record or one dead letter. A CSV
+manifest is read one physical line at a time (a record is one line; a quoted field cannot span lines), so a
+bad line (not UTF-8, unbalanced quote, too long, more fields than the header) is that line's dead letter and
+the lines after it are read as usual; a Parquet row group that cannot be read is a dead letter per row.
+Reading one input catches every exception, and is bounded in time. What can be known before any work (the
+manifest's header, a glob that matches nothing, a folder given as input) is checked by ``check_source``.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import io
+import glob
+import math
+import os
 import posixpath
-from typing import Iterable, Iterator, Optional
+import stat
+import threading
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import fsspec
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
+from fsspec.implementations.local import LocalFileSystem
 
 from transforms.progress import NAMESPACE, progress
-from transforms.records import READ_STAGE, DeadLetter, Record
+from transforms.records import READ_STAGE, DeadLetter, Record, record_id
 
 DEAD = "dead_letter"
 URI_COLUMNS = ("uri", "path")
 LABEL_COLUMNS = ("label", "class_index")
 MANIFEST_SUFFIXES = (".csv", ".parquet")
+MAX_ROW_BYTES = 128 * 1024  # the csv module's field limit: no field of a line this long can exceed it
+DEFAULT_READ_TIMEOUT_S = 300.0
+INT32 = 2**31
+GLOB_CHARS = "*?["
+BOM = b"\xef\xbb\xbf"
+
+
+class BadRow(ValueError):
+    """A manifest row that cannot become a record; the message is the dead letter's reason."""
+
+
+class InputError(OSError):
+    """An input that cannot be read, with the reason in words (``not a regular file``, ``too large``...)."""
 
 
 def is_manifest(source: str) -> bool:
     return source.lower().endswith(MANIFEST_SUFFIXES)
 
 
-def _join(base: str, path: str) -> str:
-    """Resolve a manifest entry relative to the manifest's folder (URLs and absolute paths stay as they are)."""
+def join_uri(base: str, path: str) -> str:
+    """Resolve a manifest entry relative to the manifest's folder (URLs and absolute paths stay as they are).
+    The entry is data: spaces around it are kept."""
     if "://" in path or path.startswith("/") or not base:
         return path
     return posixpath.join(base, path)
 
 
 def _pick(columns: Iterable[str], choices: tuple[str, ...]) -> Optional[str]:
-    lower = {c.lower(): c for c in columns}
+    lower = {str(c).lower(): c for c in columns}
     return next((lower[c] for c in choices if c in lower), None)
 
 
-def _manifest_rows(source: str) -> Iterator[dict]:
+def _physical_lines(fh, limit: int = MAX_ROW_BYTES, block: int = 1 << 20) -> Iterator[tuple[int, Optional[bytes]]]:
+    """``(line number from 1, the line without its ending)`` for each line of a binary file, or ``None``
+    for a line longer than ``limit`` bytes (skipped without holding it in memory)."""
+    number, buf, skipping = 0, b"", False
+    while True:
+        chunk = fh.read(block)
+        if not chunk:
+            break
+        buf += chunk
+        start = 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            number += 1
+            line = buf[start:end].removesuffix(b"\r")
+            yield number, None if skipping or len(line) > limit else line
+            skipping, start = False, end + 1
+        buf = buf[start:]
+        if len(buf) > limit + 1:  # the line under way is already too long: drop what was read of it
+            skipping, buf = True, b""
+    if buf or skipping:
+        line = buf.removesuffix(b"\r")
+        yield number + 1, None if skipping or len(line) > limit else line
+
+
+def _csv_fields(line: bytes, number: int) -> list[str]:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadRow(f"bad manifest row: line {number}: not UTF-8 text (byte 0x{line[err.start]:02x} at byte "
+                     f"{err.start + 1})") from None
+    try:
+        return next(csv.reader([text], strict=True))
+    except csv.Error as err:
+        raise BadRow(f"bad manifest row: line {number}: malformed CSV ({err}); a record is one line, quotes must "
+                     "close on it") from None
+
+
+def _csv_header(fh, source: str) -> list[str]:
+    first = next(_physical_lines(fh), (1, b""))[1]
+    if first is None:
+        raise ValueError(f"manifest {source}: the header line is longer than {MAX_ROW_BYTES} bytes")
+    try:
+        return _csv_fields(first.removeprefix(BOM), 1)
+    except BadRow as err:
+        raise ValueError(f"manifest {source}: header: {str(err).split(': ', 2)[-1]}") from None
+
+
+def manifest_rows(source: str, columns: Optional[list[str]] = None,
+                  row_groups: Optional[tuple[int, int]] = None) -> Iterator[tuple[int, Optional[dict], str]]:
+    """``(row number, row as a dict or None, why not)`` for every row of a manifest: CSV rows are numbered by
+    physical line (the header is line 1; empty lines are not rows), Parquet rows from 1. A row that cannot be
+    read comes with the reason and no dict, so that every row is accounted for. ``row_groups``: of a Parquet
+    file, only row groups ``start`` to ``stop - 1`` (numbered as in the whole file)."""
     with fsspec.open(source, "rb") as fh:
         if source.lower().endswith(".parquet"):
             pfile = pq.ParquetFile(fh)
-            for group in range(pfile.num_row_groups):
-                yield from pfile.read_row_group(group).to_pylist()
-        else:
-            yield from csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8-sig", newline=""))
+            read = columns and [c for c in pfile.schema_arrow.names if c in columns]
+            start, stop = row_groups or (0, pfile.num_row_groups)
+            position = sum(pfile.metadata.row_group(g).num_rows for g in range(start))
+            for group in range(start, stop):
+                size = pfile.metadata.row_group(group).num_rows
+                try:
+                    rows = pfile.read_row_group(group, columns=read or None).to_pylist()
+                except Exception as err:  # a corrupt row group: each of its rows is a dead letter
+                    reason = f"its row group {group} could not be read: {type(err).__name__}: {err}"
+                    rows = [None] * size
+                for i, row in enumerate(rows, start=position + 1):
+                    yield i, row, "" if row is not None else f"bad manifest row: row {i}: {reason}"
+                position += size
+            return
+        lines = _physical_lines(fh)
+        first = next(lines, (1, b""))[1] or b""
+        header = _csv_fields(first.removeprefix(BOM), 1)
+        for number, line in lines:
+            if line == b"":
+                continue
+            if line is None:
+                yield number, None, f"bad manifest row: line {number}: longer than {MAX_ROW_BYTES} bytes"
+                continue
+            try:
+                fields = _csv_fields(line, number)
+            except BadRow as err:
+                yield number, None, str(err)
+                continue
+            if len(fields) > len(header):
+                yield number, None, (f"bad manifest row: line {number}: {len(fields)} fields but the header has "
+                                     f"{len(header)} (a uri with a comma must be quoted)")
+                continue
+            yield number, dict(zip(header, fields + [""] * (len(header) - len(fields)))), ""
 
 
 def manifest_columns(source: str) -> tuple[str, Optional[str], Optional[str]]:
@@ -60,11 +170,129 @@ def manifest_columns(source: str) -> tuple[str, Optional[str], Optional[str]]:
         if source.lower().endswith(".parquet"):
             columns = pq.ParquetFile(fh).schema_arrow.names
         else:
-            columns = next(csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")), [])
+            columns = _csv_header(fh, source)
     uri = _pick(columns, URI_COLUMNS)
     if uri is None:
         raise ValueError(f"manifest {source}: needs a column named one of {URI_COLUMNS}; has {columns}")
     return uri, _pick(columns, LABEL_COLUMNS), _pick(columns, ("id",))
+
+
+def parse_label(value: Any, num_classes: Optional[int] = None) -> Optional[int]:
+    """A manifest's label -> a class index, or None when absent (null, empty, NaN). Integers, and numbers
+    written as integral floats (``2.0``: pandas writes an int column with gaps as floats), in
+    ``[0, num_classes)`` (without a class count: in int32); anything else raises ``BadRow`` saying why:
+    ``2.7``, inf, booleans, lists, structs, text that is no number, a class the model does not have."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise BadRow(f"{value!r} is a boolean, not a class index")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise BadRow(f"{value!r} is not an integer") from None
+            if math.isnan(value):
+                raise BadRow(f"{text!r} is not an integer")
+    if isinstance(value, (float, Decimal)):
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if not math.isfinite(value) or value != int(value):
+            raise BadRow(f"{value!r} is not an integer")
+        value = int(value)
+    if not isinstance(value, int):
+        raise BadRow(f"a {type(value).__name__} ({str(value)[:80]}) is not a class index")
+    if num_classes is not None and not 0 <= value < num_classes:
+        raise BadRow(f"{value} is outside the model's classes 0..{num_classes - 1}")
+    if not -INT32 <= value < INT32:
+        raise BadRow(f"{value} does not fit a 32-bit class index")
+    return value
+
+
+def _text(value: Any, what: str) -> Optional[str]:
+    """A uri or id cell as text (None when empty); ids may be integers, never containers."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    if what == "id" and isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        return str(value)
+    raise BadRow(f"{what} is a {type(value).__name__}, not text")
+
+
+def manifest_entries(source: str, num_classes: Optional[int] = None,
+                     row_groups: Optional[tuple[int, int]] = None) -> Iterator[tuple[Optional[dict], Any]]:
+    """``(row, Record or DeadLetter)`` for every row of a manifest (of its ``row_groups`` only, for a part of
+    a Parquet file), in order. Ids are the ``id`` column, else the uri; a row that cannot be listed is a
+    dead letter at stage 0 naming its line (or Parquet row)."""
+    uri_col, label_col, id_col = manifest_columns(source)
+    base = posixpath.dirname(source)
+    columns = [c for c in (uri_col, label_col, id_col) if c]
+    for number, row, problem in manifest_rows(source, columns, row_groups):
+        where = f"{source}#{number}"
+        if row is None:
+            yield None, DeadLetter(where, where, READ_STAGE, problem)
+            continue
+        place = f"line {number}" if source.lower().endswith(".csv") else f"row {number}"
+        try:
+            rid = _text(row.get(id_col), "id") if id_col else None
+            raw_uri = _text(row.get(uri_col), "uri")
+        except BadRow as err:
+            yield row, DeadLetter(where, where, READ_STAGE, f"bad manifest row: {place}: {err}")
+            continue
+        if raw_uri is None or not raw_uri.strip():
+            yield row, DeadLetter(record_id(rid, where), where, READ_STAGE,
+                                  f"bad manifest row: {place}: empty {uri_col}")
+            continue
+        uri = join_uri(base, raw_uri)
+        try:
+            label = parse_label(row.get(label_col), num_classes) if label_col else None
+        except BadRow as err:
+            yield row, DeadLetter(record_id(rid, uri), uri, READ_STAGE, f"bad label: {place}: {err}")
+            continue
+        yield row, Record(id=record_id(rid, uri), uri=uri, label=label)
+
+
+def _has_file(pattern: str) -> bool:
+    """Whether a local glob matches at least one file (lazily: stops at the first)."""
+    return any(os.path.isfile(p) for p in glob.iglob(pattern, recursive=True))
+
+
+def check_source(source: str) -> None:
+    """What can be known about the input before any work: a manifest is a readable regular file with a uri
+    column in its header; a path without glob characters is a file, not a folder; a local glob matches a
+    file. Raises ``ValueError`` saying what is wrong. (A remote glob is listed by the job itself: a run
+    that lists nothing fails at its end.)"""
+    try:
+        fs, path = fsspec.core.url_to_fs(source)
+        local = isinstance(fs, LocalFileSystem)
+        if is_manifest(source) and any(c in path for c in GLOB_CHARS):
+            files = manifest_files(source)
+            if not files:
+                raise ValueError(f"{source}: the glob matches no manifest")
+            manifest_columns(files[0])
+        elif is_manifest(source) or not any(c in path for c in GLOB_CHARS):
+            if not fs.exists(path):
+                raise ValueError(f"{source}: no such file")
+            kind = fs.info(path).get("type")
+            if kind == "directory":
+                raise ValueError(f"{source} is a folder; give a glob of its files (e.g. '{source.rstrip('/')}/*.jpg',"
+                                 f" '{source.rstrip('/')}/**/*.jpg') or a manifest .csv/.parquet")
+            if local and not stat.S_ISREG(os.stat(path).st_mode):
+                raise ValueError(f"{source}: not a regular file")
+            if is_manifest(source):
+                manifest_columns(source)
+        elif local and not _has_file(path):
+            raise ValueError(f"{source}: the glob matches no file")
+    except Exception as err:  # whatever reading the header raised (pyarrow, fsspec, a protocol's package)
+        if isinstance(err, ValueError) and source in str(err):
+            raise
+        raise ValueError(f"{source}: cannot be read: {type(err).__name__}: {err}") from None
 
 
 def dead(rid: str, uri: str, error: str) -> beam.pvalue.TaggedOutput:
@@ -73,44 +301,116 @@ def dead(rid: str, uri: str, error: str) -> beam.pvalue.TaggedOutput:
     return beam.pvalue.TaggedOutput(DEAD, DeadLetter(rid, uri, READ_STAGE, error))
 
 
+@dataclass(frozen=True)
+class ManifestPart:
+    """What one worker reads of a manifest: a whole CSV file, or some row groups of a Parquet file. ``file``:
+    the file's place among the manifests of the input (sorted), the first part of its rows' positions."""
+
+    file: int
+    path: str
+    row_groups: Optional[tuple[int, int]] = None  # Parquet: row groups start..stop-1; None: the whole file
+
+
+PART_ROWS = 200_000  # Parquet rows per part, at least one row group
+
+
+def manifest_files(source: str) -> list[str]:
+    """The manifests of an input: the one named, or the files a glob of manifests matches, sorted (the
+    listing order: an id's first row is that of the first file that has it)."""
+    fs, path = fsspec.core.url_to_fs(source)
+    if not any(c in path for c in GLOB_CHARS):
+        return [source]
+    return sorted(fs.unstrip_protocol(p) if "://" in source else p for p in fs.glob(path)
+                  if is_manifest(p) and not fs.isdir(p))
+
+
+def manifest_parts(file: int, path: str) -> Iterator[ManifestPart]:
+    """The parts of one manifest file: a CSV whole (a record is a line, found only by reading from the
+    start), a Parquet file by runs of row groups of about ``PART_ROWS`` rows (its footer says where)."""
+    if not path.lower().endswith(".parquet"):
+        yield ManifestPart(file, path)
+        return
+    try:
+        with fsspec.open(path, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+    except Exception:  # an unreadable footer: the part reads as one dead letter saying why
+        yield ManifestPart(file, path)
+        return
+    start, rows = 0, 0
+    for group in range(meta.num_row_groups):
+        rows += meta.row_group(group).num_rows
+        if rows >= PART_ROWS or group == meta.num_row_groups - 1:
+            yield ManifestPart(file, path, (start, group + 1))
+            start, rows = group + 1, 0
+
+
 class ExpandSource(beam.DoFn):
-    """A glob or a manifest -> ``(id, (position in the listing, Record without bytes))`` per input; bad
-    manifest rows -> dead letters. Every input it yields is counted in ``inputs_listed``, the left side of
-    the count invariant."""
+    """A glob of image files, a manifest, or a part of one (``ManifestPart``) -> ``(id, (position in the
+    listing, Record without bytes))`` per input; bad manifest rows -> dead letters. A position is (manifest
+    file, first row group of the part, row in the part), so positions compare in listing order across parts
+    read on different workers. Every input
+    is counted in ``inputs_listed`` as it is read, the left side of the count invariant: one per file of a
+    glob, one per manifest row (a CSV's non-empty physical lines after the header, a Parquet file's rows)."""
 
-    def __init__(self):
+    def __init__(self, num_classes: Optional[int] = None):
         self.listed = Metrics.counter(NAMESPACE, "inputs_listed")
+        self.num_classes = num_classes
 
-    def process(self, source: str):
-        for position, element in enumerate(self._expand(source)):
+    def process(self, source: str | ManifestPart):
+        for position, entry in self._entries(source):
             self.listed.inc()
-            yield element if isinstance(element, beam.pvalue.TaggedOutput) else (element.id, (position, element))
+            if isinstance(entry, DeadLetter):
+                progress.add(READ_STAGE, "failed")
+                yield beam.pvalue.TaggedOutput(DEAD, entry)
+            else:
+                yield entry.id, (position, entry)
 
-    def _expand(self, source: str):
-        if not is_manifest(source):
-            fs, _, paths = fsspec.get_fs_token_paths(source)
-            for path in sorted(paths):
-                if fs.isdir(path):
-                    continue
-                uri = fs.unstrip_protocol(path) if "://" in source else path
-                yield Record(id=uri, uri=uri)
+    def _entries(self, source: str | ManifestPart) -> Iterator[tuple[tuple[int, int, int], Record | DeadLetter]]:
+        if isinstance(source, str) and is_manifest(source):  # read whole, in this worker (tests, small inputs)
+            for file, path in enumerate(manifest_files(source)):
+                yield from self._entries(ManifestPart(file, path))
             return
-        uri_col, label_col, id_col = manifest_columns(source)
-        base = posixpath.dirname(source)
-        for line, row in enumerate(_manifest_rows(source), start=2):
-            raw_uri = row.get(uri_col)
-            if raw_uri is None or str(raw_uri).strip() == "":
-                yield dead(f"{source}#{line}", f"{source}#{line}", f"manifest row {line}: empty {uri_col}")
+        if isinstance(source, str):
+            yield from (((0, 0, i), entry) for i, entry in enumerate(list_source(source, self.num_classes)))
+            return
+        first = source.row_groups[0] if source.row_groups else 0
+        try:
+            entries = manifest_entries(source.path, self.num_classes, source.row_groups)
+            yield from (((source.file, first, i), entry) for i, (_, entry) in enumerate(entries))
+        except Exception as err:  # the file itself cannot be read (no header, no uri column): one dead letter
+            reason = f"bad manifest: {err}" if isinstance(err, ValueError) else read_failure(err)
+            yield (source.file, first, -1), DeadLetter(f"{source.path}#", source.path, READ_STAGE, reason)
+
+
+def list_source(source: str, num_classes: Optional[int] = None) -> Iterator[Record | DeadLetter]:
+    """Every input of a glob (one per file) or of a manifest or glob of manifests (one per row: a Record, or
+    a DeadLetter for a row that cannot be listed), in listing order, without reading any input."""
+    if not is_manifest(source):
+        fs, _, paths = fsspec.get_fs_token_paths(source)
+        for path in sorted(paths):
+            if fs.isdir(path):
                 continue
-            uri = _join(base, str(raw_uri).strip())
-            label = row.get(label_col) if label_col else None
-            try:
-                label = None if label is None or str(label).strip() == "" else int(label)
-            except ValueError:
-                yield dead(uri, uri, f"manifest row {line}: label {label!r} is not an integer")
-                continue
-            rid = str(row[id_col]) if id_col and row.get(id_col) not in (None, "") else uri
-            yield Record(id=rid, uri=uri, label=label)
+            uri = fs.unstrip_protocol(path) if "://" in source else path
+            yield Record(id=record_id(None, uri), uri=uri)
+        return
+    for path in manifest_files(source):
+        for _, entry in manifest_entries(path, num_classes):
+            yield entry
+
+
+class SplitManifests(beam.PTransform):
+    """A manifest or a glob of manifests -> its ``ManifestPart``s, spread over workers: the files are listed
+    once, then each file's footer is read (and its parts read) wherever the runner puts it, so that no
+    worker reads every row of a large input."""
+
+    def expand(self, source):
+        return (
+            source
+            | "ListManifests" >> beam.FlatMap(lambda s: enumerate(manifest_files(s)))
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "Parts" >> beam.FlatMapTuple(manifest_parts)
+            | "SpreadParts" >> beam.Reshuffle()
+        )
 
 
 class FirstOfId(beam.DoFn):
@@ -127,26 +427,112 @@ class FirstOfId(beam.DoFn):
         yield kept
 
 
-class ReadBytes(beam.DoFn):
-    """Fill in a Record's encoded bytes; unreadable or oversized files -> dead letters."""
+def with_timeout(fn: Callable[[], Any], seconds: float, what: str) -> Any:
+    """``fn()``, or ``TimeoutError`` after ``seconds``. It runs in a daemon thread, which is left behind if it
+    blocks for good (a stalled server, a pipe nobody writes to): it never holds the job or the process."""
+    box: dict = {}
 
-    def __init__(self, max_bytes: int):
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # handed to the caller
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name=f"read {what}"[:60], daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"timeout: reading took longer than {seconds:g} s (decode.read_timeout_s)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def open_input(uri: str):
+    """(filesystem, path) of one input; a local input must be a regular file (a FIFO or a device could block
+    or never end), else ``InputError``."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in FILE_KINDS if test(mode)), "not a file")
+            raise InputError(f"not a regular file: {kind}")
+    return fs, path
+
+
+def read_input(uri: str, max_bytes: int) -> bytes:
+    """The bytes of one input, at most ``max_bytes``; larger inputs are refused unread where their size is
+    known."""
+    fs, path = open_input(uri)
+    with fs.open(path, "rb") as fh:
+        size = getattr(fh, "size", None)
+        if size is not None and size > max_bytes:
+            raise InputError(f"too large: file of {size} bytes exceeds decode.max_bytes={max_bytes}")
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InputError(f"too large: file exceeds decode.max_bytes={max_bytes}")
+    return data
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def read_failure(err: BaseException) -> str:
+    """Why an input could not be read, in words whose start names the kind of failure (see
+    ``transforms.records.REASON_CATEGORIES``). fsspec reports any failed HTTP request for a file's size as
+    ``FileNotFoundError``; the HTTP status or connection error it wraps says what really happened."""
+    chain = list(_causes(err))
+    for cause in chain:
+        status = getattr(cause, "status", None)
+        if isinstance(status, int) and status >= 400:
+            message = getattr(cause, "message", "") or ""
+            if status == 404:
+                return f"file not found (HTTP 404 {message})".replace(" )", ")")
+            if status in (401, 403):
+                return f"permission denied (HTTP {status} {message})".replace(" )", ")")
+            return f"HTTP error {status} {message}".rstrip()
+        name = type(cause).__name__
+        if name in ("ClientPayloadError", "ContentLengthError", "TransferEncodingError"):
+            return f"HTTP error: the body ended early ({name}: {cause})"
+        if name.startswith("ClientConnect") or name == "ServerDisconnectedError" or isinstance(cause, ConnectionError):
+            return f"connection failed: {name}: {cause}"
+        if isinstance(cause, TimeoutError) and str(cause).startswith("timeout"):
+            return str(cause)
+    if isinstance(err, InputError):
+        return str(err)
+    if isinstance(err, TimeoutError):
+        return f"timeout: {type(err).__name__}: {err}"
+    if isinstance(err, FileNotFoundError):
+        return "file not found"
+    if isinstance(err, PermissionError):
+        return f"permission denied: {err.strerror or err}"
+    if isinstance(err, IsADirectoryError):
+        return "not a regular file: a folder"
+    return f"could not read: {type(err).__name__}: {err}"
+
+
+class ReadBytes(beam.DoFn):
+    """Fill in a Record's encoded bytes. Any failure to read one input (missing, refused, a server error,
+    a stall longer than ``timeout_s``, not a regular file, oversized) is that input's dead letter."""
+
+    def __init__(self, max_bytes: int, timeout_s: float = DEFAULT_READ_TIMEOUT_S):
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     def process(self, record: Record):
         try:
-            with fsspec.open(record.uri, "rb") as fh:
-                size = getattr(fh, "size", None)
-                if size is not None and size > self.max_bytes:
-                    raise ValueError(f"file of {size} bytes exceeds decode.max_bytes={self.max_bytes}")
-                data = fh.read(self.max_bytes + 1)
-            if len(data) > self.max_bytes:
-                raise ValueError(f"file exceeds decode.max_bytes={self.max_bytes}")
-        except FileNotFoundError:
-            yield dead(record.id, record.uri, "file not found")
-            return
-        except (OSError, ValueError, ImportError) as err:  # ImportError: a protocol whose fsspec package is absent
-            yield dead(record.id, record.uri, f"could not read: {type(err).__name__}: {err}")
+            data = with_timeout(lambda: read_input(record.uri, self.max_bytes), self.timeout_s, record.uri)
+        except Exception as err:  # one input's failure, whatever it is, is that input's dead letter
+            yield dead(record.id, record.uri, read_failure(err))
             return
         yield dataclasses.replace(record, data=data)
 
@@ -155,21 +541,24 @@ class ReadInputs(beam.PTransform):
     """Source (glob or manifest URL) -> PCollection[Record] with bytes, plus a ``dead_letter`` output.
 
     ``reader`` replaces ``ReadBytes`` (a DoFn from a listed Record to records and dead letters), e.g. one
-    that decodes videos into frame records."""
+    that decodes videos into frame records. ``num_classes``: labels outside ``[0, num_classes)`` are dead
+    letters."""
 
-    def __init__(self, source: str, max_bytes: int, reader: Optional[beam.DoFn] = None):
+    def __init__(self, source: str, max_bytes: int, reader: Optional[beam.DoFn] = None,
+                 num_classes: Optional[int] = None, timeout_s: float = DEFAULT_READ_TIMEOUT_S):
         super().__init__()
         self.source = source
         self.max_bytes = max_bytes
         self.reader = reader
+        self.num_classes = num_classes
+        self.timeout_s = timeout_s
 
     def expand(self, pbegin):
-        reader = self.reader or ReadBytes(self.max_bytes)
-        listed = (
-            pbegin
-            | "Source" >> beam.Create([self.source])
-            | "Expand" >> beam.ParDo(ExpandSource()).with_outputs(DEAD, main="records")
-        )
+        reader = self.reader or ReadBytes(self.max_bytes, self.timeout_s)
+        sources = pbegin | "Source" >> beam.Create([self.source])
+        if is_manifest(self.source):
+            sources = sources | "SplitManifests" >> SplitManifests()
+        listed = sources | "Expand" >> beam.ParDo(ExpandSource(self.num_classes)).with_outputs(DEAD, main="records")
         unique = (
             listed.records
             | "GroupById" >> beam.GroupByKey()

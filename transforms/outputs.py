@@ -55,8 +55,10 @@ class ExitStatsFn(beam.CombineFn):
         return acc
 
 
-def exit_stats_rows(acc: dict, stages: Sequence[StagePlan]) -> list[dict]:
-    """The exit_stats table from the combined tallies: one row per stage, run-level columns repeated."""
+def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], thresholds: Optional[dict] = None) -> list[dict]:
+    """The exit_stats table from the combined tallies: one row per stage, run-level columns repeated.
+    ``thresholds``: stage number -> the threshold a budget stage computed over the run."""
+    thresholds = thresholds or {}
     exited, failed = acc["exited"], acc["failed"]
     predictions = sum(exited)
     dead = sum(failed)
@@ -72,7 +74,7 @@ def exit_stats_rows(acc: dict, stages: Sequence[StagePlan]) -> list[dict]:
             stage=k,
             model=s.key,
             resolution=s.resolution,
-            threshold=s.threshold,
+            threshold=thresholds.get(k, s.threshold),
             stage_gmacs=s.gmacs,
             cumulative_gmacs=cumulative,
             records_in=records_in,
@@ -109,11 +111,13 @@ class WriteTable(beam.PTransform):
 
 
 class ExitStats(beam.PTransform):
-    """(prediction rows, dead letters) -> exit_stats rows."""
+    """(prediction rows, dead letters) -> exit_stats rows; ``thresholds`` (optional): a PCollection of
+    (stage number, threshold) pairs computed during the run, recorded in place of the plan's."""
 
-    def __init__(self, stages: Sequence[StagePlan]):
+    def __init__(self, stages: Sequence[StagePlan], thresholds=None):
         super().__init__()
         self.stages = tuple(stages)
+        self.thresholds = thresholds
 
     def expand(self, pcolls: Iterable):
         stages = self.stages
@@ -121,5 +125,6 @@ class ExitStats(beam.PTransform):
             tuple(pcolls)
             | "All" >> beam.Flatten()
             | "Tally" >> beam.CombineGlobally(ExitStatsFn(len(stages)))
-            | "Rows" >> beam.FlatMap(exit_stats_rows, stages)
+            | "Rows" >> beam.FlatMap(exit_stats_rows, stages,
+                                     beam.pvalue.AsDict(self.thresholds) if self.thresholds is not None else None)
         )

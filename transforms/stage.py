@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import apache_beam as beam
 import numpy as np
@@ -21,13 +21,15 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 from configs.plan import StagePlan
 from configs.schema import ModelSharing
 from models import committee
-from models.classifier import EncodedImage, Example, Failure, LoadedModel
+from models.classifier import EncodedImage, Example, Failure, LoadedModel, failure_reason
 from transforms.io import DEAD
 from transforms.progress import progress
 from transforms.records import DeadLetter, Exit, Record
 
 EXITED = "exited"
 CONTINUE = "continue"
+THRESHOLD = "threshold"
+BUDGET_QUANTILES = 1001  # quantiles of a stage's confidences for a budget: rank error <= 1/1000 of its records
 log = logging.getLogger("cascade")
 
 
@@ -76,26 +78,36 @@ def classify_images(records, plan: StagePlan):
     return records | "Batch" >> beam.Map(encoded, plan.number) | "Infer" >> RunInference(handler)
 
 
-def route(record: Record, result: np.ndarray | Failure, plan: StagePlan) -> Exit | DeadLetter | Record:
-    """Algorithm 1 at one stage for one record: add the stage's logits to its running committee, then an
-    ``Exit``, the updated record (it continues), or a ``DeadLetter`` if the stage failed on it. Both
-    execution modes route through here, so they decide alike."""
+def update(record: Record, logits: np.ndarray, plan: StagePlan) -> tuple[Record, np.ndarray, float]:
+    """The record with this stage's logits added to its committee, the committee's logits and confidence."""
     settings = plan.settings
-    if isinstance(result, Failure):
-        progress.add(plan.number, "failed")
-        return DeadLetter(record.id, record.uri, plan.number, result.reason)
-    scores = committee.member_scores(result, settings.aggregation).astype(np.float64)
+    scores = committee.member_scores(logits, settings.aggregation).astype(np.float64)
     score_sum = scores if record.score_sum is None else record.score_sum + scores
     record = dataclasses.replace(
         record, score_sum=score_sum, stages_run=record.stages_run + 1, gmacs=record.gmacs + plan.gmacs
     )
     combined = committee.combine(score_sum, record.stages_run, settings.aggregation)
-    conf = float(committee.confidence(combined, settings.confidence))
-    if plan.is_last or committee.exits(conf, plan.threshold):
-        progress.add(plan.number, "exited")
-        return Exit(record, combined, conf)
-    progress.add(plan.number, "escalated")
-    return record
+    return record, combined, float(committee.confidence(combined, settings.confidence))
+
+
+def route(record: Record, result: np.ndarray | Failure, plan: StagePlan,
+          threshold: Optional[float] = None) -> Exit | DeadLetter | Record:
+    """Algorithm 1 at one stage for one record: an ``Exit``, the updated record (it continues), or a
+    ``DeadLetter`` if the stage failed on it or its output cannot be routed (the routing boundary: one
+    record's bad output never fails the job). ``threshold`` replaces the plan's (a budget's). Both execution
+    modes route through here, so they decide alike."""
+    if isinstance(result, Failure):
+        progress.add(plan.number, "failed")
+        return DeadLetter(record.id, record.uri, plan.number, result.reason)
+    try:
+        record, combined, conf = update(record, result, plan)
+        exits = plan.is_last or committee.exits(conf, plan.threshold if threshold is None else threshold)
+    except Exception as err:
+        progress.add(plan.number, "failed")
+        reason = f"model {plan.key} output could not be routed: {failure_reason(err)}"
+        return DeadLetter(record.id, record.uri, plan.number, reason)
+    progress.add(plan.number, "exited" if exits else "escalated")
+    return Exit(record, combined, conf) if exits else record
 
 
 def tagged(routed: Exit | DeadLetter | Record, value=None):
@@ -108,21 +120,41 @@ def tagged(routed: Exit | DeadLetter | Record, value=None):
 
 
 class Route(beam.DoFn):
-    """(record, logits) -> update the running committee; exit (an ``Exit``) or continue."""
+    """(record, logits) -> update the running committee; exit (an ``Exit``) or continue. The threshold is the
+    plan's, or, for a stage with a budget, the one ``budget_threshold`` computed over the run (a side input)."""
 
     def __init__(self, plan: StagePlan):
         self.plan = plan
 
-    def process(self, element):
+    def confidence(self, element):
+        """(record, result) -> the confidence ``process`` will route it by (none for a record it dead-letters)."""
         record, result = element
-        yield tagged(route(record, result.inference, self.plan))
+        if not isinstance(result.inference, Failure):
+            try:
+                yield update(record, result.inference, self.plan)[2]
+            except Exception:  # process() dead-letters this record, with the reason
+                pass
+
+    def process(self, element, threshold=None):
+        record, result = element
+        yield tagged(route(record, result.inference, self.plan, threshold))
+
+
+def budget_threshold(quantiles: list[float], escalate: float) -> float:
+    """The threshold that sends on ``escalate`` of the records whose confidences have these quantiles (min,
+    ..., max): records below the ``escalate`` quantile continue. All of them: 1, which nothing reaches."""
+    if not quantiles or escalate >= 1.0:
+        return 1.0
+    return float(quantiles[round(escalate * (len(quantiles) - 1))])
 
 
 class CascadeStage(beam.PTransform):
-    """Records in -> {exited: ``Exit``s, continue: records for the next stage, dead_letter}. ``task`` says how
-    records become model examples and how their results regroup (``transforms.tasks``). The stage's resource
-    hints (``stages[i].resources``) apply to its steps, so that a runner can place each stage on its own
-    kind of worker."""
+    """Records in -> {exited: ``Exit``s, continue: records for the next stage, dead_letter, threshold}.
+    ``task`` says how records become model examples and how their results regroup (``transforms.tasks``).
+    ``threshold`` is a one-element PCollection, ``(stage number, threshold used)``, for a stage with a
+    budget: its records wait for the quantiles of all its confidences before they are routed. The stage's
+    resource hints (``stages[i].resources``) apply to its steps, so that a runner can place each stage on its
+    own kind of worker."""
 
     def __init__(self, plan: StagePlan, task):
         super().__init__()
@@ -135,9 +167,19 @@ class CascadeStage(beam.PTransform):
         if self.plan.number > 1:  # escalated records of all bundles meet again, so batches stay full
             records = records | "Rebatch" >> beam.Reshuffle()
         inferred, failed = self.task.classify(records, self.plan)
-        routed = inferred | "Route" >> beam.ParDo(Route(self.plan)).with_outputs(DEAD, CONTINUE, main=EXITED)
+        route, threshold, side = Route(self.plan), None, {}
+        if self.plan.escalate is not None:
+            threshold = (
+                inferred
+                | "Confidences" >> beam.FlatMap(route.confidence)
+                | "Quantiles" >> beam.transforms.stats.ApproximateQuantiles.Globally(BUDGET_QUANTILES)
+                | "BudgetThreshold" >> beam.Map(budget_threshold, self.plan.escalate)
+            )
+            side = {"threshold": beam.pvalue.AsSingleton(threshold)}
+            threshold = threshold | "Number" >> beam.Map(lambda t, n: (n, t), self.plan.number)
+        routed = inferred | "Route" >> beam.ParDo(route, **side).with_outputs(DEAD, CONTINUE, main=EXITED)
         dead = (*failed, routed[DEAD]) | "Failures" >> beam.Flatten()
-        return {EXITED: routed[EXITED], CONTINUE: routed[CONTINUE], DEAD: dead}
+        return {EXITED: routed[EXITED], CONTINUE: routed[CONTINUE], DEAD: dead, THRESHOLD: threshold}
 
 
 def default_threads(workers: int) -> int:

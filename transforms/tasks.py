@@ -93,7 +93,8 @@ class FrameTask(ImageTask):
         return (self.predictions, VIDEO_PREDICTIONS)
 
     def reader(self, plan: CascadePlan) -> beam.DoFn:
-        return DecodeVideos(plan.video, Granularity.FRAME, _short_side(plan), plan.settings.decode.max_pixels)
+        return DecodeVideos(plan.video, Granularity.FRAME, _short_side(plan), plan.settings.decode.max_pixels,
+                            plan.settings.decode.read_timeout_s)
 
     def prediction_row(self, exit: Exit, plan: CascadePlan) -> dict:
         record = exit.record
@@ -115,7 +116,8 @@ class ClipTask(ImageTask):
     kind = TaskKind.VIDEO_CLIPS
 
     def reader(self, plan: CascadePlan) -> beam.DoFn:
-        return DecodeVideos(plan.video, Granularity.VIDEO, _short_side(plan), plan.settings.decode.max_pixels)
+        return DecodeVideos(plan.video, Granularity.VIDEO, _short_side(plan), plan.settings.decode.max_pixels,
+                            plan.settings.decode.read_timeout_s)
 
     def classify(self, records, stage: StagePlan):
         return classify_views(records, stage)

@@ -13,7 +13,6 @@ The tasks that use them are in ``transforms.tasks``.
 from __future__ import annotations
 
 import apache_beam as beam
-import fsspec
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
@@ -24,7 +23,7 @@ from models import committee, registry
 from models.classifier import Failure
 from models.preprocess import BadInput, load_image
 from models.video import BadVideo, SamplingPlan, read_video
-from transforms.io import DEAD, dead
+from transforms.io import DEAD, dead, open_input, read_failure, with_timeout
 from transforms.progress import NAMESPACE, progress
 from transforms.records import DeadLetter, Exit, FrameRecord, Record, VideoRecord
 from transforms.stage import ClassifierHandler
@@ -38,26 +37,29 @@ class DecodeVideos(beam.DoFn):
 
     Counts ``videos_sampled`` and ``frames_sampled`` (the records a video becomes at frame granularity)."""
 
-    def __init__(self, plan: SamplingPlan, granularity: Granularity, short_side: int, max_pixels: int):
+    def __init__(self, plan: SamplingPlan, granularity: Granularity, short_side: int, max_pixels: int,
+                 timeout_s: float):
         self.plan = plan
         self.granularity = Granularity(granularity)
         self.short_side = short_side
         self.max_pixels = max_pixels
+        self.timeout_s = timeout_s
         self.videos = Metrics.counter(NAMESPACE, "videos_sampled")
         self.frames = Metrics.counter(NAMESPACE, "frames_sampled")
 
+    def _read(self, uri: str):
+        fs, path = open_input(uri)
+        with fs.open(path, "rb") as fh:
+            return read_video(fh, self.plan, short_side=self.short_side, max_pixels=self.max_pixels)
+
     def process(self, record: Record):
-        try:
-            with fsspec.open(record.uri, "rb") as fh:
-                frames = read_video(fh, self.plan, short_side=self.short_side, max_pixels=self.max_pixels)
-        except FileNotFoundError:
-            yield dead(record.id, record.uri, "file not found")
-            return
+        try:  # reading and decoding one video is bounded in time too (decode.read_timeout_s)
+            frames = with_timeout(lambda: self._read(record.uri), self.timeout_s, record.uri)
         except BadVideo as err:
             yield dead(record.id, record.uri, str(err))
             return
-        except OSError as err:
-            yield dead(record.id, record.uri, f"could not read: {type(err).__name__}: {err}")
+        except Exception as err:  # one video's failure, whatever it is, is that video's dead letter
+            yield dead(record.id, record.uri, read_failure(err))
             return
         self.videos.inc()
         self.frames.inc(len(frames))
