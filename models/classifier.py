@@ -77,7 +77,8 @@ class LoadedModel:
         if not all(isinstance(x, np.ndarray) for x in batch):
             crops = iter(load_batch([x.data for x in batch if isinstance(x, EncodedImage)], self.spec.input,
                                     self.device, self.target))
-            pixels = [next(crops) if isinstance(x, EncodedImage) else torch.as_tensor(x, device=self.device)
+            pixels = [next(crops) if isinstance(x, EncodedImage) else x if isinstance(x, torch.Tensor)
+                      else torch.tensor(x, device=self.device)
                       for x in batch]
             bad = next((x for x in pixels if isinstance(x, BadInput)), None)
             if bad is not None:

@@ -23,6 +23,7 @@ import glob
 import math
 import os
 import posixpath
+import queue
 import stat
 import threading
 from dataclasses import dataclass
@@ -346,7 +347,7 @@ def manifest_parts(file: int, path: str) -> Iterator[ManifestPart]:
 
 class ExpandSource(beam.DoFn):
     """A glob of image files, a manifest, or a part of one (``ManifestPart``) -> ``(id, (position in the
-    listing, Record without bytes))`` per input; bad manifest rows -> dead letters. A position is (manifest
+    listing, uri, label))`` per input; bad manifest rows -> dead letters. A position is (manifest
     file, first row group of the part, row in the part), so positions compare in listing order across parts
     read on different workers. Every input
     is counted in ``inputs_listed`` as it is read, the left side of the count invariant: one per file of a
@@ -362,8 +363,8 @@ class ExpandSource(beam.DoFn):
             if isinstance(entry, DeadLetter):
                 progress.add(READ_STAGE, "failed")
                 yield beam.pvalue.TaggedOutput(DEAD, entry)
-            else:
-                yield entry.id, (position, entry)
+            else:  # primitives, not the Record: small in a runner's memory and cheap to encode for the shuffle
+                yield entry.id, (position, entry.uri, entry.label)
 
     def _entries(self, source: str | ManifestPart) -> Iterator[tuple[tuple[int, int, int], Record | DeadLetter]]:
         if isinstance(source, str) and is_manifest(source):  # read whole, in this worker (tests, small inputs)
@@ -414,38 +415,63 @@ class SplitManifests(beam.PTransform):
 
 
 class FirstOfId(beam.DoFn):
-    """``(id, [(position, Record), ...])`` -> the Record listed first with that id; any other -> a dead
+    """``(id, [(position, uri, label), ...])`` -> the Record listed first with that id; any other -> a dead
     letter. Ids key the output tables, so two inputs never share one, and the choice does not depend on
     the order in which a shuffle delivers them (nor on a retry)."""
 
     def process(self, element):
         rid, listed = element
-        (_, kept), *others = sorted(listed, key=lambda item: item[0])
-        for _, record in others:
-            yield dead(record.id, record.uri, f"duplicate id {rid!r}: an earlier input has it ({kept.uri}) and is "
-                                              "the one kept; give each input its own id")
-        yield kept
+        (_, uri, label), *others = sorted(listed, key=lambda item: item[0])
+        for _, other, _ in others:
+            yield dead(rid, other, f"duplicate id {rid!r}: an earlier input has it ({uri}) and is the one kept; give "
+                                   "each input its own id")
+        yield Record(id=rid, uri=uri, label=label)
+
+
+class _Readers:
+    """Daemon threads that run reads for ``with_timeout``, started once per process and reused: a thread per
+    read costs more than reading a small file. A thread stuck in a read that timed out is left behind (it is
+    a daemon: it never holds the process) and another takes its place."""
+
+    def __init__(self):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def run(self, fn: Callable[[], Any], seconds: float, what: str) -> Any:
+        box: dict = {}
+        done = threading.Event()
+        with self._lock:
+            if self._idle == 0:
+                threading.Thread(target=self._serve, name="input reader", daemon=True).start()
+            else:
+                self._idle -= 1
+        self._tasks.put((fn, box, done))
+        if not done.wait(seconds):
+            raise TimeoutError(f"timeout: reading took longer than {seconds:g} s (decode.read_timeout_s)")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _serve(self):
+        while True:
+            fn, box, done = self._tasks.get()
+            try:
+                box["value"] = fn()
+            except BaseException as err:  # handed to the caller
+                box["error"] = err
+            with self._lock:
+                self._idle += 1
+            done.set()
+
+
+_READERS = _Readers()
 
 
 def with_timeout(fn: Callable[[], Any], seconds: float, what: str) -> Any:
     """``fn()``, or ``TimeoutError`` after ``seconds``. It runs in a daemon thread, which is left behind if it
     blocks for good (a stalled server, a pipe nobody writes to): it never holds the job or the process."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as err:  # handed to the caller
-            box["error"] = err
-
-    thread = threading.Thread(target=target, name=f"read {what}"[:60], daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        raise TimeoutError(f"timeout: reading took longer than {seconds:g} s (decode.read_timeout_s)")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    return _READERS.run(fn, seconds, what)
 
 
 FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
