@@ -78,7 +78,7 @@ class StagePlan:
         s = self.settings
         return Classifier(self.spec, decode=s.decode, device=s.device, precision=self.precision,
                           channels_last=self.channels_last, compile=self.compile, threads=s.torch_threads,
-                          target=s.decode_target)
+                          target=s.decode_target, batch_size=self.batch_size)
 
     def summary(self) -> dict:
         """The stage as the run manifest records it."""

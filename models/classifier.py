@@ -109,7 +109,9 @@ class Classifier:
     reason. If the model raises on a batch, the batch is retried split in halves down to single examples,
     so only the examples that fail alone get a ``Failure``; their neighbours are still classified.
     Non-finite logits fail their example too. ``target``: the shorter side images are decoded for (the
-    run's ``decode_target``; None: this model's own ``resize_to``)."""
+    run's ``decode_target``; None: this model's own ``resize_to``). ``batch_size``: a smaller batch is padded
+    to it (with copies of its first example), because an example's logits depend, in their last bits, on how
+    many examples share its batch: padded, they do not depend on where bundles end or on the execution mode."""
 
     spec: registry.ModelSpec
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -119,6 +121,7 @@ class Classifier:
     compile: bool = False
     threads: int = 0
     target: Optional[int] = None
+    batch_size: int = 0
 
     def load(self) -> LoadedModel:
         if self.threads > 0:
@@ -190,9 +193,15 @@ class Classifier:
             items[i] = crop_
         return items
 
+    def _forward(self, model, batch: Sequence[Example]) -> np.ndarray:
+        n = len(batch)
+        if n < self.batch_size:
+            batch = [*batch, *[batch[0]] * (self.batch_size - n)]
+        return model(batch)[:n]
+
     def _infer(self, model, batch: Sequence[Example]) -> list[np.ndarray | Failure]:
         try:
-            logits = model(batch)
+            logits = self._forward(model, batch)
         except Exception as err:  # a bad batch must not fail the job: bisect down to the culprit
             if len(batch) == 1:
                 if isinstance(err, BadInput):  # an encoded image that no decoder could read
