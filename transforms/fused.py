@@ -11,6 +11,7 @@ the same ``Exit``s and dead letters.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid
@@ -83,6 +84,7 @@ class FusedCascadeFn(beam.DoFn):
         if k == 0:
             for waiting, pixels in zip(batch, classifier.decode_once([w.record.data for w in batch])):
                 waiting.pixels = pixels
+                waiting.record = dataclasses.replace(waiting.record, data=b"")  # the pixels replace the bytes
         results = classifier.classify_pixels(self._models[k], [w.pixels for w in batch])
         for waiting, result in zip(batch, results):
             routed = route(waiting.record, result, stage)

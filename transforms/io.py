@@ -22,10 +22,12 @@ import dataclasses
 import glob
 import math
 import os
+import pickle
 import posixpath
 import queue
 import stat
 import threading
+import zlib
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -346,8 +348,8 @@ def manifest_parts(file: int, path: str) -> Iterator[ManifestPart]:
 
 
 class ExpandSource(beam.DoFn):
-    """A glob of image files, a manifest, or a part of one (``ManifestPart``) -> ``(id, (position in the
-    listing, uri, label))`` per input; bad manifest rows -> dead letters. A position is (manifest
+    """A glob of image files, a manifest, or a part of one (``ManifestPart``) -> ``(bucket of the id, packed
+    (id, position in the listing, uri, label))`` per input; bad manifest rows -> dead letters. A position is (manifest
     file, first row group of the part, row in the part), so positions compare in listing order across parts
     read on different workers. Every input
     is counted in ``inputs_listed`` as it is read, the left side of the count invariant: one per file of a
@@ -363,8 +365,8 @@ class ExpandSource(beam.DoFn):
             if isinstance(entry, DeadLetter):
                 progress.add(READ_STAGE, "failed")
                 yield beam.pvalue.TaggedOutput(DEAD, entry)
-            else:  # primitives, not the Record: small in a runner's memory and cheap to encode for the shuffle
-                yield entry.id, (position, entry.uri, entry.label)
+            else:
+                yield id_bucket(entry.id), pack(entry.id, position, entry.uri, entry.label)
 
     def _entries(self, source: str | ManifestPart) -> Iterator[tuple[tuple[int, int, int], Record | DeadLetter]]:
         if isinstance(source, str) and is_manifest(source):  # read whole, in this worker (tests, small inputs)
@@ -414,18 +416,37 @@ class SplitManifests(beam.PTransform):
         )
 
 
+ID_BUCKETS = 1 << 16  # keys of the shuffle by id: ids are grouped by a hash, and by id within a group
+
+
+def id_bucket(rid: str) -> int:
+    """The shuffle key of an id: the same in every process (``hash`` of a str is not)."""
+    return zlib.crc32(rid.encode("utf-8", "surrogatepass")) % ID_BUCKETS
+
+
+def pack(rid: str, position: tuple, uri: str, label: Optional[int]) -> bytes:
+    """A listed input as it crosses the shuffle by id: one bytes object, not a tuple of Python objects, because
+    a runner that groups in memory (FnApiRunner) holds every one of them at once (tens of bytes each, not
+    hundreds)."""
+    return pickle.dumps((rid, position, uri, label), protocol=pickle.HIGHEST_PROTOCOL)
+
+
 class FirstOfId(beam.DoFn):
-    """``(id, [(position, uri, label), ...])`` -> the Record listed first with that id; any other -> a dead
-    letter. Ids key the output tables, so two inputs never share one, and the choice does not depend on
-    the order in which a shuffle delivers them (nor on a retry)."""
+    """``(bucket, [packed (id, position, uri, label), ...])`` -> per id, the Record listed first with it; any
+    other -> a dead letter. Ids key the output tables, so two inputs never share one, and the choice does not
+    depend on the order in which a shuffle delivers them (nor on a retry)."""
 
     def process(self, element):
-        rid, listed = element
-        (_, uri, label), *others = sorted(listed, key=lambda item: item[0])
-        for _, other, _ in others:
-            yield dead(rid, other, f"duplicate id {rid!r}: an earlier input has it ({uri}) and is the one kept; give "
-                                   "each input its own id")
-        yield Record(id=rid, uri=uri, label=label)
+        _, packed = element
+        by_id: dict[str, list] = {}
+        for rid, position, uri, label in map(pickle.loads, packed):
+            by_id.setdefault(rid, []).append((position, uri, label))
+        for rid, listed in by_id.items():
+            (_, uri, label), *others = sorted(listed, key=lambda item: item[0])
+            for _, other, _ in others:
+                yield dead(rid, other, f"duplicate id {rid!r}: an earlier input has it ({uri}) and is the one kept; "
+                                       "give each input its own id")
+            yield Record(id=rid, uri=uri, label=label)
 
 
 class _Readers:

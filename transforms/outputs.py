@@ -124,10 +124,14 @@ class ExitStats(beam.PTransform):
 
     def expand(self, pcolls: Iterable):
         stages = self.stages
+        tally = ExitStatsFn(len(stages))
+        # each input is tallied where it is made (a lifted combine), and only the small tallies meet: a Flatten
+        # of the inputs themselves would make a runner such as FnApiRunner hold every prediction row in memory
+        tallies = [pcoll | f"Tally{i}" >> beam.CombineGlobally(tally) for i, pcoll in enumerate(pcolls)]
         return (
-            tuple(pcolls)
-            | "All" >> beam.Flatten()
-            | "Tally" >> beam.CombineGlobally(ExitStatsFn(len(stages)))
+            tallies
+            | "Tallies" >> beam.Flatten()
+            | "Merge" >> beam.CombineGlobally(tally.merge_accumulators)
             | "Rows" >> beam.FlatMap(exit_stats_rows, stages,
                                      beam.pvalue.AsDict(self.thresholds) if self.thresholds is not None else None)
         )
