@@ -108,6 +108,25 @@ class VideoConfig:
 
 
 @dataclass
+class CalibrationInfo:
+    """What pipelines.calibrate measured on records it did not choose on; read by reports, never by routing."""
+
+    target: Optional[str] = None  # what the cascade was calibrated for, e.g. match:lite2@260 or agree:lite2@260:0.97
+    data: Optional[str] = None  # the records it was calibrated on
+    heldout_records: Optional[int] = None
+    heldout_groups: Optional[int] = None  # source images of those records (the unit of the split)
+    heldout_accuracy: Optional[float] = None  # promise: accuracy >= heldout_accuracy - margin on data alike
+    margin: Optional[float] = None
+    heldout_gmacs: Optional[float] = None  # average GMACs per record on the held-out records
+    gmacs_margin: Optional[float] = None  # the same standard errors as `margin`, on the average GMACs
+    expected_exit_ratios: Optional[list[float]] = None  # share of records exiting at each stage (sums to 1)
+    expected_escalated: Optional[list[float]] = None  # share of records sent past each stage but the last
+    agreement_reference: Optional[str] = None  # label-free targets: the entry or ensemble agreed with
+    heldout_agreement: Optional[float] = None  # share of held-out records predicted as the reference predicts
+    agreement_margin: Optional[float] = None
+
+
+@dataclass
 class CascadeConfig:
     input: str = ""  # glob of image URLs, or a manifest (.csv / .parquet); empty: the embedded demo set
     output: str = "out/cascade"  # output folder (local path or URL)
@@ -122,6 +141,7 @@ class CascadeConfig:
     torch_threads: int = 0  # intra-op threads (and batch-decoding threads) per worker process; 0: cores / processes
     output_shards: int = 0  # Parquet files per table; 0: let the runner decide
     video: Optional[VideoConfig] = None  # set: the inputs are videos, sampled and classified as it says
+    calibration: Optional[CalibrationInfo] = None  # held-out figures of pipelines.calibrate (ignored by routing)
     execution: Execution = Execution.FUSED  # fused: all stages in one step, decode once; staged: a step per stage
 
 

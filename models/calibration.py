@@ -28,6 +28,13 @@ How the search works
   past stage 1, the records' cost spread for GMACs); ``pipelines.calibrate`` can also choose the
   sequence by k-fold cross-validation (``cross_validate``).
 
+- Held out by construction: ``split_by_group`` puts every record of a group (the variants of one image) on
+  one side of the selection / held-out split, and ``group_folds`` does the same for cross-validation;
+  ``measure`` gives a choice's figures on the held-out set with cluster-robust standard errors
+  (``clustered_se``), from which a config's promised margins are made.
+- Label-free targets: replace ``Pool.labels`` by a reference's ``predictions`` and "accuracy" becomes
+  agreement with it; nothing else changes.
+
 Every result is replayed with ``models.committee.cascade`` (``replay``), the maths the pipeline routes by.
 """
 
@@ -77,8 +84,9 @@ class Pool:
     keys: tuple[str, ...]
     gmacs: np.ndarray  # (P,)
     logits: np.ndarray  # (P, N, C) float32
-    labels: np.ndarray  # (N,) int
+    labels: np.ndarray  # (N,) int; -1 where a record has no label
     families: tuple[str, ...] = ()  # entries of one family are independent copies of one model
+    groups: np.ndarray | None = None  # (N,) int: records of one group (variants of one image) are split together
 
     def __post_init__(self):
         if not self.families:
@@ -89,6 +97,8 @@ class Pool:
                              f"and {len(self.labels)} labels for logits of shape {self.logits.shape}")
         if len(set(self.keys)) != p:
             raise ValueError(f"pool: duplicate keys in {self.keys}")
+        if self.groups is not None and len(self.groups) != n:
+            raise ValueError(f"pool: {len(self.groups)} groups for {n} records")
 
     @property
     def size(self) -> int:
@@ -100,7 +110,18 @@ class Pool:
         return self.keys.index(key)
 
     def subset(self, rows: np.ndarray) -> Pool:
-        return replace(self, logits=self.logits[:, rows], labels=self.labels[rows])
+        groups = None if self.groups is None else self.groups[rows]
+        return replace(self, logits=self.logits[:, rows], labels=self.labels[rows], groups=groups)
+
+    def group_of_each(self) -> np.ndarray:
+        """Each record's group; a record without one is its own group."""
+        return np.arange(self.size) if self.groups is None else np.asarray(self.groups)
+
+    def select(self, keys: Sequence[str]) -> Pool:
+        """The pool of the given entries only (same records)."""
+        idx = [self.index(k) for k in keys]
+        return replace(self, keys=tuple(keys), gmacs=self.gmacs[idx], logits=self.logits[idx],
+                       families=tuple(self.families[i] for i in idx))
 
     def stack(self, models: Sequence[str]) -> np.ndarray:
         return self.logits[[self.index(k) for k in models]]
@@ -161,8 +182,9 @@ def numpy_prefix(pool: Pool, kind, aggregation):
 
 
 def torch_prefix(pool: Pool, kind, aggregation, device: str = "auto", reuse_buffers: bool = True, top_k: int = 8):
-    """(add, stats, final_correct) in float32 torch (multi-threaded, or on the GPU): the fast path for large
-    pools. Confidences may differ from the float64 reference in the last bits; ``replay`` gives exact figures.
+    """(add, stats, final_correct) in torch (multi-threaded, or on the GPU): the fast path for large pools.
+    Running sums are float32, confidences float64 (as the reference's), so the threshold candidates agree
+    with the reference's to ~1e-7; ``replay`` gives exact figures.
 
     - ``add`` writes each depth's running sum into one preallocated buffer (a depth-first walk needs one
       per depth), so no 100 MB tensor is allocated per prefix.
@@ -203,9 +225,11 @@ def torch_prefix(pool: Pool, kind, aggregation, device: str = "auto", reuse_buff
         correct = (score_sum.argmax(-1) == labels).cpu().numpy()  # the mean's argmax is the sum's
         if not need_conf:
             return None, correct
-        z = score_sum / count
+        # float64: in float32, max_prob is exactly 1 from a logit gap of ~17 (logit_gap likewise), which merges
+        # the most confident percentiles into "never exit"; the pipeline routes on float64 confidences
+        z = score_sum.double() / count
         if probs:
-            z = torch.log(z.clamp_min_(torch.finfo(torch.float32).tiny))
+            z = torch.log(z.clamp_min_(torch.finfo(torch.float64).tiny))
         return committee.confidence_torch(z, kind).cpu().numpy(), correct
 
     def final_correct(prefix_sum, prefix_key, entry: int):
@@ -372,6 +396,14 @@ def _choice(keys, grid: _Grid, thresholds: list[np.ndarray], idx: tuple[int, ...
                   float(grid.correct[idx]), float(grid.cost[idx]), grid.worst, tuple(exits))
 
 
+def trimmed(pool: Pool, choice: Choice, kind: committee.Confidence | str = committee.Confidence.MAX_PROB,
+            aggregation: committee.Aggregation | str = committee.Aggregation.LOGITS) -> Choice:
+    """The same cascade without the stages no record reaches (after a threshold of 0 every record has exited),
+    replayed on ``pool``."""
+    cut = next((i for i, t in enumerate(choice.thresholds) if t <= 0.0), len(choice.thresholds))
+    return replay(pool, choice.models[: cut + 1], choice.thresholds[:cut], kind, aggregation)
+
+
 def pareto(points: list[Choice]) -> list[Choice]:
     """Points not beaten on both accuracy and average GMACs, by increasing cost."""
     out, best = [], -np.inf
@@ -444,7 +476,8 @@ def search(
     """Best cascade of up to ``max_models`` pool entries (and thresholds) for ``objective``.
 
     ``only`` restricts the search to the given sequences (and their prefixes are computed once).
-    ``backend="torch"`` runs the per-prefix maths in float32 torch (GPU when there is one).
+    ``backend="torch"`` runs the per-prefix maths in torch (GPU when there is one): float32 sums, float64
+    confidences.
     """
     if strategy not in ("exhaustive", "beam"):
         raise ValueError(f"strategy {strategy!r}: use 'exhaustive' or 'beam'")
@@ -550,15 +583,14 @@ def cross_validate(pool: Pool, objective: Objective, folds: int = 5, seed: int =
     """Choose the *sequence* by k-fold cross-validation: thresholds are fitted on k-1 folds and measured on
     the held-out fold; a sequence's score is its mean held-out figure, and it qualifies only if its
     held-out figures meet the constraints on average (accuracy target / GMACs budget without margin).
+    Folds split the pool's groups (``Pool.groups``), so no group has records on both sides.
     Returns the best sequence (or None) and one row per sequence."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(pool.size)
-    parts = np.array_split(order, folds)
+    parts = group_folds(pool.group_of_each(), folds, seed)
     held: dict[tuple[str, ...], list[Choice]] = {}
     for f in range(folds):
         train = np.concatenate([parts[g] for g in range(folds) if g != f])
         fitted = search(pool.subset(np.sort(train)), objective, prune=False, **search_kw).per_sequence
-        test = pool.subset(np.sort(parts[f]))
+        test = pool.subset(parts[f])
         for keys, choice in fitted.items():
             held.setdefault(keys, []).append(
                 replay(test, keys, choice.thresholds, search_kw.get("kind", committee.Confidence.MAX_PROB),
@@ -583,6 +615,93 @@ def cross_validate(pool: Pool, objective: Objective, folds: int = 5, seed: int =
     else:
         best = min(qualified, key=lambda r: (r["cv_avg_gmacs"], -r["cv_accuracy"], len(r["_keys"])))
     return best["_keys"], rows
+
+
+# ---- held-out protocol --------------------------------------------------------------------------------
+
+
+def split_by_group(groups: np.ndarray, heldout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the selection set and of the held-out set: a random share ``heldout`` of the *groups* is held
+    out, so that all records of a group (the variants of one image) fall on the same side."""
+    uniq = np.unique(groups)
+    held = np.random.default_rng(seed).permutation(uniq)[: int(round(heldout * len(uniq)))]
+    mask = np.isin(groups, held)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def group_folds(groups: np.ndarray, folds: int, seed: int = 0) -> list[np.ndarray]:
+    """Rows (sorted) of ``folds`` cross-validation folds made of whole groups."""
+    uniq = np.random.default_rng(seed).permutation(np.unique(groups))
+    return [np.flatnonzero(np.isin(groups, part)) for part in np.array_split(uniq, folds)]
+
+
+def clustered_se(values: np.ndarray, groups: np.ndarray) -> float:
+    """Standard error of the mean of per-record ``values`` when the records of one group are correlated
+    (cluster-robust: from the spread of each group's summed deviations; equals the usual one for groups of 1)."""
+    values = np.asarray(values, dtype=np.float64)
+    _, inverse = np.unique(groups, return_inverse=True)
+    sums = np.bincount(inverse, weights=values - values.mean())
+    g = len(sums)
+    if g < 2:
+        return float("nan")
+    return math.sqrt(g / (g - 1) * float((sums ** 2).sum())) / len(values)
+
+
+def predictions(pool: Pool, committee_keys: Sequence[str],
+                aggregation: committee.Aggregation | str = committee.Aggregation.LOGITS) -> np.ndarray:
+    """Class predicted for each record by one entry, or by the ensemble of several (a label-free reference)."""
+    return committee.ensemble(pool.stack(committee_keys), aggregation).argmax(-1)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A cascade's figures on a set it was not chosen on, with their group-level standard errors."""
+
+    models: tuple[str, ...]
+    thresholds: tuple[float, ...]
+    accuracy: float | None  # on the records with a label; None when none has one
+    accuracy_se: float | None
+    agreement: float | None  # share of records whose prediction equals the reference's; None without one
+    agreement_se: float | None
+    avg_gmacs: float
+    gmacs_se: float
+    exit_ratios: tuple[float, ...]  # share of all records exiting at each stage
+    escalated: tuple[float, ...]  # share of all records sent past each stage but the last
+    records: int
+    groups: int
+
+    def margin(self, figure: str, sigmas: float, reference_groups: int | None = None) -> float | None:
+        """``sigmas`` standard errors of the difference between this set's ``figure`` (accuracy, agreement or
+        avg_gmacs) and that of a new set of ``reference_groups`` groups alike (default: as many as here)."""
+        se = {"accuracy": self.accuracy_se, "agreement": self.agreement_se, "avg_gmacs": self.gmacs_se}[figure]
+        if se is None:
+            return None
+        return sigmas * se * math.sqrt(1.0 + self.groups / (reference_groups or self.groups))
+
+
+def measure(pool: Pool, models: Sequence[str], thresholds: Sequence[float],
+            kind: committee.Confidence | str = committee.Confidence.MAX_PROB,
+            aggregation: committee.Aggregation | str = committee.Aggregation.LOGITS,
+            reference: np.ndarray | None = None) -> Measured:
+    """Figures of a cascade (Algorithm 1, ``committee.cascade``) on ``pool``: accuracy against its labels (-1:
+    none), agreement with ``reference`` predictions, cost and exit ratios, with standard errors by group."""
+    idx = [pool.index(k) for k in models]
+    gm = np.asarray(pool.gmacs, dtype=np.float64)[idx]
+    res = committee.cascade(pool.logits[idx], list(thresholds), gm, kind, aggregation)
+    groups = pool.group_of_each()
+    labelled = pool.labels >= 0
+    accuracy = accuracy_se = agreement = agreement_se = None
+    if labelled.any():
+        correct = (res.pred == pool.labels)[labelled]
+        accuracy, accuracy_se = float(correct.mean()), clustered_se(correct, groups[labelled])
+    if reference is not None:
+        same = res.pred == reference
+        agreement, agreement_se = float(same.mean()), clustered_se(same, groups)
+    exits = res.exit_ratios(len(idx))
+    return Measured(tuple(models), tuple(float(t) for t in thresholds), accuracy, accuracy_se, agreement,
+                    agreement_se, float(res.gmacs.mean()), clustered_se(res.gmacs, groups),
+                    tuple(float(r) for r in exits), tuple(float(1.0 - c) for c in np.cumsum(exits)[:-1]),
+                    pool.size, len(np.unique(groups)))
 
 
 def brute_force(pool: Pool, objective: Objective, models: Sequence[str],

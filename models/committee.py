@@ -73,10 +73,12 @@ def _neg_entropy(z: np.ndarray) -> np.ndarray:
     return 1.0 - entropy / np.log(z.shape[-1])
 
 
-# Torch twins for large arrays (the calibration search): float32 tensors in, float64 out. Only the small
-# quantity that separates a confidence from 1 is computed in float32 (the mass outside the top class, the
-# gap, the entropy), and 1 minus it in float64, so that confident records keep distinct scores: in plain
-# float32, max_prob is exactly 1.0 beyond a logit gap of ~17 and the top percentiles would merge.
+# Torch twins for large arrays (the calibration search): float32 or float64 tensors in, float64 out. From
+# float32 input, only the small quantity that separates a confidence from 1 is computed in float32 (the
+# mass outside the top class, the gap, the entropy), and 1 minus it in float64, so that confident records
+# keep distinct scores: in plain float32, max_prob is exactly 1.0 beyond a logit gap of ~17 and the top
+# percentiles would merge. The calibration search passes float64, to match the numpy reference bit for bit
+# where a threshold sits exactly on a record's confidence.
 
 def _rest(z):
     """exp(z - max) summed over every class but the top one, and the top two values of z."""
@@ -111,7 +113,7 @@ def _neg_entropy_torch(z):
 @dataclass(frozen=True)
 class ConfidenceFunction:
     numpy: Callable[[np.ndarray], np.ndarray]  # float64 logits (..., C) -> (...) scores
-    torch: Callable  # float32 tensor (..., C) -> float64 tensor (...), same scores to ~1e-7
+    torch: Callable  # float32/64 tensor (..., C) -> float64 tensor (...); same scores to ~1e-7 (1e-15 from float64)
 
 
 # Every member of Confidence has its implementations here (tests check the table covers the enum).

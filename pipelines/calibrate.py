@@ -1,29 +1,43 @@
-"""Choose a cascade (models and thresholds) from a scored held-out set: the second step of calibration.
+"""Choose a cascade (models and thresholds) from a scored set: the second step of calibration.
 
     python -m pipelines.calibrate --scores scores/ --output calibration/ \
         --objective max_accuracy --budget match:lite2@260 --margin_sigmas 1 --folds 5 \
         --config_out configs/my_calibrated.yaml
 
-Reads the ``scores`` table of ``pipelines.score``, runs ``models.calibration.search`` and writes:
+Reads the ``scores`` table of ``pipelines.score`` and splits its records by *group* (a ``--group`` column
+of ``--manifest``; by default the source image, i.e. the file name, which every variant of an image keeps)
+into a selection set and a held-out set (``--heldout`` share of the groups). ``models.calibration.search``
+chooses on the selection set (the sequence by group-wise k-fold cross-validation, then its thresholds);
+the choice is measured on the held-out set, and those figures are what the written config promises.
+Writes:
 - the cascade config (``--config_out``, default ``OUTPUT/cascade.yaml``): ``--config`` (a cascade YAML or
-  profile, default lite_cascade) with its stages, confidence and aggregation replaced; dotted overrides
-  apply to it; ``python -m pipelines.cascade --config THAT.yaml`` runs it unchanged;
-- ``frontier.parquet`` and ``frontier.md``: solitary models, ensembles and the Pareto-frontier cascades
-  (accuracy vs average GMACs) with exit ratios per stage;
-- ``calibration.json`` (objective, choice, figures replayed by ``models.committee.cascade``) and the
-  plots and ``report.md`` of ``pipelines.report``.
+  profile, default lite_cascade) with its stages, confidence and aggregation replaced and a ``calibration:``
+  block of held-out figures (accuracy, margin, GMACs, exit ratios...); dotted overrides apply to it;
+  ``python -m pipelines.cascade --config THAT.yaml`` runs it unchanged;
+- ``frontier.parquet`` and ``frontier.md``: solitary models, ensembles and the Pareto-frontier cascades of
+  the selection set, each also measured on the held-out set;
+- ``calibration.json`` (objective, choice, selection and held-out figures) and the plots and ``report.md``
+  of ``pipelines.report``.
 
-Targets: ``--target 0.8`` or ``--target match:lite2@260`` (that entry's accuracy on this set);
-``--budget 0.86`` or ``--budget match:lite2@260`` (its GMACs). ``--where variant=clean`` keeps the
-records whose manifest row (``--manifest``) has that value.
+Targets (``--target``, least GMACs that reaches it): ``0.8`` (accuracy), ``match:lite2@260`` (that entry's
+accuracy on the selection set), ``match:ensemble(lite0@224,lite1@240,lite2@260)`` (that ensemble's; the
+cascade is made of its models unless ``--models`` says otherwise), ``agree:lite2@260:0.97`` or
+``agree:ensemble(...):0.97`` (label-free: predictions equal the reference's on that share of the records;
+no label is read). Budgets (``--objective max_accuracy``): ``--budget 0.86`` or ``--budget match:lite2@260``
+(its GMACs), ``--max_past_first 0.15`` (share of records sent past stage 1). ``--where variant=clean`` keeps
+the records whose manifest row (``--manifest``) has that value.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
+import os
+import re
 import sys
+import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import fsspec
 import numpy as np
@@ -32,21 +46,73 @@ import pyarrow.parquet as pq
 
 from configs import schema
 from models import calibration as cal
-from models import committee
+from models import committee, registry
 from pipelines import common
+from pipelines.pool import frontier_rows, load_pool, markdown_table
 
 FRONTIER_SCHEMA = pa.schema(
     [
         pa.field("kind", pa.string(), nullable=False),  # solitary, ensemble or cascade
         pa.field("models", pa.string(), nullable=False),  # pool entries in stage order, " -> "-joined
         pa.field("thresholds", pa.list_(pa.float64())),  # one per stage but the last
-        pa.field("accuracy", pa.float64(), nullable=False),
+        pa.field("accuracy", pa.float64(), nullable=False),  # on the selection set (agreement for agree: targets)
         pa.field("avg_gmacs", pa.float64(), nullable=False),
         pa.field("worst_gmacs", pa.float64(), nullable=False),
         pa.field("exit_ratios", pa.list_(pa.float64())),  # share of all records exiting at each stage
-        pa.field("on_frontier", pa.bool_(), nullable=False),  # not beaten on both accuracy and GMACs
+        pa.field("on_frontier", pa.bool_(), nullable=False),  # not beaten on both accuracy and GMACs (selection)
+        pa.field("heldout_accuracy", pa.float64()),  # the same thresholds on the held-out set; null without one
+        pa.field("heldout_avg_gmacs", pa.float64()),
     ]
 )
+ENSEMBLE = re.compile(r"^ensemble\((?P<keys>[^()]+)\)$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A parsed ``--target``: an accuracy, the accuracy of an entry or ensemble to match, or agreement with a
+    reference (label-free)."""
+
+    text: str
+    value: float | None = None  # a fixed accuracy or agreement share
+    match: tuple[str, ...] = ()  # match: the entry, or the ensemble's members
+    agree: tuple[str, ...] = ()  # agree: the reference entry, or the ensemble's members
+
+    @property
+    def label_free(self) -> bool:
+        return bool(self.agree)
+
+    @property
+    def ensemble(self) -> bool:
+        """match:ensemble(...): the cascade is made of the ensemble's models (the paper's Section 4.2)."""
+        return self.text.startswith("match:ensemble(")
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return self.match or self.agree
+
+
+def parse_committee(text: str) -> tuple[str, ...]:
+    """``lite2@260`` -> one entry; ``ensemble(a,b,c)`` -> its members."""
+    found = ENSEMBLE.match(text.strip())
+    keys = tuple(k.strip() for k in (found.group("keys") if found else text).split(",") if k.strip())
+    if not keys or (not found and len(keys) != 1):
+        raise ValueError(f"{text!r}: give one pool entry or ensemble(ENTRY,ENTRY,...)")
+    return keys
+
+
+def parse_target(text: str | None) -> Target | None:
+    if text is None:
+        return None
+    try:
+        if text.startswith("match:"):
+            return Target(text, match=parse_committee(text[len("match:"):]))
+        if text.startswith("agree:"):
+            reference, _, share = text[len("agree:"):].rpartition(":")
+            return Target(text, value=float(share), agree=parse_committee(reference))
+        return Target(text, value=float(text))
+    except ValueError as err:
+        raise SystemExit(f"--target {text}: {err}; use A, match:ENTRY, match:ensemble(...), agree:REFERENCE:SHARE "
+                         "(REFERENCE an entry or ensemble(...))") from None
 
 
 def parse(argv: Sequence[str] | None):
@@ -56,8 +122,10 @@ def parse(argv: Sequence[str] | None):
     parser.add_argument("--output", required=True, help="folder for the frontier, summary and plots")
     parser.add_argument("--config_out", default=None, help="cascade YAML to write (default OUTPUT/cascade.yaml)")
     parser.add_argument("--config", default="lite_cascade", help="cascade YAML/profile the output inherits from")
-    parser.add_argument("--objective", choices=[g.value for g in cal.Goal], default=cal.Goal.MAX_ACCURACY.value)
-    parser.add_argument("--target", default=None, help="min_cost: accuracy to reach, or match:ENTRY")
+    parser.add_argument("--objective", choices=[g.value for g in cal.Goal], default=None,
+                        help="default: min_cost with --target, else max_accuracy")
+    parser.add_argument("--target", default=None,
+                        help="min_cost: accuracy A, match:ENTRY, match:ensemble(E1,E2,..), agree:REFERENCE:SHARE")
     parser.add_argument("--budget", default=None, help="average GMACs allowed, or match:ENTRY")
     parser.add_argument("--max_worst_gmacs", type=float, default=None, help="bound on the sum of the models' GMACs")
     parser.add_argument("--max_past_first", type=float, default=None, help="share of records allowed past stage 1")
@@ -70,129 +138,135 @@ def parse(argv: Sequence[str] | None):
     parser.add_argument("--confidence", default=None, help="confidence function (default: the --config's)")
     parser.add_argument("--aggregation", default=None, help="logits or probs (default: the --config's)")
     parser.add_argument("--percentile_step", type=float, default=2.0, help="threshold candidates every P percent")
-    parser.add_argument("--margin_sigmas", type=float, default=1.0, help="safety margin in standard errors")
-    parser.add_argument("--reference_size", type=int, default=None, help="size of the set the margin protects")
-    parser.add_argument("--folds", type=int, default=5, help="choose the sequence by k-fold CV (0: off)")
+    parser.add_argument("--margin_sigmas", type=float, default=1.0,
+                        help="safety margin of the choice on the selection set, in standard errors")
+    parser.add_argument("--reference_size", type=int, default=None, help="size of the set that margin protects")
+    parser.add_argument("--folds", type=int, default=5, help="choose the sequence by group-wise k-fold CV (0: off)")
+    parser.add_argument("--heldout", type=float, default=0.5,
+                        help="share of the groups held out to measure the choice on (0: none, no promise)")
+    parser.add_argument("--split_seed", type=int, default=0, help="seed of the group-wise split and CV folds")
+    parser.add_argument("--group", default="group",
+                        help="--manifest column naming each record's group; default: the source image (file name)")
+    parser.add_argument("--promise_sigmas", type=float, default=2.0,
+                        help="the config's margins, in standard errors of held-out vs a new set's figure")
+    parser.add_argument("--reference_groups", type=int, default=None,
+                        help="groups of the new set the promise is for (default: as many as held out)")
     parser.add_argument("--strategy", choices=["exhaustive", "beam"], default="exhaustive")
     parser.add_argument("--beam_width", type=int, default=8)
     parser.add_argument("--backend", choices=["numpy", "torch"], default="numpy")
-    parser.add_argument("--manifest", default=None, help="manifest with extra columns for --where")
+    parser.add_argument("--manifest", default=None, help="manifest with extra columns (--where, --group)")
     parser.add_argument("--where", action="append", default=[], help="COLUMN=VALUE filter on --manifest rows")
+    parser.add_argument("--data", default=None, help="a line saying what the scored records are (for the config)")
     parser.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
     args, overrides, rest = common.split_argv(parser, argv)
     if rest:
         parser.error(f"unknown arguments: {' '.join(rest)}")
     if args.where and not args.manifest:
         parser.error("--where needs --manifest")
+    if not 0 <= args.heldout < 1:
+        parser.error("--heldout: a share in [0, 1)")
     return args, overrides
 
 
-def load_pool(scores: str, models: Sequence[str] | None = None, families: dict[str, str] | None = None,
-              keep_ids: set[str] | None = None) -> tuple[cal.Pool, dict]:
-    """The scores table as a Pool: records scored by every entry (others are counted and dropped)."""
-    table = common.read_table(scores, "scores")
-    ids = table.column("id").to_pylist()
-    keys = table.column("model").to_pylist()
-    wanted = list(dict.fromkeys(keys)) if not models else list(models)
-    missing = [m for m in wanted if m not in set(keys)]
-    if missing:
-        raise SystemExit(f"no scores for {', '.join(missing)} in {scores}; scored: {', '.join(sorted(set(keys)))}")
-    by_entry = {m: {} for m in wanted}
-    labels, gmacs = {}, {}
-    label_col = table.column("label").to_pylist()
-    gm_col = table.column("gmacs").to_pylist()
-    logits_col = table.column("logits")
-    for row, (rid, key) in enumerate(zip(ids, keys)):
-        if key in by_entry and (keep_ids is None or rid in keep_ids):
-            by_entry[key][rid] = row
-            labels[rid] = label_col[row]
-            gmacs[key] = gm_col[row]
-    common_ids = sorted(set.intersection(*(set(v) for v in by_entry.values())))
-    common_ids = [i for i in common_ids if labels[i] is not None]
-    if not common_ids:
-        raise SystemExit(f"no labelled record is scored by every entry of {', '.join(wanted)}")
-    logits = np.stack([
-        np.asarray(logits_col.take(pa.array([by_entry[m][i] for i in common_ids])).to_pylist(), dtype=np.float32)
-        for m in wanted
-    ])
-    families = families or {}
-    pool = cal.Pool(tuple(wanted), np.asarray([gmacs[m] for m in wanted]), logits,
-                    np.asarray([labels[i] for i in common_ids]), tuple(families.get(m, m) for m in wanted))
-    info = {"records": len(common_ids), "dropped": len(set(labels) - set(common_ids)), "ids": common_ids}
-    return pool, info
-
-
-def manifest_ids(manifest: str, where: Sequence[str]) -> set[str]:
-    """Ids (as ReadInputs makes them) of the manifest rows matching every COLUMN=VALUE filter."""
+def manifest_rows(manifest: str) -> dict[str, dict]:
+    """Manifest rows by record id, as ReadInputs lists them (rows it cannot list are left out)."""
     from transforms.io import manifest_entries
     from transforms.records import Record
 
+    return {entry.id: row for row, entry in manifest_entries(manifest) if isinstance(entry, Record)}
+
+
+def manifest_ids(manifest: str, where: Sequence[str]) -> set[str]:
+    """Ids of the manifest rows matching every COLUMN=VALUE filter."""
     tests = [w.split("=", 1) for w in where]
-    return {entry.id for row, entry in manifest_entries(manifest)
-            if isinstance(entry, Record) and all(str(row.get(c)) == v for c, v in tests)}
+    return {rid for rid, row in manifest_rows(manifest).items() if all(str(row.get(c)) == v for c, v in tests)}
 
 
-def resolve(value: str | None, pool: cal.Pool, what: str) -> float | None:
-    """A number, or ``match:ENTRY``: that entry's accuracy (target) or GMACs (budget) on this set."""
+def source_of(uri: str) -> str:
+    """The default group of a record: its file name without extension, which every variant of one source image
+    keeps (``clean/x.jpg``, ``noise/x.jpg``: the layout of make_variants.py)."""
+    return os.path.splitext(uri.rstrip("/").rsplit("/", 1)[-1])[0]
+
+
+def record_groups(ids: Sequence[str], uris: Sequence[str], rows: dict[str, dict] | None, column: str) -> np.ndarray:
+    """Group number of each record: the manifest's ``column`` where it has one, else the source image."""
+    names = [str(rows[i][column]) if rows and i in rows and rows[i].get(column) not in (None, "") else source_of(u)
+             for i, u in zip(ids, uris)]
+    return np.unique(names, return_inverse=True)[1]
+
+
+def committee_accuracy(pool: cal.Pool, keys: Sequence[str], aggregation) -> float:
+    """Accuracy of an entry, or of the ensemble of several, on the labelled records of ``pool``."""
+    labelled = pool.labels >= 0
+    return float((cal.predictions(pool, keys, aggregation)[labelled] == pool.labels[labelled]).mean())
+
+
+def resolve_budget(value: str | None, pool: cal.Pool) -> float | None:
+    """A number, or ``match:ENTRY``: that entry's GMACs."""
     if value is None:
         return None
     if value.startswith("match:"):
-        key = value[len("match:"):]
-        return pool.solitary_accuracy(key) if what == "target" else float(pool.gmacs[pool.index(key)])
+        return float(pool.gmacs[pool.index(value[len("match:"):])])
     return float(value)
 
 
-def ensembles(pool: cal.Pool, max_models: int, kind, aggregation) -> list[cal.Choice]:
-    """Every unordered committee of 2..max_models entries with all thresholds at 1 (order does not matter)."""
-    out = []
-    for k in range(2, max_models + 1):
-        for combo in itertools.combinations(pool.keys, k):
-            out.append(cal.replay(pool, combo, [1.0] * (k - 1), kind, aggregation))
-    return out
-
-
-def frontier_rows(pool: cal.Pool, frontier: list[cal.Choice], max_models: int, kind, aggregation) -> list[dict]:
-    solitary = [cal.replay(pool, [k], [], kind, aggregation) for k in pool.keys]
-    ens = ensembles(pool, min(max_models, len(pool.keys)), kind, aggregation)
-    cascades = [c for c in frontier if c.kind == "cascade"]
-    everything = solitary + ens + cascades
-    on_front = {id(c) for c in cal.pareto(everything)}
-    rows = [{**c.as_row(), "on_frontier": id(c) in on_front} for c in everything]
-    return sorted(rows, key=lambda r: (r["avg_gmacs"], -r["accuracy"]))
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| kind | models | thresholds | accuracy | avg GMACs | worst GMACs | exit ratios | frontier |",
-             "|---|---|---|---:|---:|---:|---|:-:|"]
-    for r in rows:
-        t = ", ".join(f"{x:.4f}" for x in r["thresholds"]) or "-"
-        e = " / ".join(f"{x:.1%}" for x in r["exit_ratios"])
-        lines.append(f"| {r['kind']} | {r['models']} | {t} | {r['accuracy']:.2%} | {r['avg_gmacs']:.3f} | "
-                     f"{r['worst_gmacs']:.3f} | {e} | {'yes' if r['on_frontier'] else ''} |")
-    return "\n".join(lines) + "\n"
-
-
-def cascade_config(base: schema.CascadeConfig, choice: cal.Choice, kind, aggregation) -> schema.CascadeConfig:
-    """``base`` with the chosen stages (batch sizes and settings of base's first stage), confidence and
-    aggregation; validated like any config."""
+def cascade_config(base: schema.CascadeConfig, choice: cal.Choice, kind, aggregation,
+                   calibration: schema.CalibrationInfo | None = None) -> schema.CascadeConfig:
+    """``base`` with the chosen stages (batch sizes and settings of base's first stage), confidence,
+    aggregation and calibration block; validated like any config."""
     template = base.stages[0]
     stages = []
     for i, key in enumerate(choice.models):
-        name, _, res = key.partition("@")
+        name, resolution = registry.split_key(key)
         threshold = choice.thresholds[i] if i < len(choice.thresholds) else 1.0
-        stages.append(schema.StageConfig(model=name, resolution=int(res) if res else None,
+        stages.append(schema.StageConfig(model=name, resolution=resolution,
                                          batch_size=template.batch_size, threshold=float(threshold),
                                          precision=template.precision, channels_last=template.channels_last,
                                          compile=template.compile))
     cfg = schema.CascadeConfig(**{**base.__dict__, "stages": stages, "confidence": committee.Confidence(kind),
-                                  "aggregation": committee.Aggregation(aggregation), "overwrite": False})
+                                  "aggregation": committee.Aggregation(aggregation), "overwrite": False,
+                                  "calibration": calibration})
     schema.validate(cfg)
     return cfg
 
 
+def calibration_info(target: str, data: str, held: cal.Measured, sigmas: float,
+                     reference_groups: int | None, agree: Sequence[str]) -> schema.CalibrationInfo:
+    """The config's ``calibration:`` block from the held-out measurement (figures rounded to 4 digits; exit
+    ratios exact, so that they sum to 1)."""
+    def r(x):
+        return None if x is None else round(float(x), 4)
+
+    return schema.CalibrationInfo(
+        target=target, data=data, heldout_records=held.records, heldout_groups=held.groups,
+        heldout_accuracy=r(held.accuracy), margin=r(held.margin("accuracy", sigmas, reference_groups)),
+        heldout_gmacs=r(held.avg_gmacs), gmacs_margin=r(held.margin("avg_gmacs", sigmas, reference_groups)),
+        expected_exit_ratios=list(held.exit_ratios), expected_escalated=list(held.escalated),
+        agreement_reference=committee_name(agree) if agree else None, heldout_agreement=r(held.agreement),
+        agreement_margin=r(held.margin("agreement", sigmas, reference_groups)) if agree else None,
+    )
+
+
+def committee_name(keys: Sequence[str]) -> str:
+    return keys[0] if len(keys) == 1 else f"ensemble({','.join(keys)})"
+
+
 def write_config(path: str, cfg: schema.CascadeConfig, header: list[str]) -> None:
     with fsspec.open(path, "w") as fh:
-        fh.write("".join(f"# {line}\n" for line in header) + schema.to_yaml(cfg))
+        lines = [part for line in header for part in textwrap.wrap(line, 110)]
+        fh.write("".join(f"# {line}\n" for line in lines) + schema.to_yaml(cfg))
+
+
+def _measured_row(m: cal.Measured | None) -> dict | None:
+    return None if m is None else {k: (list(v) if isinstance(v, tuple) else v) for k, v in m.__dict__.items()}
+
+
+def _figures(m: cal.Measured) -> str:
+    parts = [] if m.accuracy is None else [f"accuracy {m.accuracy:.2%} (se {m.accuracy_se:.2%})"]
+    if m.agreement is not None:
+        parts.append(f"agreement {m.agreement:.2%} (se {m.agreement_se:.2%})")
+    return ", ".join(parts + [f"average GMACs {m.avg_gmacs:.3f} (se {m.gmacs_se:.3f})",
+                              "exit ratios " + " / ".join(f"{x:.1%}" for x in m.exit_ratios)])
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
@@ -204,14 +278,38 @@ def run(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"invalid config: {err}") from None
     kind = committee.Confidence(args.confidence or base.confidence)
     aggregation = committee.Aggregation(args.aggregation or base.aggregation)
+    target = parse_target(args.target)
+    goal = cal.Goal(args.objective or (cal.Goal.MIN_COST if target else cal.Goal.MAX_ACCURACY))
+    rows = manifest_rows(args.manifest) if args.manifest else None
     keep = manifest_ids(args.manifest, args.where) if args.where else None
     families = dict(f.split("=", 1) for f in args.family)
-    models = args.models.split(",") if args.models else None
-    pool, info = load_pool(args.scores, models, families, keep)
+    candidates = args.models.split(",") if args.models else (list(target.match) if target and target.ensemble else None)
+    loaded = None if candidates is None else list(dict.fromkeys(candidates + list(target.members if target else ())))
+    pool, info = load_pool(args.scores, loaded, families, keep)
+    pool = replace(pool, groups=record_groups(info["ids"], info["uris"], rows, args.group))
+    truth = pool.labels
+    if not (target and target.label_free):  # labels decide: keep the labelled records
+        labelled = np.flatnonzero(truth >= 0)
+        if not len(labelled):
+            raise SystemExit("no scored record has a label; calibrate label-free with --target agree:REFERENCE:SHARE")
+        pool, truth = pool.subset(labelled), truth[labelled]
+    if args.heldout > 0:
+        sel_rows, held_rows = cal.split_by_group(pool.groups, args.heldout, args.split_seed)
+    else:
+        sel_rows, held_rows = np.arange(pool.size), np.zeros(0, dtype=int)
+    reference = cal.predictions(pool, target.agree, aggregation) if target and target.label_free else None
+    scored = replace(pool, labels=truth if reference is None else reference)  # what "correct" means in the search
+    search_pool = scored.select(candidates) if candidates else scored
+    sel = search_pool.subset(sel_rows)
+    held = search_pool.subset(held_rows) if len(held_rows) else None
+    if target is None or target.value is not None:
+        target_value = None if target is None else target.value
+    else:
+        target_value = committee_accuracy(scored.subset(sel_rows), target.match, aggregation)
     objective = cal.Objective(
-        goal=args.objective, target_accuracy=resolve(args.target, pool, "target"),
-        budget_gmacs=resolve(args.budget, pool, "budget"), max_worst_gmacs=args.max_worst_gmacs,
-        max_past_first=args.max_past_first, margin_sigmas=args.margin_sigmas, reference_size=args.reference_size,
+        goal=goal, target_accuracy=target_value, budget_gmacs=resolve_budget(args.budget, search_pool),
+        max_worst_gmacs=args.max_worst_gmacs, max_past_first=args.max_past_first,
+        margin_sigmas=args.margin_sigmas, reference_size=args.reference_size,
     )
     percentiles = tuple(float(q) for q in np.arange(0, 100 + 1e-9, args.percentile_step))
     search_kw = {"max_models": args.max_models, "kind": kind, "aggregation": aggregation,
@@ -219,51 +317,80 @@ def run(argv: Sequence[str] | None = None) -> dict:
     only = [s.split(",") for s in args.only] if args.only else None
     cv_rows = []
     if args.folds > 1 and not only:
-        chosen, cv_rows = cal.cross_validate(pool, objective, args.folds, **search_kw)
+        chosen, cv_rows = cal.cross_validate(sel, objective, args.folds, seed=args.split_seed, **search_kw)
         if chosen is not None:
             only = [list(chosen)]
-    result = cal.search(pool, objective, only=only, strategy=args.strategy, beam_width=args.beam_width, **search_kw)
+    result = cal.search(sel, objective, only=only, strategy=args.strategy, beam_width=args.beam_width, **search_kw)
     if result.best is None:
-        raise SystemExit(f"no cascade meets the objective {objective} on {pool.size} records")
-    full = cal.search(pool, objective, frontier=True, prune=False, **search_kw)
-    best = cal.replay(pool, result.best.models, result.best.thresholds, kind, aggregation)
-    rows = frontier_rows(pool, full.frontier, args.max_models, kind, aggregation)
+        raise SystemExit(f"no cascade meets the objective {objective} on {sel.size} records")
+    full = cal.search(sel, objective, frontier=True, prune=False, **search_kw)
+    best = cal.trimmed(sel, result.best, kind, aggregation)
+    frontier = frontier_rows(sel, full.frontier, args.max_models, kind, aggregation, held)
+
+    def measured(rows_: np.ndarray) -> cal.Measured:
+        part = replace(pool, labels=truth).subset(rows_)
+        return cal.measure(part, best.models, best.thresholds, kind, aggregation,
+                           None if reference is None else reference[rows_])
+
+    on_selection = measured(sel_rows)
+    on_heldout = measured(held_rows) if held is not None else None
     fs, out = fsspec.core.url_to_fs(args.output)
     fs.makedirs(out, exist_ok=True)
     with fs.open(f"{out}/frontier.parquet", "wb") as fh:
-        pq.write_table(pa.Table.from_pylist(rows, schema=FRONTIER_SCHEMA), fh)
+        pq.write_table(pa.Table.from_pylist(frontier, schema=FRONTIER_SCHEMA), fh)
     with fs.open(f"{out}/frontier.md", "w") as fh:
-        fh.write(markdown_table(rows))
-    cfg = cascade_config(base, best, kind, aggregation)
+        fh.write(markdown_table(frontier))
+    target_text = args.target or (f"{goal.value} within {args.budget} GMACs" if args.budget else goal.value)
+    data = args.data or f"{pool.size} scored records" + (f" ({', '.join(args.where)})" if args.where else "")
+    block = (calibration_info(target_text, data, on_heldout, args.promise_sigmas, args.reference_groups,
+                              target.agree if target else ()) if on_heldout else None)
+    cfg = cascade_config(base, best, kind, aggregation, block)
     config_out = args.config_out or f"{args.output.rstrip('/')}/cascade.yaml"
-    solitary = {k: pool.solitary_accuracy(k) for k in pool.keys}
-    header = [f"Calibrated by pipelines.calibrate on {pool.size} records of {args.scores}"
-              + (f" ({', '.join(args.where)})" if args.where else ""),
-              (f"objective: {objective.goal.value}, target accuracy {objective.target_accuracy}, budget GMACs "
-               f"{objective.budget_gmacs}, margin {objective.margin_sigmas} sigmas, CV folds {args.folds}"),
-              f"on that set: accuracy {best.accuracy:.2%}, average GMACs {best.avg_gmacs:.3f}, exit ratios "
-              + " / ".join(f"{r:.1%}" for r in best.exit_ratios)]
+    header = [f"Calibrated by pipelines.calibrate for {target_text}: chosen on {sel.size} records "
+              f"({len(np.unique(sel.groups))} source images) of {data}, measured on the other {len(held_rows)} "
+              f"records ({0 if held is None else len(np.unique(held.groups))} source images); see calibration:",
+              f"objective {goal.value}, target {objective.target_accuracy}, budget GMACs {objective.budget_gmacs}, "
+              f"selection margin {objective.margin_sigmas} sigmas, group-wise CV folds {args.folds}"]
     write_config(config_out, cfg, header)
+    pool_table = {}
+    for k in search_pool.keys:
+        solo = {"gmacs": float(search_pool.gmacs[search_pool.index(k)])}
+        for name, rows_ in (("selection", sel_rows), ("heldout", held_rows)):
+            if len(rows_):
+                m = cal.measure(replace(pool, labels=truth).subset(rows_), [k], [], kind, aggregation,
+                                None if reference is None else reference[rows_])
+                solo[name] = {"accuracy": m.accuracy, "agreement": m.agreement}
+        pool_table[k] = solo
     summary = {
         "scores": args.scores, "records": pool.size, "dropped_records": info["dropped"], "where": args.where,
-        "pool": {k: {"gmacs": float(g), "accuracy": solitary[k]} for k, g in zip(pool.keys, pool.gmacs)},
+        "selection_records": int(len(sel_rows)), "heldout_records": int(len(held_rows)),
+        "selection_groups": int(len(np.unique(sel.groups))),
+        "heldout_groups": 0 if held is None else int(len(np.unique(held.groups))),
+        "metric": "accuracy" if reference is None else f"agreement with {committee_name(target.agree)}",
+        "target": target_text, "pool": pool_table,
         "objective": {k: (v.value if hasattr(v, "value") else v) for k, v in objective.__dict__.items()},
         "confidence": kind.value, "aggregation": aggregation.value, "percentile_step": args.percentile_step,
         "folds": args.folds, "cv": [{k: v for k, v in r.items() if k != "_keys"} for r in cv_rows],
-        "choice": best.as_row(), "config": config_out,
+        "choice": best.as_row(), "selection": _measured_row(on_selection), "heldout": _measured_row(on_heldout),
+        "calibration": None if block is None else dataclasses.asdict(block), "config": config_out,
         "search": {"sequences": result.sequences, "grid_points": result.grid_points, "strategy": args.strategy},
     }
     common.write_json(args.output, "calibration.json", summary)
     if not args.no_plots:
         from pipelines import report
 
-        report.calibration_report(pool, summary, rows, args.output, kind, aggregation)
-    print(f"{pool.size} records, pool: " + ", ".join(f"{k} {solitary[k]:.2%} @ {g:.3f} GMACs"
-                                                      for k, g in zip(pool.keys, pool.gmacs)))
-    print(f"chosen ({best.kind}): {' -> '.join(best.models)} thresholds "
-          f"{[round(t, 4) for t in best.thresholds]}: accuracy {best.accuracy:.2%}, average GMACs "
-          f"{best.avg_gmacs:.3f}, worst case {best.worst_gmacs:.3f}, exit ratios "
-          + " / ".join(f"{r:.1%}" for r in best.exit_ratios))
+        report.calibration_report(sel, summary, frontier, args.output, kind, aggregation)
+    print(f"{sel.size} selection / {len(held_rows)} held-out records; pool: " + ", ".join(
+        f"{k} @ {v['gmacs']:.3f} GMACs" for k, v in pool_table.items()))
+    print(f"chosen ({best.kind}): {' -> '.join(best.models)} thresholds {[round(t, 4) for t in best.thresholds]}")
+    print(f"  on the selection set: {_figures(on_selection)}")
+    if on_heldout:
+        print(f"  on the held-out set:  {_figures(on_heldout)}")
+        print(f"  promise ({args.promise_sigmas} sigmas): accuracy >= "
+              + ("-" if block.heldout_accuracy is None else f"{block.heldout_accuracy - block.margin:.2%}")
+              + f", average GMACs <= {block.heldout_gmacs + block.gmacs_margin:.3f}"
+              + ("" if block.heldout_agreement is None else
+                 f", agreement >= {block.heldout_agreement - block.agreement_margin:.2%}"))
     print(f"config: {config_out}; frontier and report: {args.output}")
     return summary
 

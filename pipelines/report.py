@@ -11,6 +11,7 @@ most confident records for each confidence function (Figure A).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -20,10 +21,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import yaml
 
 from models import calibration as cal
-from models import committee
+from models import committee, registry
 from pipelines import common
+from pipelines.pool import frontier_rows, load_pool, markdown_table
 
 KIND_STYLE = {"solitary": ("o", "tab:blue"), "ensemble": ("s", "tab:orange"), "cascade": ("^", "tab:green")}
 
@@ -38,33 +41,49 @@ def _save(fig, output: str, name: str) -> str:
 
 
 def plot_accuracy_vs_gmacs(rows: list[dict], output: str, chosen: dict | None = None,
-                           budget: float | None = None) -> str:
-    """Figure 2: every solitary model and ensemble, and the cascades of the Pareto frontier."""
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+                           budget: float | None = None, heldout: bool = False, metric: str = "accuracy",
+                           reference: tuple[str, float] | None = None) -> str:
+    """Figure 2: every solitary model and ensemble (one model at several resolutions joined by a dotted line),
+    and the cascades of the Pareto frontier; with ``heldout``, the same choices (made on the selection set)
+    measured on the held-out set, and a ``reference`` line (the most accurate solitary entry)."""
+    acc_key, cost_key = ("heldout_accuracy", "heldout_avg_gmacs") if heldout else ("accuracy", "avg_gmacs")
+    rows = [r for r in rows if r.get(acc_key) is not None]
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
     for kind, (marker, color) in KIND_STYLE.items():
-        pts = [r for r in rows if r["kind"] == kind]
+        pts = [r for r in rows if r["kind"] == kind and (kind != "cascade" or r["on_frontier"])]
         if not pts:
             continue
-        pts.sort(key=lambda r: r["avg_gmacs"])
-        xs, ys = [r["avg_gmacs"] for r in pts], [100 * r["accuracy"] for r in pts]
+        pts.sort(key=lambda r: r[cost_key])
+        xs, ys = [r[cost_key] for r in pts], [100 * r[acc_key] for r in pts]
         if kind == "cascade":
             ax.plot(xs, ys, "-", color=color, lw=1, alpha=0.6)
-        ax.scatter(xs, ys, marker=marker, color=color, s=22 if kind == "cascade" else 45, label=kind, zorder=3)
+        label = {"cascade": "cascades on the selection set's frontier"}.get(kind, kind)
+        ax.scatter(xs, ys, marker=marker, color=color, s={"cascade": 22, "ensemble": 25}.get(kind, 45),
+                   label=label, zorder=3, alpha=0.6 if kind == "ensemble" else 1.0)
         if kind == "solitary":
             for r in pts:
-                ax.annotate(r["models"], (r["avg_gmacs"], 100 * r["accuracy"]), textcoords="offset points",
+                ax.annotate(r["models"], (r[cost_key], 100 * r[acc_key]), textcoords="offset points",
                             xytext=(4, -10), fontsize=8)
-    if chosen:
-        ax.scatter([chosen["avg_gmacs"]], [100 * chosen["accuracy"]], marker="*", s=250, color="tab:red",
+            ladders: dict[str, list[dict]] = {}
+            for r in pts:
+                ladders.setdefault(registry.split_key(r["models"])[0], []).append(r)
+            for i, ladder in enumerate(v for v in ladders.values() if len(v) > 1):  # one model, several resolutions
+                ax.plot([r[cost_key] for r in ladder], [100 * r[acc_key] for r in ladder], ":", color=color, lw=1,
+                        label="resolution ladder of one model" if i == 0 else None)
+    if chosen and chosen.get(acc_key) is not None:
+        ax.scatter([chosen[cost_key]], [100 * chosen[acc_key]], marker="*", s=250, color="tab:red",
                    label="chosen: " + chosen["models"], zorder=4)
     if budget is not None:
         ax.axvline(budget, color="grey", ls="--", lw=1, label=f"budget {budget:.3f} GMACs")
+    if reference is not None:
+        ax.axhline(100 * reference[1], color="tab:purple", ls=":", lw=1, label=f"{reference[0]}: {reference[1]:.2%}")
+    where = "held-out set (chosen on the selection set)" if heldout else "selection set"
     ax.set_xlabel("average GMACs per record (multiply-adds x1e9)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy vs cost: solitary models, ensembles, cascades")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{metric.capitalize()} vs cost on the {where}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, output, "accuracy_vs_gmacs.png")
+    return _save(fig, output, "heldout_frontier.png" if heldout else "accuracy_vs_gmacs.png")
 
 
 def plot_t1_sweep(pool: cal.Pool, pair: Sequence[str], output: str, kind, aggregation) -> str:
@@ -164,48 +183,75 @@ def _pair_for_sweep(pool: cal.Pool, chosen: dict | None) -> list[str]:
 
 
 def calibration_report(pool: cal.Pool, summary: dict, rows: list[dict], output: str, kind, aggregation) -> str:
-    """All plots of a calibration and ``report.md`` beside them; returns the report's path."""
+    """All plots of a calibration and ``report.md`` beside them; returns the report's path. ``pool`` is the
+    selection set; held-out figures come from ``summary`` and ``rows``."""
     kind, aggregation = committee.Confidence(kind), committee.Aggregation(aggregation)
     chosen = summary.get("choice")
-    pngs = [plot_accuracy_vs_gmacs(rows, output, chosen, summary["objective"].get("budget_gmacs"))]
+    metric = summary.get("metric", "accuracy")
+    pngs = [plot_accuracy_vs_gmacs(rows, output, chosen, summary["objective"].get("budget_gmacs"), metric=metric)]
+    held = summary.get("heldout")
+    if held:
+        best_solo = max((r for r in rows if r["kind"] == "solitary"), key=lambda r: r["accuracy"])
+        point = {**chosen, "heldout_accuracy": held["accuracy" if metric == "accuracy" else "agreement"],
+                 "heldout_avg_gmacs": held["avg_gmacs"]}
+        pngs.append(plot_accuracy_vs_gmacs(rows, output, point, heldout=True, metric=metric,
+                                           reference=(best_solo["models"] + " alone", best_solo["heldout_accuracy"])))
     pair = _pair_for_sweep(pool, chosen)
     if len(set(pair)) == 2:
         pngs.append(plot_t1_sweep(pool, pair, output, kind, aggregation))
     if chosen:
         models = chosen["models"].split(" -> ")
         pngs.append(plot_exit_ratios(cascade_stages(pool, models, chosen["thresholds"], kind, aggregation), output,
-                                     "Exit ratios per stage of the chosen cascade"))
+                                     "Exit ratios per stage of the chosen cascade (selection set)"))
     pngs.append(pool_topk(pool, output))
     obj = summary["objective"]
     lines = [
         "# Calibration report", "",
-        f"Scores: `{summary['scores']}`, {summary['records']} labelled records"
+        f"{summary['records']} scored records"
         + (f" ({', '.join(summary['where'])})" if summary.get("where") else "")
-        + f"; confidence `{summary['confidence']}`, aggregation `{summary['aggregation']}`.", "",
-        f"Objective: `{obj['goal']}`; target accuracy {obj['target_accuracy']}, budget {obj['budget_gmacs']} GMACs, "
-        f"worst case <= {obj['max_worst_gmacs']}, past stage 1 <= {obj['max_past_first']}; margin "
-        f"{obj['margin_sigmas']} standard errors; sequence chosen by {summary['folds']}-fold cross-validation"
-        if summary["folds"] > 1 else f"Objective: `{obj['goal']}` (no cross-validation).", "",
-        "## Pool", "", "| entry | accuracy | GMACs |", "|---|---:|---:|",
-        *[f"| {k} | {v['accuracy']:.2%} | {v['gmacs']:.3f} |" for k, v in summary["pool"].items()], "",
+        + f": {summary['selection_records']} to choose on ({summary['selection_groups']} source images), "
+        f"{summary['heldout_records']} held out ({summary['heldout_groups']} source images; every variant of an "
+        f"image on one side). Metric: {metric}; confidence `{summary['confidence']}`, aggregation "
+        f"`{summary['aggregation']}`.", "",
+        f"Target `{summary['target']}`. Objective: `{obj['goal']}`; target {obj['target_accuracy']}, budget "
+        f"{obj['budget_gmacs']} GMACs, worst case <= {obj['max_worst_gmacs']}, past stage 1 <= "
+        f"{obj['max_past_first']}; margin {obj['margin_sigmas']} standard errors on the selection set"
+        + (f"; sequence chosen by {summary['folds']}-fold group-wise cross-validation" if summary["folds"] > 1
+           else "") + ".", "",
+        "## Pool", "", "| entry | GMACs | selection | held out |", "|---|---:|---:|---:|",
+        *[f"| {k} | {v['gmacs']:.3f} | {_pct(v.get('selection'), metric)} | {_pct(v.get('heldout'), metric)} |"
+          for k, v in summary["pool"].items()], "",
     ]
     if chosen:
         lines += ["## Chosen cascade", "",
-                  f"{chosen['models']} with thresholds {', '.join(f'{t:.4f}' for t in chosen['thresholds']) or '-'}: "
-                  f"accuracy **{chosen['accuracy']:.2%}**, average GMACs **{chosen['avg_gmacs']:.3f}** "
-                  f"(worst case {chosen['worst_gmacs']:.3f}), exit ratios "
-                  + " / ".join(f"{r:.1%}" for r in chosen["exit_ratios"]) + f". Config: `{summary['config']}`.", ""]
+                  f"{chosen['models']} with thresholds {', '.join(f'{t:.4f}' for t in chosen['thresholds']) or '-'} "
+                  f"(worst case {chosen['worst_gmacs']:.3f} GMACs). Config: `{summary['config']}`.", "",
+                  "| set | records | accuracy | agreement | average GMACs | exit ratios |",
+                  "|---|---:|---:|---:|---:|---|",
+                  *[_measured_line(name, summary.get(name)) for name in ("selection", "heldout") if summary.get(name)],
+                  ""]
+        block = summary.get("calibration")
+        if block:
+            promise = [f"average GMACs <= {block['heldout_gmacs'] + block['gmacs_margin']:.3f} "
+                       f"(held-out {block['heldout_gmacs']:.3f} + {block['gmacs_margin']:.3f})"]
+            if block.get("heldout_accuracy") is not None:
+                promise.insert(0, f"accuracy >= {block['heldout_accuracy'] - block['margin']:.2%} (held-out "
+                               f"{block['heldout_accuracy']:.2%} - margin {block['margin']:.2%})")
+            if block.get("heldout_agreement") is not None:
+                promise.append(f"agreement with {block['agreement_reference']} >= "
+                               f"{block['heldout_agreement'] - block['agreement_margin']:.2%}")
+            lines += ["What the config's `calibration:` block promises on data alike: " + "; ".join(promise) + ".", ""]
     if summary.get("cv"):
         cv = sorted(summary["cv"], key=lambda r: -r["cv_accuracy"])[:10]
-        lines += ["## Cross-validation (top 10 sequences by held-out accuracy)", "",
-                  "| models | CV accuracy | CV avg GMACs | CV share past stage 1 | qualifies |",
+        lines += ["## Cross-validation on the selection set (top 10 sequences by held-out-fold " + metric + ")", "",
+                  "| models | CV " + metric + " | CV avg GMACs | CV share past stage 1 | qualifies |",
                   "|---|---:|---:|---:|:-:|",
                   *[f"| {r['models']} | {r['cv_accuracy']:.2%} | {r['cv_avg_gmacs']:.3f} | {r['cv_past_first']:.1%} | "
                     f"{'yes' if r['qualifies'] else ''} |" for r in cv], ""]
-    from pipelines.calibrate import markdown_table
 
     front = [r for r in rows if r["on_frontier"] or r["kind"] == "solitary"]
-    lines += ["## Pareto frontier (and every solitary model)", "", markdown_table(front)]
+    lines += [f"## Pareto frontier of the selection set (and every solitary model); column `accuracy` is {metric}",
+              "", markdown_table(front)]
     lines += ["## Plots", "", *[f"![{p}]({p})" for p in pngs], ""]
     path = f"{output.rstrip('/')}/report.md"
     with fsspec.open(path, "w") as fh:
@@ -213,9 +259,78 @@ def calibration_report(pool: cal.Pool, summary: dict, rows: list[dict], output: 
     return path
 
 
+def _pct(figures: dict | None, metric: str) -> str:
+    if not figures:
+        return "-"
+    value = figures["accuracy"] if metric == "accuracy" else figures["agreement"]
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _measured_line(name: str, m: dict) -> str:
+    def pct(x):
+        return "-" if x is None else f"{x:.2%}"
+
+    return (f"| {name} | {m['records']} | {pct(m['accuracy'])} | {pct(m['agreement'])} | {m['avg_gmacs']:.3f} | "
+            + " / ".join(f"{x:.1%}" for x in m["exit_ratios"]) + " |")
+
+
+def compare_with_calibration(block: dict, stats: list[dict]) -> list[dict]:
+    """A run's figures (its ``exit_stats`` rows) beside what its config's ``calibration:`` block promised:
+    accuracy >= heldout_accuracy - margin, average GMACs <= heldout_gmacs + gmacs_margin, and the expected
+    exit ratio of each stage (shown, not judged: a run on other data exits differently)."""
+    first = stats[0]
+    rows = []
+    if block.get("heldout_accuracy") is not None:
+        bound = block["heldout_accuracy"] - (block.get("margin") or 0.0)
+        acc = first["accuracy"]
+        rows.append({"figure": "accuracy", "calibrated": block["heldout_accuracy"], "promised": f">= {bound:.2%}",
+                     "run": acc, "holds": None if acc is None else acc >= bound})
+    if block.get("heldout_gmacs") is not None and first["avg_gmacs"] is not None:
+        bound = block["heldout_gmacs"] + (block.get("gmacs_margin") or 0.0)
+        rows.append({"figure": "average GMACs", "calibrated": block["heldout_gmacs"], "promised": f"<= {bound:.3f}",
+                     "run": first["avg_gmacs"], "holds": first["avg_gmacs"] <= bound})
+    for s, expected in zip(stats, block.get("expected_exit_ratios") or []):
+        rows.append({"figure": f"exit ratio, stage {s['stage']}", "calibrated": expected, "promised": "",
+                     "run": s["share_of_predictions"], "holds": None})
+    return rows
+
+
+def calibration_check(run_output: str, output: str, stats: list[dict]) -> str | None:
+    """``calibration_check.md`` beside the plots when the run's config has a calibration block; returns its text."""
+    try:
+        with fsspec.open(f"{run_output.rstrip('/')}/{common.MANIFEST}", "r") as fh:
+            config = yaml.safe_load(json.load(fh)["config"])
+    except FileNotFoundError:
+        return None
+    block = (config or {}).get("calibration")
+    if not block:
+        return None
+    rows = compare_with_calibration(block, sorted(stats, key=lambda s: s["stage"]))
+
+    def fmt(name, x):
+        return "-" if x is None else (f"{x:.3f}" if "GMACs" in name else f"{x:.2%}")
+
+    lines = [f"# The run against its calibration ({block.get('target')}, measured on {block.get('heldout_records')} "
+             f"held-out records of {block.get('data')})", "",
+             "| figure | calibrated (held out) | promised | this run | holds |", "|---|---:|---:|---:|:-:|",
+             *[f"| {r['figure']} | {fmt(r['figure'], r['calibrated'])} | {r['promised']} | "
+               f"{fmt(r['figure'], r['run'])} | {'' if r['holds'] is None else ('yes' if r['holds'] else 'NO')} |"
+               for r in rows], ""]
+    text = "\n".join(lines)
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/calibration_check.md", "w") as fh:
+        fh.write(text)
+    return text
+
+
 def run_report(run_output: str, output: str) -> list[str]:
-    """Plots of a real run of pipelines.cascade: exit ratios per stage and top-k % accuracy by confidence."""
+    """Plots of a real run of pipelines.cascade: exit ratios per stage and top-k % accuracy by confidence; and,
+    when its config was calibrated, ``calibration_check.md``: the run against the held-out figures."""
     stats = common.read_table(run_output, "exit_stats").to_pylist()
+    check = calibration_check(run_output, output, stats)
+    if check:
+        print(check)
     stages = [{"label": f"{s['stage']}: {s['model']}@{s['resolution']}"
                + ("" if s["threshold"] is None else f"\nt={s['threshold']:.3f}"),
                "exit_ratio": s["share_of_predictions"] or 0.0, "accuracy": s["accuracy_exited"]} for s in stats]
@@ -241,8 +356,6 @@ def run(argv: Sequence[str] | None = None) -> list[str]:
     if args.run:
         pngs = run_report(args.run, args.output or args.run)
     elif args.scores:
-        from pipelines.calibrate import frontier_rows, load_pool
-
         pool, _ = load_pool(args.scores)
         output = args.output or args.scores
         kind, agg = committee.Confidence.MAX_PROB, committee.Aggregation.LOGITS

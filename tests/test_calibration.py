@@ -4,6 +4,7 @@ report written by pipelines.calibrate, and one tiny real scoring run of pipeline
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import os
@@ -20,6 +21,7 @@ from configs import schema
 from models import calibration as cal
 from models import committee
 from pipelines import calibrate, score
+from pipelines.pool import load_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
@@ -80,6 +82,31 @@ def test_torch_backend_finds_the_same_figures():
     assert fast.accuracy == pytest.approx(exact.accuracy, abs=1.5 / pool.size)
 
 
+def large_gap_pool(n: int = 400, classes: int = 10, seed: int = 0) -> cal.Pool:
+    """A cheap model that is right only where its logit gap exceeds 24 (max_prob saturates in float32 from a
+    gap of ~17), and an expensive model that is always right."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    gap = rng.uniform(8.0, 34.0, n)
+    cheap = rng.normal(0, 0.5, (n, classes)).astype(np.float32)
+    cheap[np.arange(n), np.where(gap > 24.0, labels, (labels + 1) % classes)] += gap
+    exact = rng.normal(0, 0.5, (n, classes)).astype(np.float32)
+    exact[np.arange(n), labels] += 40.0
+    return cal.Pool(("cheap", "exact"), np.array([0.1, 1.0]), np.stack([cheap, exact]), labels)
+
+
+@pytest.mark.parametrize("kind", [committee.Confidence.MAX_PROB, committee.Confidence.LOGIT_GAP])
+def test_both_backends_choose_the_same_where_float32_confidences_saturate(kind):
+    pool = large_gap_pool()
+    objective = cal.Objective(goal="min_cost", target_accuracy=0.95)
+    exact = cal.search(pool, objective, kind=kind, max_models=2).best
+    fast = cal.search(pool, objective, kind=kind, max_models=2, backend="torch").best
+    assert exact.models == ("cheap", "exact") and exact.avg_gmacs < 0.8  # the cheap model answers a third
+    assert fast.models == exact.models
+    assert fast.thresholds == pytest.approx(exact.thresholds, abs=1e-12)
+    assert (fast.accuracy, fast.avg_gmacs) == (exact.accuracy, exact.avg_gmacs)
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), budget=st.floats(0.4, 1.6), target=st.floats(0.2, 0.8),
        goal=st.sampled_from(list(cal.Goal)), margin=st.sampled_from([0.0, 1.0]))
@@ -135,11 +162,14 @@ def test_frontier_is_pareto_and_holds_the_solitary_extremes():
     assert front[0].avg_gmacs == pytest.approx(min(pool.gmacs))
 
 
-def write_scores(folder: Path, pool: cal.Pool, extra_ids: int = 0) -> str:
+def write_scores(folder: Path, pool: cal.Pool, extra_ids: int = 0, variants: int = 1, labelled: bool = True) -> str:
+    """A scores table of ``pool``; with ``variants`` > 1, consecutive records are variants of one source image
+    (``/x/v{j}/img{i}.jpg``, the layout of make_variants.py)."""
     rows = []
     for m, key in enumerate(pool.keys):
         for i in range(pool.size):
-            rows.append({"id": f"r{i}", "uri": f"/x/r{i}.jpg", "label": int(pool.labels[i]), "model": key,
+            rows.append({"id": f"r{i}", "uri": f"/x/v{i % variants}/img{i // variants}.jpg",
+                         "label": int(pool.labels[i]) if labelled else None, "model": key,
                          "gmacs": float(pool.gmacs[m]), "logits": pool.logits[m, i].tolist()})
     for i in range(extra_ids):  # scored by one entry only (a dead letter elsewhere): dropped
         rows.append({"id": f"lone{i}", "uri": f"/x/lone{i}.jpg", "label": 0, "model": pool.keys[0],
@@ -149,30 +179,120 @@ def write_scores(folder: Path, pool: cal.Pool, extra_ids: int = 0) -> str:
     return str(folder)
 
 
-def test_calibrate_writes_a_config_that_the_cascade_loads_and_that_replays(tmp_path):
-    pool = small_pool(n=300, classes=1000, seed=1, keys=KEYS, gmacs=GMACS)
-    scores = write_scores(tmp_path / "scores", pool, extra_ids=2)
+def split_rows(n: int, variants: int, heldout: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The selection and held-out rows pipelines.calibrate uses for ``write_scores(..., variants)`` records
+    (the ids r0..r{n-1} sort as strings)."""
+    ids = sorted(f"r{i}" for i in range(n))
+    uris = [f"/x/v{int(i[1:]) % variants}/img{int(i[1:]) // variants}.jpg" for i in ids]
+    sel, held = cal.split_by_group(calibrate.record_groups(ids, uris, None, "group"), heldout, seed)
+    order = np.asarray([int(i[1:]) for i in ids])
+    return order[sel], order[held]
+
+
+def test_calibrate_chooses_on_one_side_of_a_group_split_and_writes_the_heldout_figures(tmp_path):
+    pool = small_pool(n=400, classes=1000, seed=1, keys=KEYS, gmacs=GMACS)
+    scores = write_scores(tmp_path / "scores", pool, extra_ids=2, variants=4)
     out = tmp_path / "calib"
     summary = calibrate.run(["--scores", scores, "--output", str(out), "--budget", "match:lite2@260",
                              "--max_models", "3", "--percentile_step", "10", "--folds", "3",
                              "--margin_sigmas", "0.5", "output=out/calibrated"])
-    assert summary["records"] == 300 and summary["dropped_records"] == 2
+    assert summary["records"] == 400 and summary["dropped_records"] == 2
+    assert summary["selection_records"] + summary["heldout_records"] == 400
+    assert summary["selection_groups"] + summary["heldout_groups"] == 100  # 4 variants of 100 images
+    sel, held = split_rows(400, 4)
+    assert not {i // 4 for i in sel} & {i // 4 for i in held}  # no image on both sides
     cfg = schema.load(str(out / "cascade.yaml"))  # what pipelines.cascade does with --config
     choice = summary["choice"]
-    assert [f"{s.model}@{s.resolution}" for s in cfg.stages] == choice["models"].split(" -> ")
+    models = choice["models"].split(" -> ")
+    assert [f"{s.model}@{s.resolution}" for s in cfg.stages] == models
     assert cfg.output == "out/calibrated"
     thresholds = [s.threshold for s in cfg.stages[:-1]]
     assert thresholds == choice["thresholds"]  # written exactly
-    replayed = cal.replay(pool, choice["models"].split(" -> "), thresholds, cfg.confidence, cfg.aggregation)
-    assert replayed.accuracy == choice["accuracy"] and replayed.avg_gmacs <= pool.gmacs[3] + 1e-9
+    chosen_on = cal.replay(pool.subset(np.sort(sel)), models, thresholds, cfg.confidence, cfg.aggregation)
+    assert chosen_on.accuracy == choice["accuracy"]
+    # the promise is the held-out measurement, as data
+    heldout = cal.measure(pool.subset(np.sort(held)), models, thresholds, cfg.confidence, cfg.aggregation)
+    block = cfg.calibration
+    assert block.heldout_accuracy == round(heldout.accuracy, 4) and block.heldout_gmacs == round(heldout.avg_gmacs, 4)
+    assert block.heldout_records == len(held) and block.heldout_groups == summary["heldout_groups"]
+    assert len(block.expected_exit_ratios) == len(cfg.stages)
+    assert sum(block.expected_exit_ratios) == pytest.approx(1, abs=1e-12)
+    assert len(block.expected_escalated) == len(cfg.stages) - 1
+    assert block.margin > 0 and block.heldout_agreement is None
     frontier = pq.read_table(out / "frontier.parquet")
     assert frontier.schema.equals(calibrate.FRONTIER_SCHEMA)
-    kinds = set(frontier.column("kind").to_pylist())
-    assert {"solitary", "ensemble"} <= kinds
-    for name in ("frontier.md", "report.md", "calibration.json", "accuracy_vs_gmacs.png", "t1_sweep.png",
-                 "confidence_topk.png"):
+    assert {"solitary", "ensemble"} <= set(frontier.column("kind").to_pylist())
+    assert None not in frontier.column("heldout_accuracy").to_pylist()
+    for name in ("frontier.md", "report.md", "calibration.json", "accuracy_vs_gmacs.png", "heldout_frontier.png",
+                 "t1_sweep.png", "confidence_topk.png"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "calibration.json").read_text())["choice"] == choice
+
+
+def test_stages_after_a_zero_threshold_are_dropped():
+    pool = small_pool(seed=9)
+    t = cal.trimmed(pool, cal.replay(pool, ["b", "a", "c"], [0.0, 0.5]))
+    assert t == cal.replay(pool, ["b"], []) and t.exit_ratios == (1.0,)
+    assert cal.trimmed(pool, cal.replay(pool, ["b", "a"], [0.3])).models == ("b", "a")
+
+
+def test_split_and_folds_keep_every_group_on_one_side():
+    groups = np.repeat(np.arange(50), 4)
+    sel, held = cal.split_by_group(groups, 0.3, seed=3)
+    assert len(held) == 15 * 4 and not set(groups[sel]) & set(groups[held])
+    folds = cal.group_folds(groups, 5, seed=1)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(200))
+    assert all(not set(groups[a]) & set(groups[b]) for a, b in itertools.combinations(folds, 2))
+
+
+def test_clustered_standard_error_counts_groups_not_records():
+    rng = np.random.default_rng(0)
+    values = (rng.random(300) < 0.7).astype(float)
+    usual = values.std(ddof=1) / np.sqrt(300)
+    assert cal.clustered_se(values, np.arange(300)) == pytest.approx(usual, rel=1e-9)
+    copies = np.repeat(values, 4)  # each record 4 times, in one group: no more information than 300 records
+    assert cal.clustered_se(copies, np.repeat(np.arange(300), 4)) == pytest.approx(usual, rel=1e-9)
+    assert cal.clustered_se(copies, np.arange(1200)) < usual / 1.9  # what a record-level split would claim
+
+
+def test_an_ensemble_target_gives_the_cheapest_cascade_of_its_models_matching_it(tmp_path):
+    pool = small_pool(n=600, classes=1000, seed=6, keys=KEYS, gmacs=GMACS)
+    scores = write_scores(tmp_path / "scores", pool, variants=2)
+    members = ("lite0@224", "lite1@240", "lite2@260")
+    summary = calibrate.run(["--scores", scores, "--output", str(tmp_path / "c"), "--no_plots",
+                             "--target", f"match:ensemble({','.join(members)})", "--percentile_step", "5",
+                             "--folds", "0", "--margin_sigmas", "0", "--max_models", "3"])
+    sel, _ = split_rows(600, 2)
+    chosen = pool.subset(np.sort(sel))
+    ensemble = cal.replay(chosen, members, [1.0, 1.0])
+    models = summary["choice"]["models"].split(" -> ")
+    assert set(models) <= set(members) and set(summary["pool"]) == set(members)  # lite0@288 is not a member
+    assert summary["objective"]["target_accuracy"] == pytest.approx(ensemble.accuracy)
+    assert summary["choice"]["accuracy"] >= ensemble.accuracy
+    assert summary["choice"]["avg_gmacs"] < ensemble.avg_gmacs  # the paper's stars: same accuracy, less cost
+
+
+def test_label_free_calibration_needs_no_label_and_chooses_as_with_labels(tmp_path):
+    pool = small_pool(n=400, classes=1000, seed=8, keys=KEYS, gmacs=GMACS)
+    args = ["--target", "agree:lite2@260:0.9", "--percentile_step", "10", "--folds", "2", "--max_models", "3",
+            "--no_plots"]
+    unlabelled = calibrate.run(["--scores", write_scores(tmp_path / "u", pool, variants=4, labelled=False),
+                                "--output", str(tmp_path / "cu"), *args])
+    labelled = calibrate.run(["--scores", write_scores(tmp_path / "l", pool, variants=4),
+                              "--output", str(tmp_path / "cl"), *args])
+    assert unlabelled["choice"] == labelled["choice"]  # labels play no part in the choice
+    assert unlabelled["metric"] == "agreement with lite2@260"
+    assert unlabelled["choice"]["accuracy"] >= 0.9  # "accuracy" of the search = agreement with the reference
+    block = schema.load(str(tmp_path / "cu" / "cascade.yaml")).calibration
+    assert block.heldout_accuracy is None and block.margin is None  # nothing to measure it against
+    assert block.agreement_reference == "lite2@260" and 0.8 < block.heldout_agreement <= 1.0
+    assert labelled["heldout"]["agreement"] == unlabelled["heldout"]["agreement"]
+    assert labelled["heldout"]["accuracy"] is not None  # where labels exist, accuracy is reported too
+    _, held = split_rows(400, 4)
+    models, ts = labelled["choice"]["models"].split(" -> "), labelled["choice"]["thresholds"]
+    reference = cal.predictions(pool, ["lite2@260"])[np.sort(held)]
+    replayed = committee.cascade(pool.stack(models)[:, np.sort(held)], ts)
+    assert block.heldout_agreement == round(float((replayed.pred == reference).mean()), 4)
 
 
 def test_calibrate_min_cost_matching_a_model_and_a_where_filter(tmp_path):
@@ -187,18 +307,42 @@ def test_calibrate_min_cost_matching_a_model_and_a_where_filter(tmp_path):
     summary = calibrate.run(["--scores", scores, "--output", str(tmp_path / "c"), "--objective", "min_cost",
                              "--target", "match:lite2@260", "--only", "lite0@224,lite1@240,lite2@260",
                              "--manifest", str(manifest), "--where", "variant=clean", "--folds", "0",
-                             "--margin_sigmas", "0", "--percentile_step", "5", "--no_plots"])
-    assert summary["records"] == 100
+                             "--heldout", "0", "--margin_sigmas", "0", "--percentile_step", "5", "--no_plots"])
+    assert summary["records"] == 100 and summary["heldout_records"] == 0
     clean = pool.subset(np.arange(1, 200, 2))
     assert summary["choice"]["accuracy"] >= clean.solitary_accuracy("lite2@260")
     assert summary["choice"]["models"] in ("lite0@224 -> lite1@240 -> lite2@260", "lite0@224 -> lite1@240",
                                            "lite0@224", "lite0@224 -> lite1@240 -> lite2@260")
-    schema.load(str(tmp_path / "c" / "cascade.yaml"))
+    assert schema.load(str(tmp_path / "c" / "cascade.yaml")).calibration is None  # no held-out set, no promise
+
+
+def test_a_manifest_group_column_decides_the_split(tmp_path):
+    ids, uris = [f"r{i}" for i in range(6)], [f"/x/{i}.jpg" for i in range(6)]
+    rows = {f"r{i}": {"uri": uris[i], "group": "g" + str(i // 3)} for i in range(6)}
+    assert calibrate.record_groups(ids, uris, rows, "group").tolist() == [0, 0, 0, 1, 1, 1]
+    assert calibrate.record_groups(ids, ["/a/clean/x.jpg", "/a/noise/x.jpg", "/a/clean/y.png"] * 2, None,
+                                   "group").tolist() == [0, 0, 1, 0, 0, 1]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("0.8", calibrate.Target("0.8", value=0.8)),
+    ("match:lite2@260", calibrate.Target("match:lite2@260", match=("lite2@260",))),
+    ("match:ensemble(a@1, b@2)", calibrate.Target("match:ensemble(a@1, b@2)", match=("a@1", "b@2"))),
+    ("agree:lite2@260:0.97", calibrate.Target("agree:lite2@260:0.97", value=0.97, agree=("lite2@260",))),
+    ("agree:ensemble(a,b):0.9", calibrate.Target("agree:ensemble(a,b):0.9", value=0.9, agree=("a", "b"))),
+])
+def test_targets_parse(text, expected):
+    assert calibrate.parse_target(text) == expected
+
+
+def test_a_malformed_target_is_refused_with_the_forms():
+    with pytest.raises(SystemExit, match="agree:REFERENCE:SHARE"):
+        calibrate.parse_target("agree:lite2@260")
 
 
 def test_score_pipeline_on_real_images(tmp_path):
-    """Four real images through pipelines.score: the logits equal the model's on the same preprocessing,
-    and inputs = scored + dead letters (one missing file)."""
+    """Four real images through pipelines.score, one without a label (scored all the same, for label-free
+    calibration): inputs = scored + dead letters (one missing file)."""
     if not (SAMPLE / "labels.csv").exists():
         pytest.skip(f"the shared ImageNet sample is absent ({SAMPLE}); it lies beside the checkout")
     with open(SAMPLE / "labels.csv", newline="") as fh:
@@ -207,8 +351,8 @@ def test_score_pipeline_on_real_images(tmp_path):
     with open(manifest, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["uri", "label"])
-        for r in rows:
-            w.writerow([str(SAMPLE / r["path"]), r["class_index"]])
+        for i, r in enumerate(rows):
+            w.writerow([str(SAMPLE / r["path"]), r["class_index"] if i < 3 else ""])  # the last one unlabelled
         w.writerow([str(tmp_path / "missing.jpg"), 1])
     out = tmp_path / "scores"
     manifest_out = score.run(["--models", "lite0@224", "--input", str(manifest), "--output", str(out),
@@ -216,10 +360,10 @@ def test_score_pipeline_on_real_images(tmp_path):
     assert manifest_out["invariant_holds"]
     assert manifest_out["counts"]["entries"]["lite0@224"] == {"scored": 4, "dead_letters": 0}
     assert manifest_out["counts"]["read_dead_letters"] == 1
-    pool, info = calibrate.load_pool(str(out))
+    pool, info = load_pool(str(out))
     assert pool.keys == ("lite0@224",) and pool.logits.shape == (1, 4, 1000) and info["records"] == 4
-    assert sorted(pool.labels.tolist()) == sorted(int(r["class_index"]) for r in rows)
-    assert pool.solitary_accuracy("lite0@224") >= 0.75  # clean ImageNet images, one per class
+    assert sorted(pool.labels.tolist()) == sorted([-1] + [int(r["class_index"]) for r in rows[:3]])
+    assert pool.solitary_accuracy("lite0@224") >= 0.5  # clean ImageNet images, one per class; one unlabelled
 
 
 def test_report_of_a_real_run_reads_its_tables(tmp_path):
@@ -238,8 +382,48 @@ def test_report_of_a_real_run_reads_its_tables(tmp_path):
     for name, rows, sch in (("predictions", preds, PREDICTIONS.schema), ("exit_stats", stats, EXIT_STATS.schema)):
         os.makedirs(run_dir / name)
         pq.write_table(pa.Table.from_pylist(rows, schema=sch), run_dir / name / "part-0.parquet")
+    cfg = schema.load("lite_cascade", ["stages=[{model: lite0}, {model: lite1}]", "calibration.heldout_accuracy=0.45",
+                                       "calibration.margin=0.1", "calibration.heldout_gmacs=0.55",
+                                       "calibration.gmacs_margin=0.02", "calibration.expected_exit_ratios=[0.6,0.4]"])
+    (run_dir / "manifest.json").write_text(json.dumps({"config": schema.to_yaml(cfg)}))
     pngs = report.run(["--run", str(run_dir), "--output", str(tmp_path / "plots")])
     assert pngs == ["exit_ratios.png", "confidence_topk.png"]
+    check = (tmp_path / "plots" / "calibration_check.md").read_text()
+    assert "| accuracy | 45.00% | >= 35.00% | 40.00% | yes |" in check  # the run's 40 % is within the margin
+    assert "| average GMACs | 0.550 | <= 0.570 | 0.600 | NO |" in check
+    assert "| exit ratio, stage 2 | 40.00% |  | 50.00% |  |" in check
     assert all((tmp_path / "plots" / p).stat().st_size > 0 for p in pngs)
     curve = report.topk_curve(np.array([0.9, 0.8, 0.1]), np.array([True, False, True]), np.array([1 / 3, 1.0]))
     assert curve.tolist() == [1.0, 2 / 3]
+
+
+CALIBRATED = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")
+                    if schema.load(p.stem).calibration is not None)
+
+
+def test_the_calibrated_profiles_are_those_of_the_docs():
+    assert {"lite_cascade", "imagenet_sample_calibrated", "imagenet_sample_agree97"} <= set(CALIBRATED)
+
+
+@pytest.mark.parametrize("profile", CALIBRATED)
+def test_a_calibrated_profile_states_a_consistent_heldout_promise(profile):
+    cfg = schema.load(profile)
+    block = cfg.calibration
+    assert len(block.expected_exit_ratios) == len(cfg.stages) and sum(block.expected_exit_ratios) == pytest.approx(1)
+    assert block.expected_escalated == pytest.approx([1 - sum(block.expected_exit_ratios[: i + 1])
+                                                      for i in range(len(cfg.stages) - 1)])
+    assert block.heldout_gmacs > 0 and block.gmacs_margin >= 0 and block.heldout_records > block.heldout_groups
+    assert (block.heldout_accuracy is None) == (block.margin is None)
+    assert (block.agreement_reference is None) == (block.heldout_agreement is None)
+    assert block.heldout_accuracy is not None or block.heldout_agreement is not None
+    if block.heldout_accuracy is not None:
+        assert 0 < block.margin < block.heldout_accuracy <= 1
+
+
+def test_lite_cascade_carries_the_thresholds_and_figures_of_its_calibration_report():
+    summary = json.loads((ROOT / "docs" / "calibration" / "lite_cascade" / "calibration.json").read_text())
+    cfg = schema.load("lite_cascade")
+    assert [f"{s.model}@{s.resolution}" for s in cfg.stages] == ["lite0@224", "lite1@240", "lite2@260"]
+    assert all(s.batch_size == 8 for s in cfg.stages)
+    assert [s.threshold for s in cfg.stages[:-1]] == summary["choice"]["thresholds"]
+    assert dataclasses.asdict(cfg.calibration) == summary["calibration"]
