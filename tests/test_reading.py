@@ -47,3 +47,22 @@ def test_a_glob_of_manifests_is_read_in_parts_with_the_first_listed_id_kept(tmp_
                     label="dead")
     listed = p.result.metrics().query(MetricsFilter().with_name("inputs_listed"))["counters"]
     assert sum(c.committed for c in listed) == 9  # 2 + 5 + 2 rows: inputs = records + dead letters
+
+
+def test_ids_of_earlier_runs_are_skipped_through_the_grouping_by_id(tmp_path):
+    """``done`` files (an earlier run's tables) join the grouping by id: every row of a done id is skipped and
+    counted, duplicates of it included; the other ids keep the first-listed rule."""
+    for name in "abcd":
+        (tmp_path / f"{name}.jpg").write_bytes(name.encode())
+    write_parquet(tmp_path / "m.parquet", ["x", "y", "x", "z", "z"],
+                  ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "a.jpg"], 2)
+    pq.write_table(pa.table({"id": ["x", "q"], "pred_class": [1, 2]}), tmp_path / "done.parquet")
+    with TestPipeline(runner="FnApiRunner") as p:
+        out = p | ReadInputs(str(tmp_path / "m.parquet"), max_bytes=100, done=[str(tmp_path / "done.parquet")])
+        kept = out["records"] | "Kept" >> beam.Map(lambda r: (r.id, r.uri.rsplit("/", 1)[-1]))
+        dead = out[DEAD] | "Dead" >> beam.Map(lambda d: (d.id, d.uri.rsplit("/", 1)[-1]))
+        assert_that(kept, equal_to([("y", "b.jpg"), ("z", "d.jpg")]), label="kept")
+        assert_that(dead, equal_to([("z", "a.jpg")]), label="dead")
+    counters = {c.key.metric.name: c.committed for c in p.result.metrics().query(MetricsFilter())["counters"]
+                if c.key.metric.name in ("inputs_listed", "inputs_skipped")}
+    assert counters == {"inputs_listed": 5, "inputs_skipped": 2}  # 5 = 2 skipped + 2 records + 1 dead letter

@@ -30,7 +30,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import fsspec
@@ -431,22 +431,38 @@ def pack(rid: str, position: tuple, uri: str, label: Optional[int]) -> bytes:
     return pickle.dumps((rid, position, uri, label), protocol=pickle.HIGHEST_PROTOCOL)
 
 
+DONE = (None, None, None)  # (position, uri, label) of an id found in an earlier run's outputs
+
+
 class FirstOfId(beam.DoFn):
     """``(bucket, [packed (id, position, uri, label), ...])`` -> per id, the Record listed first with it; any
     other -> a dead letter. Ids key the output tables, so two inputs never share one, and the choice does not
-    depend on the order in which a shuffle delivers them (nor on a retry)."""
+    depend on the order in which a shuffle delivers them (nor on a retry). An id that an earlier run of the
+    output folder has (``DONE``, from ``ReadInputs``' ``done`` files) is skipped, every row of it, and counted
+    in ``inputs_skipped``: inputs listed = skipped + predictions + dead letters."""
+
+    def __init__(self):
+        self.skipped = Metrics.counter(NAMESPACE, "inputs_skipped")
 
     def process(self, element):
         _, packed = element
         by_id: dict[str, list] = {}
-        for rid, position, uri, label in map(pickle.loads, packed):
-            by_id.setdefault(rid, []).append((position, uri, label))
+        for rid, *item in map(pickle.loads, packed):
+            by_id.setdefault(rid, []).append(tuple(item))
         for rid, listed in by_id.items():
+            if DONE in listed:
+                self.skipped.inc(len(listed) - listed.count(DONE))
+                continue
             (_, uri, label), *others = sorted(listed, key=lambda item: item[0])
             for _, other, _ in others:
                 yield dead(rid, other, f"duplicate id {rid!r}: an earlier input has it ({uri}) and is the one kept; "
                                        "give each input its own id")
             yield Record(id=rid, uri=uri, label=label)
+
+
+def done_ids(rows) -> tuple[int, bytes]:
+    """A row (its ``id`` column) of an earlier run's table -> the ``DONE`` marker of that id, for the shuffle."""
+    return id_bucket(rows["id"]), pack(rows["id"], *DONE)
 
 
 class _Readers:
@@ -589,11 +605,13 @@ class ReadInputs(beam.PTransform):
 
     ``reader`` replaces ``ReadBytes`` (a DoFn from a listed Record to records and dead letters), e.g. one
     that decodes videos into frame records. ``num_classes``: labels outside ``[0, num_classes)`` are dead
-    letters."""
+    letters. ``done``: Parquet files of earlier runs (with an ``id`` column) whose ids this run skips."""
 
     def __init__(self, source: str, max_bytes: int, reader: Optional[beam.DoFn] = None,
-                 num_classes: Optional[int] = None, timeout_s: float = DEFAULT_READ_TIMEOUT_S):
+                 num_classes: Optional[int] = None, timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+                 done: Sequence[str] = ()):
         super().__init__()
+        self.done = tuple(done)
         self.source = source
         self.max_bytes = max_bytes
         self.reader = reader
@@ -606,8 +624,17 @@ class ReadInputs(beam.PTransform):
         if is_manifest(self.source):
             sources = sources | "SplitManifests" >> SplitManifests()
         listed = sources | "Expand" >> beam.ParDo(ExpandSource(self.num_classes)).with_outputs(DEAD, main="records")
+        keyed = listed.records
+        if self.done:  # ids of earlier runs meet this run's inputs in the same grouping, and skip them
+            done = (
+                pbegin
+                | "DoneFiles" >> beam.Create(self.done)
+                | "ReadDone" >> beam.io.ReadAllFromParquet(columns=["id"])
+                | "DoneIds" >> beam.Map(done_ids)
+            )
+            keyed = (keyed, done) | "WithDone" >> beam.Flatten()
         unique = (
-            listed.records
+            keyed
             | "GroupById" >> beam.GroupByKey()
             | "FirstOfId" >> beam.ParDo(FirstOfId()).with_outputs(DEAD, main="records")
         )
