@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--rows", default="10000,100000,1000000", help="manifest sizes, ascending")
     parser.add_argument("--images", type=int, default=2000, help="distinct image files the rows point at")
     parser.add_argument("--files", type=int, default=8, help="manifest files per run (one glob)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="FnApiRunner worker processes")
+    parser.add_argument("--workers", type=int, default=1, help="FnApiRunner worker processes (1: in-process)")
     parser.add_argument("--execution", default="fused", help="fused or staged")
     args = parser.parse_args()
     sizes = [int(n) for n in args.rows.split(",")]

@@ -49,6 +49,7 @@ MAX_ROW_BYTES = 128 * 1024  # the csv module's field limit: no field of a line t
 DEFAULT_READ_TIMEOUT_S = 300.0
 INT32 = 2**31
 GLOB_CHARS = "*?["
+LOCAL = LocalFileSystem()
 BOM = b"\xef\xbb\xbf"
 
 
@@ -515,10 +516,15 @@ FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)")
               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
+def is_local_path(uri: str) -> bool:
+    """A plain local path (no protocol): read directly, without fsspec's URL parsing."""
+    return "://" not in uri and not uri.startswith(("file:", "memory:"))
+
+
 def open_input(uri: str):
     """(filesystem, path) of one input; a local input must be a regular file (a FIFO or a device could block
     or never end), else ``InputError``."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = (LOCAL, uri) if is_local_path(uri) else fsspec.core.url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):
@@ -593,7 +599,10 @@ class ReadBytes(beam.DoFn):
 
     def process(self, record: Record):
         try:
-            data = with_timeout(lambda: read_input(record.uri, self.max_bytes), self.timeout_s, record.uri)
+            if is_local_path(record.uri):  # a regular local file (others are refused) is read here: handing
+                data = read_input(record.uri, self.max_bytes)  # each read to a thread cost more than the read
+            else:
+                data = with_timeout(lambda: read_input(record.uri, self.max_bytes), self.timeout_s, record.uri)
         except Exception as err:  # one input's failure, whatever it is, is that input's dead letter
             yield dead(record.id, record.uri, read_failure(err))
             return
