@@ -1,15 +1,16 @@
 """The framework alone at scale: list, dedupe, read, route and write 10^4, 10^5 and 10^6 records through
 ``pipelines.cascade`` with a trivial model, and how time and memory grow with the number of rows.
 
-    python benchmarks/data_path.py [--rows 10000,100000,1000000] [--images 2000] [--workers CORES]
+    python benchmarks/data_path.py [--rows 10000,100000,1000000] [--images 2000] [--workers 1]
                                    [--files 8] [--execution fused]
 
 A trivial registered TorchScript model (a per-channel mean and a 3 x 10 matrix: a few multiply-adds per
-image) runs as a two-stage self-cascade (tiny@16 -> tiny@24, threshold 0.5, so that records escalate),
+image) runs as a two-stage self-cascade (tiny@16 -> tiny@24, threshold 0.5, which the tiny model never
+reaches: every record escalates, so both stages and the buffer between them work on every record),
 over a manifest of N rows (``--files`` Parquet files, read as one glob) pointing at ``--images`` small
-JPEGs (48 x 40 pixels), each row with its own id. Each N runs in a fresh process on FnApiRunner with
-``--workers`` worker processes; its wall time and its peak RSS (the whole process tree, sampled every
-0.1 s) are measured. The last lines:
+JPEGs (48 x 40 pixels), each row with its own id. Each N runs in a fresh process on FnApiRunner (in
+that process, or with ``--workers`` worker processes); its wall time and its peak RSS (the whole process
+tree, sampled every 0.1 s) are measured. The last lines:
 
 - ``framework_us_per_record``: the marginal wall time per record between the two largest runs, in
   microseconds (start-up excluded), on this machine with its ``--workers`` processes;
