@@ -6,7 +6,8 @@
 
 A trivial registered TorchScript model (a per-channel mean and a 3 x 10 matrix: a few multiply-adds per
 image) runs as a two-stage self-cascade (tiny@16 -> tiny@24, threshold 0.5, which the tiny model never
-reaches: every record escalates, so both stages and the buffer between them work on every record),
+reaches: every record escalates, so both stages and the buffer between them work on every record; one
+torch thread: the model is a few multiply-adds, and idle threads spinning on busy cores cost milliseconds),
 over a manifest of N rows (``--files`` Parquet files, read as one glob) pointing at ``--images`` small
 JPEGs (48 x 40 pixels), each row with its own id. Each N runs in a fresh process on FnApiRunner (in
 that process, or with ``--workers`` worker processes); its wall time and its peak RSS (the whole process
@@ -85,7 +86,7 @@ def config(path: str, weights: str, execution: str) -> None:
                  "mean: [127, 127, 127], std: [64, 64, 64]}\n"
                  "stages:\n  - {model: tiny, resolution: 16, batch_size: 64, threshold: 0.5}\n"
                  "  - {model: tiny, resolution: 24, batch_size: 64}\n"
-                 f"execution: {execution}\ndevice: cpu\n")
+                 f"execution: {execution}\ndevice: cpu\ntorch_threads: 1\n")
 
 
 def tree_rss(pid: int) -> int:
