@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv and run the main job on the DirectRunner.
+# Set up .venv and run the main job on the DirectRunner's engine (FnApiRunner), one worker process per core
+# (WORKERS=N to change it; WORKERS=1 runs in this process).
 #   ./run_local.sh                        the Lite0 -> Lite1 -> Lite2 cascade over the embedded demo photos
 #   ./run_local.sh PROFILE [ARGS...]      a profile of configs/ (e.g. video_frames), then pipeline arguments
 #   ./run_local.sh --input 'imgs/*.jpg' --output out/mine stages.0.threshold=0.5
@@ -11,4 +12,7 @@ profile=lite_cascade
 if [ $# -gt 0 ] && [[ "$1" != -* ]] && [[ "$1" != *=* ]]; then profile="$1"; shift; fi
 extra=()
 [[ " $* " == *" --output"* ]] || extra=(--output "out/$profile" --overwrite)
-exec .venv/bin/python -m pipelines.cascade --runner=DirectRunner --config "$profile" "${extra[@]}" "$@"
+workers=${WORKERS:-$(nproc)}
+runner=(--runner=FnApiRunner)
+[ "$workers" -gt 1 ] && runner+=(--direct_running_mode=multi_processing "--direct_num_workers=$workers")
+exec .venv/bin/python -m pipelines.cascade "${runner[@]}" --config "$profile" "${extra[@]}" "$@"

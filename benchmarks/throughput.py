@@ -1,27 +1,35 @@
-"""Throughput of the pipeline, side by side in one run: Beam cascade vs plain PyTorch loop vs Lite2 alone.
+"""Throughput of the pipeline, side by side in one run: the fused cascade vs the staged cascade vs the same
+cascade as a plain loop vs Lite2 alone vs the fused cascade in one process.
 
-    python benchmarks/throughput.py [--records 2000] [--repeats 3] [--memory_base 62] [--device cpu]
-                                    [--config lite_cascade]
+    python benchmarks/throughput.py [--records 2000] [--repeats 3] [--workers CORES] [--memory_base 62]
+                                    [--device cpu] [--config lite_cascade] [--variants a,b,...]
 
 Over the shared ImageNet sample repeated to ``--records`` records (distinct ids, same files), each of these
 runs in a fresh process, ``--repeats`` times, in rotating order so that drifts of the machine's speed fall
-on all three alike:
+on all of them alike:
 
-- ``pipeline_cascade``: ``python -m pipelines.cascade --config lite_cascade --runner=FnApiRunner``, the
+- ``pipeline_cascade``: ``python -m pipelines.cascade --config lite_cascade --runner=FnApiRunner
+  --direct_running_mode=multi_processing --direct_num_workers=W`` (W = ``--workers``, the machine's cores by
+  default; one torch thread per process), in the default execution mode (fused: decode once); the
   Lite0@224 -> Lite1@240 -> Lite2@260 cascade with the thresholds calibrated to match Lite2@260's accuracy
   on the clean sample at least cost (configs/lite_cascade.yaml, from pipelines.calibrate);
-- ``plain_loop``: the same cascade with no Beam: the same reading, decode (a batch at a time, in the same
-  threads), preprocessing, batch sizes, model code (``models.inference``) and committee maths, in a Python
-  loop, writing the same predictions;
-- ``pipeline_lite2``: the pipeline with Lite2@260 alone (the cascade's last stage, at its batch size).
+- ``pipeline_staged``: the same with ``execution=staged`` (a step per stage, re-decoding escalated records);
+- ``plain_loop``: the same cascade with no Beam, in W processes that each take every W-th record and run
+  the fused algorithm in a Python loop: decode once (for the largest stage's size), per-stage buffers of
+  full batches, the same model code (``models.inference``) and committee maths, writing the predictions;
+- ``pipeline_lite2``: the pipeline with Lite2@260 alone (the cascade's last stage, at its batch size), W
+  processes;
+- ``pipeline_1proc``: ``pipeline_cascade`` in one process (``--runner=FnApiRunner``, torch on every core):
+  what multiple processes gain.
 
 Times are wall-clock seconds of the whole process (imports, model loading, reading, writing Parquet
-included: what a user waits for). It prints the medians, checks that the plain loop and the pipeline
+included: what a user waits for). It prints the medians, checks that the plain loop and the pipelines
 predicted the same classes at the same stages, prints the peak RSS of the pipeline cascade on 1x, 4x and
-16x ``--memory_base`` records, and as its last two lines the ratios of the issue:
-``beam_overhead_ratio`` (pipeline cascade / plain loop) and ``cascade_vs_solitary_ratio`` (pipeline
-cascade / pipeline Lite2 alone). ``--device cuda`` runs the same comparison on a GPU machine (nvJPEG
-decode, bf16) and also prints images/s end to end.
+16x ``--memory_base`` records, and as its last lines the ratios of the issue: ``beam_overhead_ratio``
+(pipeline cascade / plain loop), ``cascade_vs_solitary_ratio`` (pipeline cascade / Lite2 alone) and
+``gmacs_ratio`` (the cascade's average GMACs per record / Lite2's, from the same run's exit_stats), after
+``staged_vs_fused_ratio`` and ``one_process_vs_workers_ratio``. ``--device cuda`` runs the same comparison
+on a GPU machine (nvJPEG decode, bf16, batches of 256) and also prints records/s end to end.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(os.path.dirname(ROOT), "shared", "data", "imagenet-sample")
 DEFAULT_PROFILE = "lite_cascade"
-VARIANTS = ("pipeline_cascade", "plain_loop", "pipeline_lite2")
+VARIANTS = ("pipeline_cascade", "pipeline_staged", "plain_loop", "pipeline_lite2", "pipeline_1proc")
 
 
 def write_manifest(path: str, sample: str, records: int) -> None:
@@ -78,14 +86,20 @@ def solitary_profile(path: str, profile: str) -> None:
                  f"batch_size: {last.batch_size}}}\n")
 
 
-def command(variant: str, manifest: str, output: str, device: str, profile: str, lite2_yaml: str) -> list[str]:
+def command(variant: str, manifest: str, output: str, device: str, profile: str, lite2_yaml: str,
+            workers: int) -> list[str]:
     if variant == "plain_loop":
         return [sys.executable, os.path.abspath(__file__), "--_plain", manifest, "--_output", output,
-                "--device", device, "--config", profile]
-    config = profile if variant == "pipeline_cascade" else lite2_yaml
+                "--device", device, "--config", profile, "--workers", str(workers)]
+    config = lite2_yaml if variant == "pipeline_lite2" else profile
     overrides = device_overrides(device, stage_count(config))
+    if variant == "pipeline_staged":
+        overrides.append("execution=staged")
+    runner = ["--runner=FnApiRunner"]
+    if variant != "pipeline_1proc" and workers > 1:
+        runner += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
     return [sys.executable, "-m", "pipelines.cascade", "--config", config, "--input", manifest, "--output", output,
-            "--runner=FnApiRunner", *overrides]
+            *runner, *overrides]
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
@@ -101,111 +115,166 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return elapsed, usage.ru_maxrss / 1024
 
 
-def plain_loop(manifest: str, output: str, device: str, profile: str) -> None:
-    """The cascade of ``profile`` as a plain PyTorch loop, no Beam: what the pipeline does."""
+def plain_loop(manifest: str, output: str, device: str, profile: str, workers: int) -> None:
+    """The cascade of ``profile`` as a plain loop, no Beam, in ``workers`` processes (this one starts them)."""
+    if workers > 1:
+        me = [sys.executable, os.path.abspath(__file__), "--_plain", manifest, "--_output", output, "--device",
+              device, "--config", profile, "--workers", "1"]
+        shards = [subprocess.Popen(me + ["--_shard", f"{i}/{workers}"], cwd=ROOT) for i in range(workers)]
+        if any(proc.wait() for proc in shards):
+            raise SystemExit("a plain loop shard failed")
+        return
+    plain_shard(manifest, output, device, profile, 0, 1)
+
+
+def plain_shard(manifest: str, output: str, device: str, profile: str, shard: int, shards: int) -> None:
+    """Records ``shard``, ``shard + shards``, ... of the manifest through the fused algorithm: stage 1 in full
+    batches, each record decoded once for the largest stage's size, escalations waiting decoded in per-stage
+    buffers until they fill a batch, flushed at the end."""
     import fsspec
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import torch
 
     from configs import schema
     from models import committee, inference
-    from models.preprocess import BadInput, decode_pool, load_images
+    from models.preprocess import BadInput, crop, decode_images, decode_pool, decode_target
 
     cfg = schema.load(profile, device_overrides(device, stage_count(profile)))
     specs = schema.stage_specs(cfg)
     dev = inference.resolve_device(cfg.device)
-    threads = cfg.torch_threads or os.cpu_count() or 1
+    threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // shards)
+    torch.set_num_threads(threads)
     pool = decode_pool(threads) if threads > 1 else None  # the pipeline's decoding threads
+    target = decode_target([spec.input for spec in specs]) if cfg.decode.draft else None
+    models = [inference.load(spec, dev, channels_last=stage.channels_last, compile=stage.compile)
+              for stage, spec in zip(cfg.stages, specs)]
     with open(manifest) as fh:
-        records = list(csv.DictReader(fh))
-    for record in records:
-        with fsspec.open(record["uri"], "rb") as data:
-            record["data"] = data.read()
+        records = list(csv.DictReader(fh))[shard::shards]
     rows, dead = [], 0
-    for number, (stage, spec) in enumerate(zip(cfg.stages, specs), start=1):
-        model = inference.load(spec, dev, channels_last=stage.channels_last, compile=stage.compile)
-        last = number == len(specs)
-        escalated = []
-        for start in range(0, len(records), stage.batch_size):
-            chunk = records[start:start + stage.batch_size]
-            crops = load_images([r["data"] for r in chunk], spec.input, max_pixels=cfg.decode.max_pixels,
-                                draft=cfg.decode.draft, pool=pool)
-            batch = [(record, crop) for record, crop in zip(chunk, crops) if not isinstance(crop, BadInput)]
-            dead += len(chunk) - len(batch)
-            if not batch:
-                continue
-            logits = inference.forward(model, spec, [image for _, image in batch], channels_last=stage.channels_last,
-                                       precision=stage.precision, device=dev)
-            for (record, _), row in zip(batch, logits):
-                scores = committee.member_scores(row, cfg.aggregation).astype(np.float64)
-                record["sum"] = scores if "sum" not in record else record["sum"] + scores
-                combined = committee.combine(record["sum"], number, cfg.aggregation)
-                conf = float(committee.confidence(combined, cfg.confidence))
-                if last or committee.exits(conf, stage.threshold):
-                    rows.append({"id": record["id"], "pred_class": int(np.argmax(combined)), "exit_stage": number,
-                                 "confidence": conf})
-                else:
-                    escalated.append(record)
-        records = escalated
-    os.makedirs(output, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), os.path.join(output, "predictions.parquet"))
-    print(f"plain loop: {len(rows)} predictions, {dead} undecodable")
+    buffers: list[list] = [[] for _ in specs]
+
+    def run(k: int, batch: list) -> None:
+        nonlocal dead
+        stage, spec, last = cfg.stages[k], specs[k], k == len(specs) - 1
+        if k == 0:
+            for record in batch:
+                with fsspec.open(record["uri"], "rb") as data:
+                    record["data"] = data.read()
+            images = decode_images([r.pop("data") for r in batch], target=target, max_pixels=cfg.decode.max_pixels,
+                                   pool=pool)
+            dead += sum(isinstance(im, BadInput) for im in images)
+            batch = [(r, im) for r, im in zip(batch, images) if not isinstance(im, BadInput)]
+        if not batch:
+            return
+        crops = list(pool.map(lambda item: crop(item[1], spec.input), batch) if pool else
+                     (crop(im, spec.input) for _, im in batch))
+        logits = inference.forward(models[k], spec, crops, channels_last=stage.channels_last,
+                                   precision=stage.precision, device=dev)
+        for (record, image), row in zip(batch, logits):
+            scores = committee.member_scores(row, cfg.aggregation).astype(np.float64)
+            record["sum"] = scores if "sum" not in record else record["sum"] + scores
+            combined = committee.combine(record["sum"], k + 1, cfg.aggregation)
+            conf = float(committee.confidence(combined, cfg.confidence))
+            if last or committee.exits(conf, stage.threshold):
+                rows.append({"id": record["id"], "pred_class": int(np.argmax(combined)), "exit_stage": k + 1,
+                             "confidence": conf})
+            else:
+                buffers[k + 1].append((record, image))
+
+    def drain(flush: bool) -> None:
+        for k, stage in enumerate(cfg.stages):
+            while len(buffers[k]) >= stage.batch_size or (flush and buffers[k]):
+                batch = buffers[k][:stage.batch_size]
+                del buffers[k][:stage.batch_size]
+                run(k, batch)
+
+    for record in records:
+        buffers[0].append(record)
+        drain(flush=False)
+    drain(flush=True)
+    folder = os.path.join(output, "predictions")
+    os.makedirs(folder, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, f"part-{shard}.parquet"))
+    print(f"plain loop shard {shard}/{shards}: {len(rows)} predictions, {dead} undecodable")
 
 
-def agreement(pipeline_out: str, plain_out: str) -> str:
-    """How many records got the same class at the same stage from the pipeline and from the plain loop."""
+def table(output: str) -> dict:
     import pyarrow.parquet as pq
 
-    def table(path):
-        return {r["id"]: (r["pred_class"], r["exit_stage"])
-                for r in pq.read_table(path, columns=["id", "pred_class", "exit_stage"]).to_pylist()}
-
-    beam_rows = table(os.path.join(pipeline_out, "predictions"))
-    plain_rows = table(os.path.join(plain_out, "predictions.parquet"))
-    same = sum(beam_rows.get(k) == v for k, v in plain_rows.items())
-    exits = [sum(v[1] == s for v in beam_rows.values()) for s in range(1, max(v[1] for v in beam_rows.values()) + 1)]
-    return (f"pipeline and plain loop agree on class and exit stage for {same} of {len(plain_rows)} records "
-            f"(pipeline rows: {len(beam_rows)}; exits per stage {'/'.join(map(str, exits))})")
+    return {r["id"]: (r["pred_class"], r["exit_stage"])
+            for r in pq.read_table(os.path.join(output, "predictions"), columns=["id", "pred_class", "exit_stage"])
+            .to_pylist()}
 
 
-def gmacs(output: str) -> str:
+def agreement(outputs: dict[str, str]) -> list[str]:
+    """How many records got the same class at the same stage from the pipeline cascade and the others."""
+    ref = table(outputs["pipeline_cascade"])
+    exits = [sum(v[1] == s for v in ref.values()) for s in range(1, max(v[1] for v in ref.values()) + 1)]
+    lines = [f"pipeline_cascade: {len(ref)} rows; exits per stage {'/'.join(map(str, exits))}"]
+    for variant, output in outputs.items():
+        if variant in ("pipeline_cascade", "pipeline_lite2"):
+            continue
+        other = table(output)
+        same = sum(ref.get(k) == v for k, v in other.items())
+        lines.append(f"{variant} agrees with pipeline_cascade on class and exit stage for {same} of {len(other)} "
+                     f"records")
+    return lines
+
+
+def gmacs(output: str) -> tuple[str, float]:
+    """The stages' GMACs, and the run's average GMACs per prediction / its last model's."""
+    import pyarrow.parquet as pq
+
     with open(os.path.join(output, "manifest.json")) as fh:
         stats = json.load(fh)["stages"]
-    return ", ".join(f"{s['model']} {s['gmacs']:.3f}" for s in stats)
+    run = pq.read_table(os.path.join(output, "exit_stats")).to_pylist()[0]
+    return (", ".join(f"{s['model']} {s['gmacs']:.3f}" for s in stats),
+            run["avg_gmacs"] / run["last_model_gmacs"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=2000, help="records per timed run (the sample repeated)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each variant")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes of the pipelines")
     parser.add_argument("--memory_base", type=int, default=62, help="records of the 1x memory run; 0 skips it")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     parser.add_argument("--config", default=DEFAULT_PROFILE, help="the cascade: a profile name or YAML file")
     parser.add_argument("--sample", default=SAMPLE, help="folder with labels.csv and images/")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which of them to run (pipeline_cascade "
+                        "always runs; the ratios need plain_loop and pipeline_lite2)")
     parser.add_argument("--_plain", help=argparse.SUPPRESS)
     parser.add_argument("--_output", help=argparse.SUPPRESS)
+    parser.add_argument("--_shard", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args._shard:
+        shard, shards = map(int, args._shard.split("/"))
+        return plain_shard(args._plain, args._output, args.device, args.config, shard, shards)
     if args._plain:
-        return plain_loop(args._plain, args._output, args.device, args.config)
+        return plain_loop(args._plain, args._output, args.device, args.config, args.workers)
 
+    variants = ["pipeline_cascade"] + [v for v in args.variants.split(",") if v in VARIANTS and v != "pipeline_cascade"]
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, device {args.device}; "
-          f"{args.records} records from {args.sample}")
+          f"{args.records} records from {args.sample}; {args.workers} worker processes; load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
         manifest, lite2_yaml = os.path.join(tmp, "manifest.csv"), os.path.join(tmp, "lite2.yaml")
         write_manifest(manifest, args.sample, args.records)
         solitary_profile(lite2_yaml, args.config)
-        times = {v: [] for v in VARIANTS}
+        times = {v: [] for v in variants}
         for repeat in range(args.repeats):
-            order = VARIANTS[repeat % 3:] + VARIANTS[:repeat % 3]
-            for variant in order:
+            shift = repeat % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
                 out = os.path.join(tmp, f"{variant}-{repeat}")
-                seconds, _ = timed(command(variant, manifest, out, args.device, args.config, lite2_yaml))
+                seconds, _ = timed(command(variant, manifest, out, args.device, args.config, lite2_yaml, args.workers))
                 times[variant].append(seconds)
                 print(f"repeat {repeat + 1}: {variant:17s} {seconds:8.1f} s  {args.records / seconds:7.1f} records/s",
                       flush=True)
-        print(agreement(os.path.join(tmp, "pipeline_cascade-0"), os.path.join(tmp, "plain_loop-0")))
-        print(f"GMACs per record (multiply-adds x1e9) by stage: {gmacs(os.path.join(tmp, 'pipeline_cascade-0'))}")
+        print("\n".join(agreement({v: os.path.join(tmp, f"{v}-0") for v in variants})))
+        stage_gmacs, gmacs_ratio = gmacs(os.path.join(tmp, "pipeline_cascade-0"))
+        print(f"GMACs per record (multiply-adds x1e9) by stage: {stage_gmacs}")
         medians = {v: statistics.median(t) for v, t in times.items()}
         for variant, median in medians.items():
             print(f"median {variant:17s} {median:8.1f} s  {args.records / median:7.1f} records/s "
@@ -216,11 +285,19 @@ def main() -> None:
                 n = args.memory_base * factor
                 write_manifest(manifest, args.sample, n)
                 _, peaks[factor] = timed(command("pipeline_cascade", manifest, os.path.join(tmp, f"mem{factor}"),
-                                                 args.device, args.config, lite2_yaml))
-                print(f"peak RSS pipeline cascade, {factor:2d}x = {n:5d} records: {peaks[factor]:7.0f} MB "
-                      f"({peaks[factor] / peaks[1] - 1:+.1%} vs 1x)", flush=True)
-    print(f"beam_overhead_ratio={medians['pipeline_cascade'] / medians['plain_loop']:.3f}")
-    print(f"cascade_vs_solitary_ratio={medians['pipeline_cascade'] / medians['pipeline_lite2']:.3f}")
+                                                 args.device, args.config, lite2_yaml, args.workers))
+                print(f"peak RSS pipeline cascade (largest process), {factor:2d}x = {n:5d} records: "
+                      f"{peaks[factor]:7.0f} MB ({peaks[factor] / peaks[1] - 1:+.1%} vs 1x)", flush=True)
+    cascade = medians["pipeline_cascade"]
+    if "pipeline_staged" in medians:
+        print(f"staged_vs_fused_ratio={medians['pipeline_staged'] / cascade:.3f}")
+    if "pipeline_1proc" in medians:
+        print(f"one_process_vs_workers_ratio={medians['pipeline_1proc'] / cascade:.3f}")
+    if "plain_loop" in medians:
+        print(f"beam_overhead_ratio={cascade / medians['plain_loop']:.3f}")
+    if "pipeline_lite2" in medians:
+        print(f"cascade_vs_solitary_ratio={cascade / medians['pipeline_lite2']:.3f}")
+    print(f"gmacs_ratio={gmacs_ratio:.3f}")
 
 
 if __name__ == "__main__":

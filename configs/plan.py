@@ -13,12 +13,12 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
-from configs.schema import CascadeConfig, ConfigError, Granularity, ModelSharing, sampling_plan, stage_specs
+from configs.schema import CascadeConfig, ConfigError, Execution, Granularity, ModelSharing, sampling_plan, stage_specs
 from models import registry
 from models.classifier import Classifier
 from models.committee import Aggregation, Confidence
 from models.inference import Precision
-from models.preprocess import DecodeConfig
+from models.preprocess import DecodeConfig, decode_target
 from models.video import SamplingPlan
 
 
@@ -40,6 +40,7 @@ class RunSettings:
     device: str = "auto"
     model_sharing: ModelSharing = ModelSharing.PROCESS
     torch_threads: int = 0  # 0: as many as the process has cores
+    decode_target: Optional[int] = None  # the shorter side every stage decodes for: the largest stage's resize_to
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ class StagePlan:
     compile: bool
     settings: RunSettings
     escalate: Optional[float] = None  # set: the threshold is the run's quantile of this share (a budget)
+    resources: tuple[tuple[str, str], ...] = ()  # Beam resource hints of the stage's step
+
+    @property
+    def resource_hints(self) -> dict[str, str]:
+        return dict(self.resources)
 
     @property
     def is_last(self) -> bool:
@@ -71,7 +77,8 @@ class StagePlan:
         """The stage's model behind its Beam-free interface (bytes in, logits or a reason out)."""
         s = self.settings
         return Classifier(self.spec, decode=s.decode, device=s.device, precision=self.precision,
-                          channels_last=self.channels_last, compile=self.compile, threads=s.torch_threads)
+                          channels_last=self.channels_last, compile=self.compile, threads=s.torch_threads,
+                          target=s.decode_target, batch_size=self.batch_size)
 
     def summary(self) -> dict:
         """The stage as the run manifest records it."""
@@ -86,6 +93,7 @@ class CascadePlan:
     settings: RunSettings
     video: Optional[SamplingPlan] = None  # how videos are sampled, for the video tasks
     run_id: str = ""  # the run's id (pipelines.common.new_run_id), written in every row of its tables
+    execution: Execution = Execution.FUSED
 
     @property
     def views(self) -> int:
@@ -104,14 +112,16 @@ def build_plan(cfg: CascadeConfig, *, torch_threads: Optional[int] = None, check
     """The plan of ``cfg`` (already validated). ``check_models`` builds each model with its weights and runs
     it once, so that a checkpoint that does not fit (shapes, class count) fails here, before any work, with a
     ``ConfigError`` naming the stage. ``torch_threads`` replaces the config's value (the runner decides)."""
+    specs = stage_specs(cfg)
     settings = RunSettings(Confidence(cfg.confidence), Aggregation(cfg.aggregation), cfg.decode, cfg.device,
                            ModelSharing(cfg.model_sharing),
-                           cfg.torch_threads if torch_threads is None else torch_threads)
+                           cfg.torch_threads if torch_threads is None else torch_threads,
+                           decode_target([spec.input for spec in specs]))
     kind = task_kind(cfg)
     video = None if cfg.video is None else sampling_plan(cfg.video)
     views = video.views if kind is TaskKind.VIDEO_CLIPS else 1
     stages = []
-    for i, (stage, spec) in enumerate(zip(cfg.stages, stage_specs(cfg))):
+    for i, (stage, spec) in enumerate(zip(cfg.stages, specs)):
         if check_models:
             try:
                 registry.check_output(spec, registry.build(spec))
@@ -120,5 +130,6 @@ def build_plan(cfg: CascadeConfig, *, torch_threads: Optional[int] = None, check
         last = i == len(cfg.stages) - 1
         stages.append(StagePlan(i + 1, spec, None if last else stage.threshold, registry.gmacs(spec) * views,
                                 stage.batch_size, Precision(stage.precision), stage.channels_last, stage.compile,
-                                settings, None if last else stage.escalate))
-    return CascadePlan(kind, tuple(stages), settings, video)
+                                settings, None if last else stage.escalate,
+                                tuple(sorted((k, str(v)) for k, v in stage.resources.items()))))
+    return CascadePlan(kind, tuple(stages), settings, video, Execution(cfg.execution))

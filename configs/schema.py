@@ -35,6 +35,22 @@ class ConfigError(ValueError):
     """An invalid config; the message names the key."""
 
 
+class Execution(str, enum.Enum):
+    """How the stages of a cascade run (docs/ARCHITECTURE.md, "Execution modes")."""
+
+    FUSED = "fused"  # all stages in one step per worker: each record decoded once, escalations wait in buffers
+    STAGED = "staged"  # one step per stage, escalated records re-batched through a shuffle (stages on other machines)
+
+
+# Beam resource hints a stage may carry (``stages[i].resources``), with how their values are checked here;
+# a test checks that Beam knows each name and parses the values these checks accept.
+RESOURCE_HINTS = {
+    "accelerator": r".+",  # e.g. "type:nvidia-l4;count:1;install-nvidia-driver"
+    "min_ram": r"\d+(\.\d+)?\s*([KMGTP]i?B|B)?",  # e.g. "16GB", "32GiB"
+    "cpu_count": r"[1-9]\d*",
+}
+
+
 class ModelSharing(str, enum.Enum):
     PROCESS = "process"  # one model per worker process (Beam's default)
     MACHINE = "machine"  # one model per machine, shared by its processes (Beam's large_model)
@@ -52,6 +68,7 @@ class StageConfig:
     precision: Precision = Precision.FP32  # autocast precision on CUDA; logits stay float32
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU and GPU)
     compile: bool = False  # torch.compile the model once per process
+    resources: dict[str, str] = field(default_factory=dict)  # Beam resource hints of the stage's step (staged)
 
 
 @dataclass
@@ -125,6 +142,7 @@ class CascadeConfig:
     output_shards: int = 0  # Parquet files per table; 0: let the runner decide
     video: Optional[VideoConfig] = None  # set: the inputs are videos, sampled and classified as it says
     calibration: Optional[CalibrationInfo] = None  # held-out figures of pipelines.calibrate (ignored by routing)
+    execution: Execution = Execution.FUSED  # fused: all stages in one step, decode once; staged: a step per stage
 
 
 def profile_path(name_or_path: str) -> str:
@@ -308,6 +326,11 @@ def validate(cfg: CascadeConfig) -> None:
                 "the stages of a cascade must share one label space"
             )
         classes = spec.num_classes
+        for hint, value in stage.resources.items():
+            if hint not in RESOURCE_HINTS:
+                raise ConfigError(f"{key}.resources.{hint}: not a resource hint; known: {', '.join(RESOURCE_HINTS)}")
+            if not re.fullmatch(RESOURCE_HINTS[hint], str(value).strip()):
+                raise ConfigError(f"{key}.resources.{hint}: {value!r} is not a valid value")
     if cfg.decode.max_pixels < 1 or cfg.decode.max_bytes < 1:
         raise ConfigError("decode.max_pixels / decode.max_bytes: must be > 0")
     if cfg.torch_threads < 0:
@@ -322,3 +345,14 @@ def validate(cfg: CascadeConfig) -> None:
         raise ConfigError("output: an output folder is needed")
     if cfg.video is not None:
         validate_video(cfg.video)
+    fused = Execution(cfg.execution) is Execution.FUSED
+    if fused and cfg.video is not None and Granularity(cfg.video.granularity) is Granularity.VIDEO:
+        raise ConfigError("execution: fused runs image and frame records; video granularity (a video's views "
+                          "decided together) runs staged: set execution: staged")
+    budgeted = next((i for i, stage in enumerate(cfg.stages) if stage.escalate is not None), None)
+    if fused and budgeted is not None:
+        raise ConfigError(f"execution: fused routes each batch as it runs; stages.{budgeted}.escalate (a share of "
+                          "the whole run's records) needs every confidence first: set execution: staged")
+    if fused and ModelSharing(cfg.model_sharing) is ModelSharing.MACHINE:
+        raise ConfigError("execution: fused keeps the decoded images next to each process's models; "
+                          "model_sharing: machine needs execution: staged")

@@ -1,4 +1,4 @@
-"""One model behind one object, without Beam: encoded bytes (or decoded crops) in, per example either float32
+"""One model behind one object, without Beam: encoded bytes (or decoded images) in, per example either float32
 logits or a ``Failure`` saying why not.
 
 ``Classifier`` owns what happens to a batch: decoding (PIL in a thread pool on the CPU, or nvJPEG next to a
@@ -6,21 +6,36 @@ CUDA model), normalising, the forward pass, and the bisection of a batch the mod
 the examples that fail alone get a ``Failure``. ``LoadedModel`` is the part that holds the weights on the
 device; it takes numpy arrays and bytes and returns numpy, so that one copy per machine can serve several
 processes through a proxy that pickles arguments and results (Beam's ``share_model_across_processes``).
-Pipelines wrap a ``Classifier`` in a thin RunInference model handler (``transforms.stage``).
+Pipelines wrap a ``Classifier`` in a thin RunInference model handler (``transforms.stage``), or call
+``decode_once`` once per record and ``classify_pixels`` at each stage (``transforms.fused``).
+
+Every stage of a run decodes for the same ``target`` (the largest size its stages resize to), so a stage's
+input is the same whether it decodes the bytes itself (staged) or crops an image decoded earlier (fused).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from models import inference, registry
 from models.failures import Category
-from models.preprocess import BadInput, DecodeConfig, decode_pool, gpu_decodable, load_batch, load_images
+from models.preprocess import (
+    BadInput,
+    DecodeConfig,
+    Pixels,
+    crop,
+    decode_images,
+    decode_pool,
+    gpu_decodable,
+    gpu_decode,
+    load_batch,
+    load_images,
+)
 
 
 @dataclass(frozen=True)
@@ -42,27 +57,30 @@ class Failure:
     category: Category = Category.MODEL_ERROR
 
 
-Example = np.ndarray | EncodedImage  # an (H, W, 3) uint8 crop, or bytes to decode
+Example = np.ndarray | torch.Tensor | EncodedImage  # an (H, W, 3) uint8 crop (host or device), or bytes to decode
 
 
 class LoadedModel:
     """A model loaded on its device: called with a batch of ``(H, W, 3)`` uint8 crops (a stacked array, or a
-    list that may hold ``EncodedImage``s to decode on the device first), returns ``(N, C)`` float32 logits."""
+    list that may hold tensors already on the device and ``EncodedImage``s to decode on the device first),
+    returns ``(N, C)`` float32 logits. ``target``: the draft target of the CPU fallback decode."""
 
     def __init__(self, module: torch.nn.Module, device: torch.device, spec: registry.ModelSpec, *,
-                 channels_last: bool, precision: inference.Precision):
+                 channels_last: bool, precision: inference.Precision, target: Optional[int] = None):
         self.module = module
         self.device = device
         self.spec = spec
         self.channels_last = channels_last
         self.precision = precision
+        self.target = target
 
     def __call__(self, batch: Sequence[Example]) -> np.ndarray:
         """Raises the ``BadInput`` of an encoded image that cannot be decoded, even on the CPU."""
-        if any(isinstance(x, EncodedImage) for x in batch):
+        if not all(isinstance(x, np.ndarray) for x in batch):
             crops = iter(load_batch([x.data for x in batch if isinstance(x, EncodedImage)], self.spec.input,
-                                    self.device))
-            pixels = [next(crops) if isinstance(x, EncodedImage) else torch.tensor(x, device=self.device)
+                                    self.device, self.target))
+            pixels = [next(crops) if isinstance(x, EncodedImage) else x if isinstance(x, torch.Tensor)
+                      else torch.tensor(x, device=self.device)
                       for x in batch]
             bad = next((x for x in pixels if isinstance(x, BadInput)), None)
             if bad is not None:
@@ -92,7 +110,10 @@ class Classifier:
     ``threads`` threads (all cores when 0). An example that does not decode gets a ``Failure`` with the
     reason. If the model raises on a batch, the batch is retried split in halves down to single examples,
     so only the examples that fail alone get a ``Failure``; their neighbours are still classified.
-    Non-finite logits fail their example too."""
+    Non-finite logits fail their example too. ``target``: the shorter side images are decoded for (the
+    run's ``decode_target``; None: this model's own ``resize_to``). ``batch_size``: a smaller batch is padded
+    to it (with copies of its first example), because an example's logits depend, in their last bits, on how
+    many examples share its batch: padded, they do not depend on where bundles end or on the execution mode."""
 
     spec: registry.ModelSpec
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -101,38 +122,88 @@ class Classifier:
     channels_last: bool = True
     compile: bool = False
     threads: int = 0
+    target: Optional[int] = None
+    batch_size: int = 0
 
     def load(self) -> LoadedModel:
         if self.threads > 0:
             torch.set_num_threads(self.threads)
         device = inference.resolve_device(self.device)
         module = inference.load(self.spec, device, channels_last=self.channels_last, compile=self.compile)
-        return LoadedModel(module, device, self.spec, channels_last=self.channels_last, precision=self.precision)
+        return LoadedModel(module, device, self.spec, channels_last=self.channels_last, precision=self.precision,
+                           target=self.target)
 
     def classify(self, model, batch: Sequence[Example]) -> list[np.ndarray | Failure]:
         """``model`` (a ``LoadedModel``, or a proxy of one) over ``batch``: per example, logits or a Failure."""
-        items = self._decode(batch)
+        return self._classify(model, self._decode(batch), list)
+
+    def classify_pixels(self, model, pixels: Sequence[Pixels | BadInput]) -> list[np.ndarray | Failure]:
+        """Images decoded by ``decode_once`` (for any stage of the run) -> this stage's crops, cut where the
+        pixels are (host or device) -> per image, logits or a Failure (a ``BadInput`` fails its image)."""
+        pool = self._pool()
+
+        def crops(images):
+            return list(pool.map(self._crop, images) if pool else map(self._crop, images))
+
+        return self._classify(model, pixels, crops)
+
+    def _crop(self, pixels: Pixels):
+        return crop(pixels, self.spec.input)
+
+    def _classify(self, model, items: Sequence, prepare) -> list[np.ndarray | Failure]:
         results: list = [Failure(str(x), x.category) if isinstance(x, BadInput) else None for x in items]
         ready = [i for i, r in enumerate(results) if r is None]
-        for i, result in zip(ready, self._infer(model, [items[i] for i in ready]) if ready else ()):
+        for i, result in zip(ready, self._infer(model, prepare([items[i] for i in ready])) if ready else ()):
             results[i] = result
         return results
 
+    def decode_once(self, datas: Sequence[bytes]) -> list[Pixels | BadInput]:
+        """Decode a batch once, for this and every later stage (``classify_pixels``): on a CUDA device with
+        ``decode.gpu``, the JPEGs nvJPEG takes stay there as tensors; the others become PIL images, decoded
+        in the pool's threads for the run's ``target``. What does not decode gets its ``BadInput``."""
+        items: list = list(datas)
+        gpu = [i for i, data in enumerate(items) if self._on_gpu() and gpu_decodable(data, self.decode.max_pixels)]
+        for i, image in zip(gpu, gpu_decode([items[i] for i in gpu], self._device()) if gpu else ()):
+            items[i] = image if image is not None else items[i]  # rejected by nvJPEG: PIL decodes it below
+        cpu = [i for i, x in enumerate(items) if isinstance(x, bytes)]
+        images = decode_images([items[i] for i in cpu], target=self._target(), max_pixels=self.decode.max_pixels,
+                               pool=self._pool())
+        for i, image in zip(cpu, images):
+            items[i] = image
+        return items
+
+    def _device(self) -> torch.device:
+        return inference.resolve_device(self.device)
+
+    def _on_gpu(self) -> bool:
+        return self.decode.gpu and self._device().type == "cuda"
+
+    def _target(self) -> Optional[int]:
+        return (self.target or self.spec.input.resize_to) if self.decode.draft else None
+
+    def _pool(self):
+        threads = self.threads or os.cpu_count() or 1
+        return decode_pool(threads) if threads > 1 else None
+
     def _decode(self, batch: Sequence[Example]) -> list[Example | BadInput]:
-        on_gpu = self.decode.gpu and inference.resolve_device(self.device).type == "cuda"
         items = list(batch)
         cpu = [i for i, x in enumerate(items) if isinstance(x, EncodedImage)
-               and not (on_gpu and gpu_decodable(x.data, self.decode.max_pixels))]
-        threads = self.threads or os.cpu_count() or 1
+               and not (self._on_gpu() and gpu_decodable(x.data, self.decode.max_pixels))]
         crops = load_images([items[i].data for i in cpu], self.spec.input, max_pixels=self.decode.max_pixels,
-                            draft=self.decode.draft, pool=decode_pool(threads) if threads > 1 else None)
-        for i, crop in zip(cpu, crops):
-            items[i] = crop
+                            draft=self.decode.draft, pool=self._pool(), target=self.target)
+        for i, crop_ in zip(cpu, crops):
+            items[i] = crop_
         return items
+
+    def _forward(self, model, batch: Sequence[Example]) -> np.ndarray:
+        n = len(batch)
+        if n < self.batch_size:
+            batch = [*batch, *[batch[0]] * (self.batch_size - n)]
+        return model(batch)[:n]
 
     def _infer(self, model, batch: Sequence[Example]) -> list[np.ndarray | Failure]:
         try:
-            logits = model(batch)
+            logits = self._forward(model, batch)
         except Exception as err:  # a bad batch must not fail the job: bisect down to the culprit
             if len(batch) == 1:
                 if isinstance(err, BadInput):  # an encoded image that no decoder could read

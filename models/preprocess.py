@@ -13,7 +13,7 @@ import io
 import warnings
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -149,11 +149,19 @@ def center_crop_resize(im: Image.Image, cfg: InputConfig) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
-def load_image(data: bytes, cfg: InputConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               draft: bool = True) -> np.ndarray:
-    """Encoded bytes -> the ``(res, res, 3)`` uint8 crop that ``cfg`` describes."""
-    im = decode(data, target=cfg.resize_to if draft else None, max_pixels=max_pixels)
+def load_image(data: bytes, cfg: InputConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True,
+               target: Optional[int] = None) -> np.ndarray:
+    """Encoded bytes -> the ``(res, res, 3)`` uint8 crop that ``cfg`` describes. ``target``: the shorter side
+    the image is decoded for (``decode``'s draft target): the largest ``resize_to`` of the run's stages, so
+    that every stage crops from the same decoded pixels (``decode_target``); default: ``cfg``'s own."""
+    im = decode(data, target=(target or cfg.resize_to) if draft else None, max_pixels=max_pixels)
     return center_crop_resize(im, cfg)
+
+
+def decode_target(cfgs: Sequence[InputConfig]) -> int:
+    """The shorter side a run decodes every image for: the largest its stages resize to. A record is decoded
+    once at that size and each stage crops its own input from the same pixels."""
+    return max(cfg.resize_to for cfg in cfgs)
 
 
 def crop_box(width: int, height: int, cfg: InputConfig) -> tuple[int, int, int]:
@@ -176,40 +184,62 @@ def gpu_decodable(data: bytes, max_pixels: int) -> bool:
         return False
 
 
-def load_batch(datas: Sequence[bytes], cfg: InputConfig, device: torch.device) -> list[torch.Tensor | BadInput]:
-    """JPEG bytes -> ``(res, res, 3)`` uint8 crops on ``device``, decoded by torchvision in one batch (nvJPEG
-    on CUDA) and resized there; a record the batch decoder rejects is decoded alone on the CPU by
-    ``load_image``, and one that fails there too gets its ``BadInput`` instead of a crop. Resampling is
-    torch's antialiased bicubic over ``crop_box``: the same filter as the CPU path's over a box that
-    differs from its own by under half a source pixel (a few grey levels on textured images; no DCT
-    downscaling either), so logits differ slightly from the CPU path's."""
+def gpu_decode(datas: Sequence[bytes], device: torch.device) -> list[Optional[torch.Tensor]]:
+    """JPEG bytes -> ``(3, H, W)`` uint8 images on ``device``, decoded by torchvision in one batch (nvJPEG on
+    CUDA), at full size (nvJPEG has no DCT-domain downscaling); None for a record the decoder rejects."""
     from torchvision.io import ImageReadMode, decode_jpeg  # only here: importing torchvision costs seconds
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2.functional import resized_crop
 
     encoded = [torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()) for data in datas]
     try:
-        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:  # one bad file fails the whole batch call: decode one by one
-        images = []
+        images: list[Optional[torch.Tensor]] = []
         for data in encoded:
             try:
                 images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
             except RuntimeError:
                 images.append(None)
+        return images
+
+
+def crop_tensor(image: torch.Tensor, cfg: InputConfig) -> torch.Tensor:
+    """A ``(3, H, W)`` uint8 image on a device -> its ``(res, res, 3)`` crop there: torch's antialiased filter
+    of ``cfg``'s interpolation over ``crop_box``, the CPU path's filter over a box that differs from its own by
+    under half a source pixel (a few grey levels on textured images, so logits differ slightly from the
+    CPU path's)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2.functional import resized_crop
+
+    height, width = image.shape[-2:]
+    left, top, side = crop_box(width, height, cfg)
+    crop = resized_crop(image, top, left, side, side, [cfg.resolution, cfg.resolution],
+                        interpolation=InterpolationMode(TORCH_INTERPOLATIONS[cfg.interpolation]), antialias=True)
+    return crop.permute(1, 2, 0)
+
+
+Pixels = Union[Image.Image, torch.Tensor]  # a decoded image: PIL on the CPU, or (3, H, W) uint8 on a device
+
+
+def crop(pixels: Pixels, cfg: InputConfig) -> np.ndarray | torch.Tensor:
+    """A decoded image -> the ``(res, res, 3)`` uint8 crop ``cfg`` describes, where the pixels are: PIL
+    (``center_crop_resize``) or torch on the image's device (``crop_tensor``)."""
+    return crop_tensor(pixels, cfg) if isinstance(pixels, torch.Tensor) else center_crop_resize(pixels, cfg)
+
+
+def load_batch(datas: Sequence[bytes], cfg: InputConfig, device: torch.device,
+               target: Optional[int] = None) -> list[torch.Tensor | BadInput]:
+    """JPEG bytes -> ``(res, res, 3)`` uint8 crops on ``device``: ``gpu_decode`` then ``crop_tensor``; a
+    record the batch decoder rejects is decoded alone on the CPU by ``load_image`` (at ``target``), and one
+    that fails there too gets its ``BadInput`` instead of a crop."""
     out: list[torch.Tensor | BadInput] = []
-    for data, image in zip(datas, images):
-        if image is None:
-            try:
-                out.append(torch.from_numpy(load_image(data, cfg)).to(device))
-            except BadInput as err:
-                out.append(err)
+    for data, image in zip(datas, gpu_decode(datas, device)):
+        if image is not None:
+            out.append(crop_tensor(image, cfg))
             continue
-        height, width = image.shape[-2:]
-        left, top, side = crop_box(width, height, cfg)
-        crop = resized_crop(image, top, left, side, side, [cfg.resolution, cfg.resolution],
-                            interpolation=InterpolationMode(TORCH_INTERPOLATIONS[cfg.interpolation]), antialias=True)
-        out.append(crop.permute(1, 2, 0))
+        try:
+            out.append(torch.from_numpy(load_image(data, cfg, target=target)).to(device))
+        except BadInput as err:
+            out.append(err)
     return out
 
 
@@ -219,14 +249,28 @@ def decode_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="decode")
 
 
+def decode_images(datas: Sequence[bytes], *, target: Optional[int], max_pixels: int = DEFAULT_MAX_PIXELS,
+                  pool: Optional[Executor] = None) -> list[Image.Image | BadInput]:
+    """``decode`` over a batch (draft ``target``; None: full decode), in ``pool``'s threads when given; a
+    record that cannot be used gets its ``BadInput`` instead of an image."""
+
+    def one(data: bytes) -> Image.Image | BadInput:
+        try:
+            return decode(data, target=target, max_pixels=max_pixels)
+        except BadInput as err:
+            return err
+
+    return list(pool.map(one, datas) if pool is not None else map(one, datas))
+
+
 def load_images(datas: Sequence[bytes], cfg: InputConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True,
-                pool: Optional[Executor] = None) -> list[np.ndarray | BadInput]:
+                pool: Optional[Executor] = None, target: Optional[int] = None) -> list[np.ndarray | BadInput]:
     """``load_image`` over a batch, in ``pool``'s threads when given (Pillow releases the GIL while it
     decodes and resamples); a record that cannot be used gets its ``BadInput`` instead of a crop."""
 
     def one(data: bytes) -> np.ndarray | BadInput:
         try:
-            return load_image(data, cfg, max_pixels=max_pixels, draft=draft)
+            return load_image(data, cfg, max_pixels=max_pixels, draft=draft, target=target)
         except BadInput as err:
             return err
 

@@ -287,10 +287,16 @@ def state_dict_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.
 
 def check_output(spec: ModelSpec, model: torch.nn.Module) -> None:
     """Run ``model`` once on a blank input at the spec's resolution: its output must be ``(1, num_classes)``.
-    Catches a TorchScript file (whose state cannot be compared) with another class count than its entry."""
+    Catches a TorchScript file (whose state cannot be compared) with another class count than its entry.
+    One thread: a single image gains nothing from more, and threads that wait on busy cores cost seconds."""
     x = torch.zeros(1, 3, spec.input.resolution, spec.input.resolution)
-    with torch.inference_mode():
-        out = model(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            out = model(x)
+    finally:
+        torch.set_num_threads(threads)
     shape = tuple(getattr(out, "shape", ()))
     if shape != (1, spec.num_classes):
         raise ValueError(f"model {spec.name!r}: returns shape {shape} for one image, but its entry says "

@@ -33,7 +33,9 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from configs import estimate, schema
 from configs.plan import CascadePlan, TaskKind, build_plan
+from configs.schema import Execution
 from pipelines import common, runners
+from transforms.fused import FusedCascade
 from transforms.io import DEAD, ReadInputs, check_source, count_inputs, extra_fields
 from transforms.outputs import ExitStats, WriteTable
 from transforms.progress import NAMESPACE
@@ -237,7 +239,8 @@ def print_plan(cfg: schema.CascadeConfig, profile: Optional[str]) -> dict:
 def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan, task: Optional[ImageTask] = None,
           metadata: Optional[dict] = None) -> None:
     """Add the cascade to pipeline ``p``: read -> stage 1 -> ... -> stage n -> Parquet tables. The task says
-    what a record is (``transforms.tasks``); ``metadata`` goes into every file written."""
+    what a record is (``transforms.tasks``); the plan's execution mode whether the stages are one step (fused:
+    each record decoded once) or a step each (staged); ``metadata`` goes into every file written."""
     task = task or run_task(cfg, plan)
 
     def sink(table: Table, shards: int = cfg.output_shards) -> WriteTable:
@@ -249,12 +252,17 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan, task: 
                                             timeout_s=decode.read_timeout_s)
     records = inputs["records"]
     exited, dead, thresholds = [], [inputs[DEAD]], []
-    for stage in plan.stages:
-        out = records | f"Stage{stage.number}" >> CascadeStage(stage, task)
+    if plan.execution is Execution.FUSED:
+        out = records | "Cascade" >> FusedCascade(plan)
         exited.append(out[EXITED])
         dead.append(out[DEAD])
-        thresholds += [out[THRESHOLD]] if out[THRESHOLD] is not None else []
-        records = out[CONTINUE]
+    else:
+        for stage in plan.stages:
+            out = records | f"Stage{stage.number}" >> CascadeStage(stage, task)
+            exited.append(out[EXITED])
+            dead.append(out[DEAD])
+            thresholds += [out[THRESHOLD]] if out[THRESHOLD] is not None else []
+            records = out[CONTINUE]
     exits = exited | "MergeExits" >> beam.Flatten()
     predictions = exits | "PredictionRows" >> beam.Map(task.prediction_row, plan)
     dead_letters = dead | "MergeDeadLetters" >> beam.Flatten()

@@ -42,7 +42,8 @@ def tiny_inputs(tmp_path_factory):
     (folder / "config.yaml").write_text(
         f"models:\n  tiny: {{arch: torchscript, weights: '{folder}/tiny.pt', num_classes: 10, resolution: 32}}\n"
         "stages:\n  - {model: tiny, batch_size: 64, escalate: 0.15}\n"
-        "  - {model: tiny, resolution: 48, batch_size: 64}\n")
+        "  - {model: tiny, resolution: 48, batch_size: 64}\n"
+        "execution: staged\n")  # a budget needs every confidence of the run first
     return folder, write_manifest(folder / "m.csv", rows)
 
 
@@ -73,6 +74,7 @@ def test_budget_threshold_takes_the_quantile_of_the_share_to_escalate():
     (["stages.0.escalate=1.5"], r"stages\.0\.escalate: must be in \[0, 1\]"),
     (["stages.2.escalate=0.1"], r"stages\.2\.escalate: the last stage escalates nothing"),
     (["stages.0.escalate=0.1", "stages.0.threshold=0.5"], r"stages\.0\.escalate: give a threshold or a share"),
+    (["stages.0.escalate=0.1", "stages.0.threshold=1"], r"^execution: fused routes each batch .* execution: staged"),
 ])
 def test_budget_settings_are_checked_up_front(overrides, message):
     with pytest.raises(schema.ConfigError, match=message):

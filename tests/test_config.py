@@ -33,10 +33,15 @@ def test_profile_loads_and_overrides_apply():
         (["decode.max_bytes=0"], r"decode\.max_pixels / decode\.max_bytes: must be > 0"),
         (["torch_threads=-1"], r"torch_threads: must be >= 0"),
         (["output_shards=-1"], r"output_shards: must be >= 0"),
+        (["execution=streamed"], r"execution"),
+        (["stages.1.resources={gpu: 1}"], r"stages\.1\.resources\.gpu: not a resource hint; known: accelerator"),
+        (["stages.2.resources={min_ram: lots}"], r"stages\.2\.resources\.min_ram: 'lots' is not a valid value"),
+        (["model_sharing=machine"], r"execution: fused .* model_sharing: machine needs execution: staged"),
     ],
     ids=["threshold-above-1", "threshold-below-0", "unknown-model", "batch-size-0", "resolution-too-small",
          "unknown-confidence", "unknown-stage-key", "unknown-key", "unknown-device", "max-pixels-0", "empty-output",
-         "batch-size-not-int", "max-bytes-0", "negative-threads", "negative-shards"],
+         "batch-size-not-int", "max-bytes-0", "negative-threads", "negative-shards", "unknown-execution",
+         "unknown-resource-hint", "bad-min-ram", "fused-with-machine-sharing"],
 )
 def test_invalid_config_names_the_key(overrides, message):
     with pytest.raises(schema.ConfigError, match=message):
@@ -90,3 +95,22 @@ def test_stages_with_different_class_counts_are_refused():
 def test_unknown_profile_lists_profiles():
     with pytest.raises(schema.ConfigError, match="profiles: .*lite_cascade"):
         schema.load("no_such_profile")
+
+
+def test_fused_execution_refuses_video_granularity_up_front():
+    with pytest.raises(schema.ConfigError, match=r"^execution: fused runs image and frame records.*execution: staged"):
+        schema.load("video_clips", ["execution=fused"])
+    assert schema.load("video_clips").execution is schema.Execution.STAGED
+    assert schema.load("video_frames").execution is schema.Execution.FUSED
+
+
+def test_every_resource_hint_the_schema_accepts_is_one_beam_parses():
+    from apache_beam.transforms.resources import ResourceHint, parse_resource_hints
+
+    examples = {"accelerator": "type:nvidia-l4;count:1;install-nvidia-driver", "min_ram": "16GB", "cpu_count": "4"}
+    assert examples.keys() == schema.RESOURCE_HINTS.keys()
+    cfg = schema.load("lite_cascade", [f"stages.2.resources.{k}={v}" for k, v in examples.items()])
+    assert cfg.stages[2].resources == examples and cfg.stages[0].resources == {}
+    for name in schema.RESOURCE_HINTS:
+        assert ResourceHint.is_registered(name)
+    assert len(parse_resource_hints(examples)) == 3

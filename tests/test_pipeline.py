@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pytest
 
+from benchmarks.compare_runs import compare_table
 from models import committee, inference, registry
-from models.preprocess import load_image
+from models.preprocess import decode_target, load_image
 from pipelines import cascade
 from pipelines.common import read_table
 from tests.conftest import write_manifest
@@ -34,12 +35,14 @@ def stage_rows(out):
 
 @pytest.fixture(scope="module")
 def subset_logits(sample_subset):
-    """Per-model logits of the subset computed by a plain loop, outside Beam: the committee's input."""
+    """Per-model logits of the subset computed by a plain loop, outside Beam: the committee's input. Each
+    image is decoded for the largest stage's size, as the pipeline decodes it once for all stages."""
     stack = []
+    target = decode_target([registry.parse_key(key).input for key in KEYS])
     for key in KEYS:
         spec = registry.parse_key(key)
         model = inference.load(spec, "cpu")
-        images = [load_image(open(r["uri"], "rb").read(), spec.input) for r in sample_subset]
+        images = [load_image(open(r["uri"], "rb").read(), spec.input, target=target) for r in sample_subset]
         stack.append(np.concatenate([inference.forward(model, spec, images[i:i + 16])
                                      for i in range(0, len(images), 16)]))
     return np.stack(stack)
@@ -158,3 +161,22 @@ def test_a_timm_architecture_with_local_weights_runs_end_to_end(tmp_path, sample
     assert [s["model"] for s in result["stages"]] == ["lite0@128", "r10t@96"]
     stats = stage_rows(tmp_path / "out")
     assert stats[1]["records_in"] == 8 - stats[0]["records_exited"]
+
+
+def test_fused_and_staged_execution_write_identical_rows(tmp_path, sample_subset):
+    """Same records, same decisions, same tables: the fused step (decode once, per-stage buffers flushed at
+    the end of the bundle) against a step per stage (re-decode, re-batch through a shuffle). Batches of 4
+    so that later stages run both full and flushed partial batches; one undecodable file and one missing."""
+    (tmp_path / "text.jpg").write_text("this is not a picture\n")
+    rows = sample_subset[:14] + [{"uri": str(tmp_path / "text.jpg"), "label": 3},
+                                 {"uri": str(tmp_path / "missing.jpg"), "label": 4}]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    settings = ["stages.0.threshold=0.9", "stages.1.threshold=0.95"] + [f"stages.{i}.batch_size={b}"
+                                                                       for i, b in enumerate((4, 3, 2))]
+    runs = {mode: run_cascade(tmp_path / mode, manifest, f"execution={mode}", *settings)
+            for mode in ("fused", "staged")}
+    assert all(run["invariant_holds"] for run in runs.values())
+    stats = read_table(str(tmp_path / "fused"), "exit_stats").to_pylist()
+    assert stats[1]["records_in"] >= 3 and stats[2]["records_in"] >= 2  # escalations reached every stage
+    for table in ("predictions", "exit_stats", "dead_letter"):
+        assert compare_table(str(tmp_path / "fused"), str(tmp_path / "staged"), table) == [], table

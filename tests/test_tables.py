@@ -39,3 +39,23 @@ def test_the_plan_chooses_the_task_once_and_prices_each_record_by_its_views(prof
     assert [s.is_last for s in plan.stages] == [False] * (len(cfg.stages) - 1) + [True]
     assert plan.stages[-1].threshold is None and plan.stages[0].threshold == cfg.stages[0].threshold
     assert plan.stages[0].gmacs == pytest.approx(views * {"lite0@224": 0.385}[plan.stages[0].key], rel=0.01)
+
+
+@pytest.mark.parametrize("execution, step", [("staged", "Stage3"), ("fused", "Cascade")])
+def test_a_stage_carries_its_resource_hints_into_the_job(execution, step):
+    """staged: the hints of stage 3 on its own step only; fused: every stage's hints on the one step."""
+    import apache_beam as beam
+
+    from pipelines import cascade
+
+    cfg = schema.load("lite_cascade", [f"execution={execution}", "input=in.csv", "stages.2.resources.min_ram=16GB",
+                                       "stages.2.resources.accelerator=type:nvidia-l4;count:1"])
+    p = beam.Pipeline()
+    cascade.build(p, cfg, build_plan(cfg))
+    proto = p.to_runner_api().components
+    hints = {t.unique_name: dict(proto.environments[t.environment_id].resource_hints)
+             for t in proto.transforms.values() if t.environment_id}  # a leaf step's hints are its environment's
+    mine = [v for name, v in hints.items() if name.startswith(f"{step}/")]
+    assert mine and all(v["beam:resources:min_ram_bytes:v1"] == b"16000000000" for v in mine)
+    assert all(v["beam:resources:accelerator:v1"] == b"type:nvidia-l4;count:1" for v in mine)
+    assert not any(v for name, v in hints.items() if name.startswith(("Stage1", "Stage2", "ReadInputs")))

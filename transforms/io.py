@@ -1,8 +1,11 @@
-"""Reading inputs: a glob of image URLs or a manifest (CSV / Parquet), all through fsspec.
+"""Reading inputs: a glob of image URLs, a manifest (CSV / Parquet) or a glob of manifests, all through fsspec.
 
-Listing happens in a DoFn, not on the driver, and is followed by a shuffle keyed by record id, so that
-reading bytes and the first stage spread over workers and duplicate ids meet: an id is a key, so the input
-listed first with it is kept and the others become dead letters.
+Listing happens in DoFns, not on the driver. A manifest input is split into parts (``SplitManifests``: each
+CSV file, and runs of row groups of each Parquet file), spread over workers by a shuffle, so that no worker
+reads every row of 10^8; each row's position is (file, row), its place in the listing. A shuffle keyed by
+record id follows, so that reading bytes and the first stage spread over workers and duplicate ids meet:
+an id is a key, so the input listed first with it (the lowest position) is kept and the others become
+dead letters.
 
 Error boundaries: every manifest row and every listed file ends as one record or one dead letter. A CSV
 manifest is read one physical line at a time (a record is one line; a quoted field cannot span lines), so a
@@ -19,11 +22,15 @@ import dataclasses
 import glob
 import math
 import os
+import pickle
 import posixpath
+import queue
 import stat
 import threading
+import zlib
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import fsspec
@@ -44,6 +51,7 @@ MAX_ROW_BYTES = 128 * 1024  # the csv module's field limit: no field of a line t
 DEFAULT_READ_TIMEOUT_S = 300.0
 INT32 = 2**31
 GLOB_CHARS = "*?["
+LOCAL = LocalFileSystem()
 BOM = b"\xef\xbb\xbf"
 
 
@@ -118,16 +126,19 @@ def _csv_header(fh, source: str) -> list[str]:
         raise ValueError(f"manifest {source}: header: {str(err).split(': ', 2)[-1]}") from None
 
 
-def manifest_rows(source: str, columns: Optional[list[str]] = None) -> Iterator[tuple[int, Optional[dict], str]]:
+def manifest_rows(source: str, columns: Optional[list[str]] = None,
+                  row_groups: Optional[tuple[int, int]] = None) -> Iterator[tuple[int, Optional[dict], str]]:
     """``(row number, row as a dict or None, why not)`` for every row of a manifest: CSV rows are numbered by
     physical line (the header is line 1; empty lines are not rows), Parquet rows from 1. A row that cannot be
-    read comes with the reason and no dict, so that every row is accounted for."""
+    read comes with the reason and no dict, so that every row is accounted for. ``row_groups``: of a Parquet
+    file, only row groups ``start`` to ``stop - 1`` (numbered as in the whole file)."""
     with fsspec.open(source, "rb") as fh:
         if source.lower().endswith(".parquet"):
             pfile = pq.ParquetFile(fh)
             read = columns and [c for c in pfile.schema_arrow.names if c in columns]
-            position = 0
-            for group in range(pfile.num_row_groups):
+            start, stop = row_groups or (0, pfile.num_row_groups)
+            position = sum(pfile.metadata.row_group(g).num_rows for g in range(start))
+            for group in range(start, stop):
                 size = pfile.metadata.row_group(group).num_rows
                 try:
                     rows = pfile.read_row_group(group, columns=read or None).to_pylist()
@@ -249,14 +260,17 @@ def _text(value: Any, what: str) -> Optional[str]:
     raise BadRow(f"{what} is a {type(value).__name__}, not text")
 
 
-def manifest_entries(source: str, num_classes: Optional[int] = None) -> Iterator[tuple[Optional[dict], Any]]:
-    """``(row, Record or DeadLetter)`` for every row of a manifest, in order. Ids are the ``id`` column, else
-    the uri; a row that cannot be listed is a dead letter at stage 0 naming its line (or Parquet row)."""
+def manifest_entries(source: str, num_classes: Optional[int] = None,
+                     row_groups: Optional[tuple[int, int]] = None) -> Iterator[tuple[Optional[dict], Any]]:
+    """``(row, Record or DeadLetter)`` for every row of a manifest (of its ``row_groups`` only, for a part of
+    a Parquet file), in order. Ids are the ``id`` column, else the uri; a row that cannot be listed is a
+    dead letter at stage 0 naming its line (or Parquet row)."""
     uri_col, label_col, id_col = manifest_columns(source)
     extras = [f.name for f in extra_fields(source)]
     csv_cells = source.lower().endswith(".csv")
     base = posixpath.dirname(source)
-    for number, row, problem in manifest_rows(source, [c for c in (uri_col, label_col, id_col) if c] + extras):
+    columns = [c for c in (uri_col, label_col, id_col) if c] + extras
+    for number, row, problem in manifest_rows(source, columns, row_groups):
         where = f"{source}#{number}"
         if row is None:
             yield None, DeadLetter(where, where, READ_STAGE, problem)
@@ -295,7 +309,12 @@ def check_source(source: str) -> None:
     try:
         fs, path = fsspec.core.url_to_fs(source)
         local = isinstance(fs, LocalFileSystem)
-        if is_manifest(source) or not any(c in path for c in GLOB_CHARS):
+        if is_manifest(source) and any(c in path for c in GLOB_CHARS):
+            files = manifest_files(source)
+            if not files:
+                raise ValueError(f"{source}: the glob matches no manifest")
+            manifest_columns(files[0])
+        elif is_manifest(source) or not any(c in path for c in GLOB_CHARS):
             if not fs.exists(path):
                 raise ValueError(f"{source}: no such file")
             kind = fs.info(path).get("type")
@@ -320,29 +339,90 @@ def dead(rid: str, uri: str, error: str, category: Category | str = "") -> beam.
     return beam.pvalue.TaggedOutput(DEAD, DeadLetter(rid, uri, READ_STAGE, error, category))
 
 
+@dataclass(frozen=True)
+class ManifestPart:
+    """What one worker reads of a manifest: a whole CSV file, or some row groups of a Parquet file. ``file``:
+    the file's place among the manifests of the input (sorted), the first part of its rows' positions."""
+
+    file: int
+    path: str
+    row_groups: Optional[tuple[int, int]] = None  # Parquet: row groups start..stop-1; None: the whole file
+
+
+PART_ROWS = 200_000  # Parquet rows per part, at least one row group
+
+
+def manifest_files(source: str) -> list[str]:
+    """The manifests of an input: the one named, or the files a glob of manifests matches, sorted (the
+    listing order: an id's first row is that of the first file that has it)."""
+    fs, path = fsspec.core.url_to_fs(source)
+    if not any(c in path for c in GLOB_CHARS):
+        return [source]
+    return sorted(fs.unstrip_protocol(p) if "://" in source else p for p in fs.glob(path)
+                  if is_manifest(p) and not fs.isdir(p))
+
+
+def manifest_parts(file: int, path: str) -> Iterator[ManifestPart]:
+    """The parts of one manifest file: a CSV whole (a record is a line, found only by reading from the
+    start), a Parquet file by runs of row groups of about ``PART_ROWS`` rows (its footer says where)."""
+    if not path.lower().endswith(".parquet"):
+        yield ManifestPart(file, path)
+        return
+    try:
+        with fsspec.open(path, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+    except Exception:  # an unreadable footer: the part reads as one dead letter saying why
+        yield ManifestPart(file, path)
+        return
+    start, rows = 0, 0
+    for group in range(meta.num_row_groups):
+        rows += meta.row_group(group).num_rows
+        if rows >= PART_ROWS or group == meta.num_row_groups - 1:
+            yield ManifestPart(file, path, (start, group + 1))
+            start, rows = group + 1, 0
+
+
 class ExpandSource(beam.DoFn):
-    """A glob or a manifest -> ``(id, (position in the listing, Record without bytes))`` per input; bad
-    manifest rows -> dead letters. Every input it yields is counted in ``inputs_listed``, the left side of
-    the count invariant: one per file of a glob, one per manifest row (a CSV's non-empty physical lines
-    after the header, a Parquet file's rows)."""
+    """A glob of image files, a manifest, or a part of one (``ManifestPart``) -> ``(bucket of the id, packed
+    (id, position in the listing, uri, label))`` per input; bad manifest rows -> dead letters. A position is (manifest
+    file, first row group of the part, row in the part), so positions compare in listing order across parts
+    read on different workers. Every input
+    is counted in ``inputs_listed`` as it is read, the left side of the count invariant: one per file of a
+    glob, one per manifest row (a CSV's non-empty physical lines after the header, a Parquet file's rows)."""
 
     def __init__(self, num_classes: Optional[int] = None):
         self.listed = Metrics.counter(NAMESPACE, "inputs_listed")
         self.num_classes = num_classes
 
-    def process(self, source: str):
-        for position, entry in enumerate(list_source(source, self.num_classes)):
+    def process(self, source: str | ManifestPart):
+        for position, entry in self._entries(source):
             self.listed.inc()
             if isinstance(entry, DeadLetter):
                 progress.add(READ_STAGE, "failed")
                 yield beam.pvalue.TaggedOutput(DEAD, entry)
             else:
-                yield entry.id, (position, entry)
+                yield id_bucket(entry.id), pack(entry.id, position, entry.uri, entry.label)
+
+    def _entries(self, source: str | ManifestPart) -> Iterator[tuple[tuple[int, int, int], Record | DeadLetter]]:
+        if isinstance(source, str) and is_manifest(source):  # read whole, in this worker (tests, small inputs)
+            for file, path in enumerate(manifest_files(source)):
+                yield from self._entries(ManifestPart(file, path))
+            return
+        if isinstance(source, str):
+            yield from (((0, 0, i), entry) for i, entry in enumerate(list_source(source, self.num_classes)))
+            return
+        first = source.row_groups[0] if source.row_groups else 0
+        try:
+            entries = manifest_entries(source.path, self.num_classes, source.row_groups)
+            yield from (((source.file, first, i), entry) for i, (_, entry) in enumerate(entries))
+        except Exception as err:  # the file itself cannot be read (no header, no uri column): one dead letter
+            reason = f"bad manifest: {err}" if isinstance(err, ValueError) else read_failure(err)
+            yield (source.file, first, -1), DeadLetter(f"{source.path}#", source.path, READ_STAGE, reason)
 
 
 def list_source(source: str, num_classes: Optional[int] = None) -> Iterator[Record | DeadLetter]:
-    """Every input of a glob (one per file) or a manifest (one per row: a Record, or a DeadLetter for a row
-    that cannot be listed), in listing order, without reading any input."""
+    """Every input of a glob (one per file) or of a manifest or glob of manifests (one per row: a Record, or
+    a DeadLetter for a row that cannot be listed), in listing order, without reading any input."""
     if not is_manifest(source):
         fs, _, paths = fsspec.get_fs_token_paths(source)
         for path in sorted(paths):
@@ -351,53 +431,134 @@ def list_source(source: str, num_classes: Optional[int] = None) -> Iterator[Reco
             uri = fs.unstrip_protocol(path) if "://" in source else path
             yield Record(id=record_id(None, uri), uri=uri)
         return
-    for _, entry in manifest_entries(source, num_classes):
-        yield entry
+    for path in manifest_files(source):
+        for _, entry in manifest_entries(path, num_classes):
+            yield entry
+
+
+class SplitManifests(beam.PTransform):
+    """A manifest or a glob of manifests -> its ``ManifestPart``s, spread over workers: the files are listed
+    once, then each file's footer is read (and its parts read) wherever the runner puts it, so that no
+    worker reads every row of a large input."""
+
+    def expand(self, source):
+        return (
+            source
+            | "ListManifests" >> beam.FlatMap(lambda s: enumerate(manifest_files(s)))
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "Parts" >> beam.FlatMapTuple(manifest_parts)
+            | "SpreadParts" >> beam.Reshuffle()
+        )
+
+
+ID_BUCKETS = 1 << 16  # keys of the shuffle by id: ids are grouped by a hash, and by id within a group
+
+
+def id_bucket(rid: str) -> int:
+    """The shuffle key of an id: the same in every process (``hash`` of a str is not)."""
+    return zlib.crc32(rid.encode("utf-8", "surrogatepass")) % ID_BUCKETS
+
+
+def pack(rid: str, position: tuple, uri: str, label: Optional[int]) -> bytes:
+    """A listed input as it crosses the shuffle by id: one bytes object, not a tuple of Python objects, because
+    a runner that groups in memory (FnApiRunner) holds every one of them at once (tens of bytes each, not
+    hundreds)."""
+    return pickle.dumps((rid, position, uri, label), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+DONE = (None, None, None)  # (position, uri, label) of an id found in an earlier run's outputs
 
 
 class FirstOfId(beam.DoFn):
-    """``(id, [(position, Record), ...])`` -> the Record listed first with that id; any other -> a dead
-    letter. Ids key the output tables, so two inputs never share one, and the choice does not depend on
-    the order in which a shuffle delivers them (nor on a retry)."""
+    """``(bucket, [packed (id, position, uri, label), ...])`` -> per id, the Record listed first with it; any
+    other -> a dead letter. Ids key the output tables, so two inputs never share one, and the choice does not
+    depend on the order in which a shuffle delivers them (nor on a retry). An id that an earlier run of the
+    output folder has (``DONE``, from ``ReadInputs``' ``done`` files) is skipped, every row of it, and counted
+    in ``inputs_skipped``: inputs listed = skipped + predictions + dead letters."""
+
+    def __init__(self):
+        self.skipped = Metrics.counter(NAMESPACE, "inputs_skipped")
 
     def process(self, element):
-        rid, listed = element
-        (_, kept), *others = sorted(listed, key=lambda item: item[0])
-        for _, record in others:
-            yield dead(record.id, record.uri, f"duplicate id {rid!r}: an earlier input has it ({kept.uri}) and is "
-                                              "the one kept; give each input its own id")
-        yield kept
+        _, packed = element
+        by_id: dict[str, list] = {}
+        for rid, *item in map(pickle.loads, packed):
+            by_id.setdefault(rid, []).append(tuple(item))
+        for rid, listed in by_id.items():
+            if DONE in listed:
+                self.skipped.inc(len(listed) - listed.count(DONE))
+                continue
+            (_, uri, label), *others = sorted(listed, key=lambda item: item[0])
+            for _, other, _ in others:
+                yield dead(rid, other, f"duplicate id {rid!r}: an earlier input has it ({uri}) and is the one kept; "
+                                       "give each input its own id")
+            yield Record(id=rid, uri=uri, label=label)
+
+
+def done_ids(rows) -> tuple[int, bytes]:
+    """A row (its ``id`` column) of an earlier run's table -> the ``DONE`` marker of that id, for the shuffle."""
+    return id_bucket(rows["id"]), pack(rows["id"], *DONE)
+
+
+class _Readers:
+    """Daemon threads that run reads for ``with_timeout``, started once per process and reused: a thread per
+    read costs more than reading a small file. A thread stuck in a read that timed out is left behind (it is
+    a daemon: it never holds the process) and another takes its place."""
+
+    def __init__(self):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def run(self, fn: Callable[[], Any], seconds: float, what: str) -> Any:
+        box: dict = {}
+        done = threading.Event()
+        with self._lock:
+            if self._idle == 0:
+                threading.Thread(target=self._serve, name="input reader", daemon=True).start()
+            else:
+                self._idle -= 1
+        self._tasks.put((fn, box, done))
+        if not done.wait(seconds):
+            raise TimeoutError(f"timeout: reading took longer than {seconds:g} s (decode.read_timeout_s)")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _serve(self):
+        while True:
+            fn, box, done = self._tasks.get()
+            try:
+                box["value"] = fn()
+            except BaseException as err:  # handed to the caller
+                box["error"] = err
+            with self._lock:
+                self._idle += 1
+            done.set()
+
+
+_READERS = _Readers()
 
 
 def with_timeout(fn: Callable[[], Any], seconds: float, what: str) -> Any:
     """``fn()``, or ``TimeoutError`` after ``seconds``. It runs in a daemon thread, which is left behind if it
     blocks for good (a stalled server, a pipe nobody writes to): it never holds the job or the process."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as err:  # handed to the caller
-            box["error"] = err
-
-    thread = threading.Thread(target=target, name=f"read {what}"[:60], daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        raise TimeoutError(f"timeout: reading took longer than {seconds:g} s (decode.read_timeout_s)")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    return _READERS.run(fn, seconds, what)
 
 
 FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
+def is_local_path(uri: str) -> bool:
+    """A plain local path (no protocol): read directly, without fsspec's URL parsing."""
+    return "://" not in uri and not uri.startswith(("file:", "memory:"))
+
+
 def open_input(uri: str):
     """(filesystem, path) of one input; a local input must be a regular file (a FIFO or a device could block
     or never end), else ``InputError``."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = (LOCAL, uri) if is_local_path(uri) else fsspec.core.url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):
@@ -472,7 +633,10 @@ class ReadBytes(beam.DoFn):
 
     def process(self, record: Record):
         try:
-            data = with_timeout(lambda: read_input(record.uri, self.max_bytes), self.timeout_s, record.uri)
+            if is_local_path(record.uri):  # a regular local file (others are refused) is read here: handing
+                data = read_input(record.uri, self.max_bytes)  # each read to a thread cost more than the read
+            else:
+                data = with_timeout(lambda: read_input(record.uri, self.max_bytes), self.timeout_s, record.uri)
         except Exception as err:  # one input's failure, whatever it is, is that input's dead letter
             yield dead(record.id, record.uri, read_failure(err))
             return
@@ -484,11 +648,13 @@ class ReadInputs(beam.PTransform):
 
     ``reader`` replaces ``ReadBytes`` (a DoFn from a listed Record to records and dead letters), e.g. one
     that decodes videos into frame records. ``num_classes``: labels outside ``[0, num_classes)`` are dead
-    letters."""
+    letters. ``done``: Parquet files of earlier runs (with an ``id`` column) whose ids this run skips."""
 
     def __init__(self, source: str, max_bytes: int, reader: Optional[beam.DoFn] = None,
-                 num_classes: Optional[int] = None, timeout_s: float = DEFAULT_READ_TIMEOUT_S):
+                 num_classes: Optional[int] = None, timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+                 done: Sequence[str] = ()):
         super().__init__()
+        self.done = tuple(done)
         self.source = source
         self.max_bytes = max_bytes
         self.reader = reader
@@ -497,13 +663,21 @@ class ReadInputs(beam.PTransform):
 
     def expand(self, pbegin):
         reader = self.reader or ReadBytes(self.max_bytes, self.timeout_s)
-        listed = (
-            pbegin
-            | "Source" >> beam.Create([self.source])
-            | "Expand" >> beam.ParDo(ExpandSource(self.num_classes)).with_outputs(DEAD, main="records")
-        )
+        sources = pbegin | "Source" >> beam.Create([self.source])
+        if is_manifest(self.source):
+            sources = sources | "SplitManifests" >> SplitManifests()
+        listed = sources | "Expand" >> beam.ParDo(ExpandSource(self.num_classes)).with_outputs(DEAD, main="records")
+        keyed = listed.records
+        if self.done:  # ids of earlier runs meet this run's inputs in the same grouping, and skip them
+            done = (
+                pbegin
+                | "DoneFiles" >> beam.Create(self.done)
+                | "ReadDone" >> beam.io.ReadAllFromParquet(columns=["id"])
+                | "DoneIds" >> beam.Map(done_ids)
+            )
+            keyed = (keyed, done) | "WithDone" >> beam.Flatten()
         unique = (
-            listed.records
+            keyed
             | "GroupById" >> beam.GroupByKey()
             | "FirstOfId" >> beam.ParDo(FirstOfId()).with_outputs(DEAD, main="records")
         )

@@ -28,9 +28,11 @@ class ExitStatsFn(beam.CombineFn):
         self.n = n_stages
 
     def create_accumulator(self):
-        # per stage (index 0 = reading): exited, failed, labelled exited, correct exited; plus gmacs sum
+        # per stage (index 0 = reading): exited, failed, labelled exited, correct exited; plus how many rows
+        # had each GMACs value, summed in one order at the end: a float sum in arrival order would differ in
+        # its last digits from one bundling (or execution mode) to another
         return {"exited": [0] * (self.n + 1), "failed": [0] * (self.n + 1), "labelled": [0] * (self.n + 1),
-                "correct": [0] * (self.n + 1), "gmacs": 0.0}
+                "correct": [0] * (self.n + 1), "gmacs": {}}
 
     def add_input(self, acc, element):
         if isinstance(element, DeadLetter):
@@ -38,7 +40,7 @@ class ExitStatsFn(beam.CombineFn):
             return acc
         stage = element["exit_stage"]
         acc["exited"][stage] += 1
-        acc["gmacs"] += element["gmacs"]
+        acc["gmacs"][element["gmacs"]] = acc["gmacs"].get(element["gmacs"], 0) + 1
         if element["label"] is not None:
             acc["labelled"][stage] += 1
             acc["correct"][stage] += int(element["label"] == element["pred_class"])
@@ -50,7 +52,8 @@ class ExitStatsFn(beam.CombineFn):
         for acc in accs:
             for key in ("exited", "failed", "labelled", "correct"):
                 out[key] = [a + b for a, b in zip(out[key], acc[key])]
-            out["gmacs"] += acc["gmacs"]
+            for value, count in acc["gmacs"].items():
+                out["gmacs"][value] = out["gmacs"].get(value, 0) + count
         return out
 
     def extract_output(self, acc):
@@ -96,7 +99,7 @@ def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], run_id: str,
             total_inputs=predictions + dead,
             predictions=predictions,
             dead_letters=dead,
-            avg_gmacs=_ratio(acc["gmacs"], predictions),
+            avg_gmacs=_ratio(sum(value * count for value, count in sorted(acc["gmacs"].items())), predictions),
             worst_case_gmacs=worst,
             last_model_gmacs=stages[-1].gmacs,
             accuracy=_ratio(sum(acc["correct"]), labelled),
@@ -136,10 +139,14 @@ class ExitStats(beam.PTransform):
 
     def expand(self, pcolls: Iterable):
         stages = self.stages
+        tally = ExitStatsFn(len(stages))
+        # each input is tallied where it is made (a lifted combine), and only the small tallies meet: a Flatten
+        # of the inputs themselves would make a runner such as FnApiRunner hold every prediction row in memory
+        tallies = [pcoll | f"Tally{i}" >> beam.CombineGlobally(tally) for i, pcoll in enumerate(pcolls)]
         return (
-            tuple(pcolls)
-            | "All" >> beam.Flatten()
-            | "Tally" >> beam.CombineGlobally(ExitStatsFn(len(stages)))
+            tallies
+            | "Tallies" >> beam.Flatten()
+            | "Merge" >> beam.CombineGlobally(tally.merge_accumulators)
             | "Rows" >> beam.FlatMap(exit_stats_rows, stages, self.run_id,
                                      beam.pvalue.AsDict(self.thresholds) if self.thresholds is not None else None)
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import apache_beam as beam
 import numpy as np
@@ -22,6 +22,7 @@ from configs.plan import StagePlan
 from configs.schema import ModelSharing
 from models import committee
 from models.classifier import EncodedImage, Example, Failure, LoadedModel, failure_reason
+from models.failures import Category
 from transforms.io import DEAD
 from transforms.progress import progress
 from transforms.records import DeadLetter, Exit, Record
@@ -78,6 +79,47 @@ def classify_images(records, plan: StagePlan):
     return records | "Batch" >> beam.Map(encoded, plan.number) | "Infer" >> RunInference(handler)
 
 
+def update(record: Record, logits: np.ndarray, plan: StagePlan) -> tuple[Record, np.ndarray, float]:
+    """The record with this stage's logits added to its committee, the committee's logits and confidence."""
+    settings = plan.settings
+    scores = committee.member_scores(logits, settings.aggregation).astype(np.float64)
+    score_sum = scores if record.score_sum is None else record.score_sum + scores
+    record = dataclasses.replace(
+        record, score_sum=score_sum, stages_run=record.stages_run + 1, gmacs=record.gmacs + plan.gmacs
+    )
+    combined = committee.combine(score_sum, record.stages_run, settings.aggregation)
+    return record, combined, float(committee.confidence(combined, settings.confidence))
+
+
+def route(record: Record, result: np.ndarray | Failure, plan: StagePlan,
+          threshold: Optional[float] = None) -> Exit | DeadLetter | Record:
+    """Algorithm 1 at one stage for one record: an ``Exit``, the updated record (it continues), or a
+    ``DeadLetter`` if the stage failed on it or its output cannot be routed (the routing boundary: one
+    record's bad output never fails the job). ``threshold`` replaces the plan's (a budget's). Both execution
+    modes route through here, so they decide alike."""
+    if isinstance(result, Failure):
+        progress.add(plan.number, "failed")
+        return DeadLetter(record.id, record.uri, plan.number, result.reason, result.category)
+    try:
+        record, combined, conf = update(record, result, plan)
+        exits = plan.is_last or committee.exits(conf, plan.threshold if threshold is None else threshold)
+    except Exception as err:
+        progress.add(plan.number, "failed")
+        reason = f"model {plan.key} output could not be routed: {failure_reason(err)}"
+        return DeadLetter(record.id, record.uri, plan.number, reason, Category.MODEL_ERROR)
+    progress.add(plan.number, "exited" if exits else "escalated")
+    return Exit(record, combined, conf) if exits else record
+
+
+def tagged(routed: Exit | DeadLetter | Record, value=None):
+    """A routed record as the output of a step: an ``Exit`` on the main output, the others tagged.
+    ``value`` replaces what is emitted (a ``WindowedValue`` of it, for outputs of ``finish_bundle``)."""
+    value = routed if value is None else value
+    if isinstance(routed, Exit):
+        return value
+    return beam.pvalue.TaggedOutput(DEAD if isinstance(routed, DeadLetter) else CONTINUE, value)
+
+
 class Route(beam.DoFn):
     """(record, logits) -> update the running committee; exit (an ``Exit``) or continue. The threshold is the
     plan's, or, for a stage with a budget, the one ``budget_threshold`` computed over the run (a side input)."""
@@ -85,50 +127,18 @@ class Route(beam.DoFn):
     def __init__(self, plan: StagePlan):
         self.plan = plan
 
-    def update(self, record: Record, logits: np.ndarray) -> tuple[Record, np.ndarray, float]:
-        """The record with this stage's logits added to its committee, the committee's logits and confidence."""
-        plan, settings = self.plan, self.plan.settings
-        scores = committee.member_scores(logits, settings.aggregation).astype(np.float64)
-        score_sum = scores if record.score_sum is None else record.score_sum + scores
-        record = dataclasses.replace(
-            record, score_sum=score_sum, stages_run=record.stages_run + 1, gmacs=record.gmacs + plan.gmacs
-        )
-        combined = committee.combine(score_sum, record.stages_run, settings.aggregation)
-        return record, combined, float(committee.confidence(combined, settings.confidence))
-
     def confidence(self, element):
         """(record, result) -> the confidence ``process`` will route it by (none for a record it dead-letters)."""
         record, result = element
         if not isinstance(result.inference, Failure):
             try:
-                yield self.update(record, result.inference)[2]
+                yield update(record, result.inference, self.plan)[2]
             except Exception:  # process() dead-letters this record, with the reason
                 pass
 
     def process(self, element, threshold=None):
         record, result = element
-        try:
-            outputs = list(self._route(record, result, threshold))
-        except Exception as err:  # the routing boundary: a record that cannot be routed is its own dead letter
-            progress.add(self.plan.number, "failed")
-            reason = f"model {self.plan.key} output could not be routed: {failure_reason(err)}"
-            outputs = [beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, self.plan.number, reason))]
-        yield from outputs
-
-    def _route(self, record: Record, result: PredictionResult, threshold: float | None):
-        plan = self.plan
-        if isinstance(result.inference, Failure):
-            progress.add(plan.number, "failed")
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, plan.number,
-                                                            result.inference.reason, result.inference.category))
-            return
-        record, combined, conf = self.update(record, result.inference)
-        if plan.is_last or committee.exits(conf, plan.threshold if threshold is None else threshold):
-            progress.add(plan.number, "exited")
-            yield Exit(record, combined, conf)
-        else:
-            progress.add(plan.number, "escalated")
-            yield beam.pvalue.TaggedOutput(CONTINUE, record)
+        yield tagged(route(record, result.inference, self.plan, threshold))
 
 
 def budget_threshold(quantiles: list[float], escalate: float) -> float:
@@ -143,12 +153,16 @@ class CascadeStage(beam.PTransform):
     """Records in -> {exited: ``Exit``s, continue: records for the next stage, dead_letter, threshold}.
     ``task`` says how records become model examples and how their results regroup (``transforms.tasks``).
     ``threshold`` is a one-element PCollection, ``(stage number, threshold used)``, for a stage with a
-    budget: its records wait for the quantiles of all its confidences before they are routed."""
+    budget: its records wait for the quantiles of all its confidences before they are routed. The stage's
+    resource hints (``stages[i].resources``) apply to its steps, so that a runner can place each stage on its
+    own kind of worker."""
 
     def __init__(self, plan: StagePlan, task):
         super().__init__()
         self.plan = plan
         self.task = task
+        if plan.resources:
+            self.with_resource_hints(**plan.resource_hints)
 
     def expand(self, records):
         if self.plan.number > 1:  # escalated records of all bundles meet again, so batches stay full

@@ -84,8 +84,8 @@ class SplitViews(beam.DoFn):
         number, decode = self.plan.number, self.plan.settings.decode
         progress.add(number, "in")
         try:
-            crops = [load_image(v, self.plan.spec.input, max_pixels=decode.max_pixels, draft=decode.draft)
-                     for v in record.views]
+            crops = [load_image(v, self.plan.spec.input, max_pixels=decode.max_pixels, draft=decode.draft,
+                                target=self.plan.settings.decode_target) for v in record.views]
         except BadInput as err:
             progress.add(number, "failed")
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(record.id, record.uri, number, f"view: {err}",
