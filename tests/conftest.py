@@ -39,3 +39,18 @@ def sample_subset(sample_dir) -> list[dict]:
     """Every 16th image of the sample (31 images): uri and label."""
     rows = sample_rows()[::16]
     return [{"uri": os.path.join(sample_dir, r["path"]), "label": int(r["class_index"])} for r in rows]
+
+
+def scripted(module, path: Path) -> str:
+    """``module`` saved as a TorchScript file at ``path`` (a registered ``arch: torchscript`` model's weights)."""
+    import torch
+
+    torch.jit.script(module.eval()).save(str(path))
+    return str(path)
+
+
+def torchscript_config(name: str, weights: str, stages: str, num_classes: int = 10, resolution: int = 32) -> str:
+    """A cascade YAML whose ``models`` block registers one TorchScript file as ``name``; ``stages`` is the YAML
+    list of its stages (``"  - {model: NAME, batch_size: 8}\n"``)."""
+    return (f"models:\n  {name}: {{arch: torchscript, weights: '{weights}', num_classes: {num_classes}, "
+            f"resolution: {resolution}}}\nstages:\n{stages}")

@@ -11,7 +11,7 @@ from PIL import Image
 from configs import schema
 from pipelines import cascade
 from pipelines.common import read_table
-from tests.conftest import write_manifest
+from tests.conftest import scripted, torchscript_config, write_manifest
 from transforms.stage import budget_threshold
 
 
@@ -31,7 +31,7 @@ class Tiny(torch.nn.Module):
 def tiny_inputs(tmp_path_factory):
     """2,000 small distinct images and a two-stage config of a tiny TorchScript model at two resolutions."""
     folder = tmp_path_factory.mktemp("budget")
-    torch.jit.script(Tiny().eval()).save(str(folder / "tiny.pt"))
+    weights = scripted(Tiny(), folder / "tiny.pt")
     rng = np.random.default_rng(0)
     rows = []
     for i in range(2000):
@@ -39,11 +39,9 @@ def tiny_inputs(tmp_path_factory):
         pixels = np.clip(colour + rng.normal(0, 20, (24, 24, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{i}.png")
         rows.append({"uri": str(folder / f"{i}.png")})
-    (folder / "config.yaml").write_text(
-        f"models:\n  tiny: {{arch: torchscript, weights: '{folder}/tiny.pt', num_classes: 10, resolution: 32}}\n"
-        "stages:\n  - {model: tiny, batch_size: 64, escalate: 0.15}\n"
-        "  - {model: tiny, resolution: 48, batch_size: 64}\n"
-        "execution: staged\n")  # a budget needs every confidence of the run first
+    stages = "  - {model: tiny, batch_size: 64, escalate: 0.15}\n  - {model: tiny, resolution: 48, batch_size: 64}\n"
+    # a budget needs every confidence of the run first: staged execution
+    (folder / "config.yaml").write_text(torchscript_config("tiny", weights, stages) + "execution: staged\n")
     return folder, write_manifest(folder / "m.csv", rows)
 
 

@@ -46,6 +46,7 @@ from models.classifier import Classifier, Failure
 from models.preprocess import BadInput, decode, load_image
 from pipelines import cascade, common
 from pipelines.common import read_table
+from tests.conftest import scripted, torchscript_config
 from transforms.io import (
     DEAD,
     MAX_ROW_BYTES,
@@ -306,14 +307,11 @@ class Poisoned(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def poisoned_model(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("poison") / "poisoned.pt"
-    torch.jit.script(Poisoned().eval()).save(str(path))
-    return str(path)
+    return scripted(Poisoned(), tmp_path_factory.mktemp("poison") / "poisoned.pt")
 
 
 def poisoned_config(weights: str) -> str:
-    return (f"models:\n  poisoned: {{arch: torchscript, weights: '{weights}', num_classes: 10, resolution: 32}}\n"
-            "stages:\n  - {model: poisoned, batch_size: 8}\n")
+    return torchscript_config("poisoned", weights, "  - {model: poisoned, batch_size: 8}\n")
 
 
 def test_a_failing_batch_is_bisected_down_to_the_poisonous_record(poisoned_model):
@@ -630,18 +628,15 @@ def server(sample_subset):
 
 
 READ_TIMEOUT_S = 3
-TINY = "stages:\n  - {model: flat, batch_size: 8}\n"
 
 
 @pytest.fixture(scope="module")
 def flat_model(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("flat") / "flat.pt"
-    torch.jit.script(Flat().eval()).save(str(path))
-    return str(path)
+    return scripted(Flat(), tmp_path_factory.mktemp("flat") / "flat.pt")
 
 
 def tiny_config(weights: str) -> str:
-    return f"models:\n  flat: {{arch: torchscript, weights: '{weights}', num_classes: 10, resolution: 32}}\n" + TINY
+    return torchscript_config("flat", weights, "  - {model: flat, batch_size: 8}\n")
 
 
 def csv_line(*fields) -> bytes:

@@ -45,15 +45,25 @@ RUN_ID = pa.field("run_id", pa.string(), nullable=False)  # in every table: whic
 TOP_K_ENTRY = pa.struct([pa.field("class", pa.int32()), pa.field("name", pa.string()),
                          pa.field("prob", pa.float32())])
 
-_PREDICTION_FIELDS = [
-    RUN_ID,
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("uri", pa.string(), nullable=False),
+
+
+def _keyed(key: str) -> list[pa.Field]:
+    """The first columns of every table of records: the run, the record's key and its uri."""
+    return [RUN_ID, pa.field(key, pa.string(), nullable=False), pa.field("uri", pa.string(), nullable=False)]
+
+
+# a label and the prediction of it, in every table of predictions (records, or videos)
+_LABEL_AND_PREDICTION = [
     pa.field("label", pa.int32()),
     pa.field("label_name", pa.string()),
     pa.field("pred_class", pa.int32(), nullable=False),
     pa.field("pred_name", pa.string()),
     pa.field("confidence", pa.float64(), nullable=False),
+]
+
+_PREDICTION_FIELDS = [
+    *_keyed("id"),
+    *_LABEL_AND_PREDICTION,
     pa.field("exit_stage", pa.int32(), nullable=False),
     pa.field("gmacs", pa.float64(), nullable=False),
     pa.field("top5", pa.list_(TOP_K_ENTRY)),
@@ -70,22 +80,14 @@ FRAME_PREDICTIONS = Table("predictions", pa.schema(_PREDICTION_FIELDS + [
 
 # Frame granularity: one row per video, the mean of its frames' final logits.
 VIDEO_PREDICTIONS = Table("video_predictions", pa.schema([
-    RUN_ID,
-    pa.field("video_id", pa.string(), nullable=False),
-    pa.field("uri", pa.string(), nullable=False),
-    pa.field("label", pa.int32()),
-    pa.field("label_name", pa.string()),
-    pa.field("pred_class", pa.int32(), nullable=False),
-    pa.field("pred_name", pa.string()),
-    pa.field("confidence", pa.float64(), nullable=False),
+    *_keyed("video_id"),
+    *_LABEL_AND_PREDICTION,
     pa.field("frames", pa.int64(), nullable=False),
     pa.field("gmacs", pa.float64(), nullable=False),
 ]))
 
 DEAD_LETTER = Table("dead_letter", pa.schema([
-    RUN_ID,
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("uri", pa.string(), nullable=False),
+    *_keyed("id"),
     pa.field("stage", pa.int32(), nullable=False),
     pa.field("category", pa.string(), nullable=False),  # a models.failures.Category value
     pa.field("error", pa.string(), nullable=False),
