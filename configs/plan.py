@@ -132,4 +132,4 @@ def build_plan(cfg: CascadeConfig, *, torch_threads: Optional[int] = None, check
                                 stage.batch_size, Precision(stage.precision), stage.channels_last, stage.compile,
                                 settings, None if last else stage.escalate,
                                 tuple(sorted((k, str(v)) for k, v in stage.resources.items()))))
-    return CascadePlan(kind, tuple(stages), settings, video, Execution(cfg.execution))
+    return CascadePlan(kind, tuple(stages), settings, video, execution=Execution(cfg.execution))

@@ -168,7 +168,7 @@ def test_model_shared_per_machine_matches_in_process(case, reference, capfd):
     """``model_sharing=machine``: one model per stage serves both worker processes through Beam's proxy."""
     output = case["folder"] / "machine_shared"
     cascade.run(cascade_argv(case, output, "--runner=FnApiRunner", "--direct_running_mode=multi_processing",
-                             "--direct_num_workers=2", "model_sharing=machine"))
+                             "--direct_num_workers=2", "model_sharing=machine", "execution=staged"))
     assert_same_tables(tables(output), reference)
     loads = [line for line in capfd.readouterr().err.splitlines() if ": loaded lite0@" in line]
     assert len(loads) == 2, loads  # once per stage for the machine, not once per worker process
@@ -257,9 +257,8 @@ def test_dataflow_gpu_dry_run_builds_the_job(tmp_path, capsys):
     assert env["serviceOptions"] == ["worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver;use_nvidia_mps"]
     assert "use_runner_v2" in env["experiments"]
     transforms = " ".join(job["pipelineTransforms"])
-    for step in ("ReadInputs", "Stage1/Infer", "Stage2/Rebatch", "Stage3/Route", "WritePredictions",
-                 "WriteDeadLetters", "WriteExitStats"):
-        assert step in transforms
+    for step in ("ReadInputs", "Cascade/Stages", "WritePredictions", "WriteDeadLetters", "WriteExitStats"):
+        assert step in transforms  # fused, the default: every stage in one step
     assert "not submitted" in capsys.readouterr().out
 
 

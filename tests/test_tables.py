@@ -51,7 +51,8 @@ def test_a_stage_carries_its_resource_hints_into_the_job(execution, step):
     cfg = schema.load("lite_cascade", [f"execution={execution}", "input=in.csv", "stages.2.resources.min_ram=16GB",
                                        "stages.2.resources.accelerator=type:nvidia-l4;count:1"])
     p = beam.Pipeline()
-    cascade.build(p, cfg, build_plan(cfg))
+    plan = build_plan(cfg)
+    cascade.build(p, cfg, plan, task_for(plan))  # the task given: in.csv's header is not read
     proto = p.to_runner_api().components
     hints = {t.unique_name: dict(proto.environments[t.environment_id].resource_hints)
              for t in proto.transforms.values() if t.environment_id}  # a leaf step's hints are its environment's

@@ -384,11 +384,11 @@ def manifest_parts(file: int, path: str) -> Iterator[ManifestPart]:
 
 class ExpandSource(beam.DoFn):
     """A glob of image files, a manifest, or a part of one (``ManifestPart``) -> ``(bucket of the id, packed
-    (id, position in the listing, uri, label))`` per input; bad manifest rows -> dead letters. A position is (manifest
-    file, first row group of the part, row in the part), so positions compare in listing order across parts
-    read on different workers. Every input
-    is counted in ``inputs_listed`` as it is read, the left side of the count invariant: one per file of a
-    glob, one per manifest row (a CSV's non-empty physical lines after the header, a Parquet file's rows)."""
+    (id, position in the listing, uri, label, extra columns))`` per input; bad manifest rows -> dead letters.
+    A position is (manifest file, first row group of the part, row in the part), so positions compare in
+    listing order across parts read on different workers. Every input is counted in ``inputs_listed`` as it
+    is read, the left side of the count invariant: one per file of a glob, one per manifest row (a CSV's
+    non-empty physical lines after the header, a Parquet file's rows)."""
 
     def __init__(self, num_classes: Optional[int] = None):
         self.listed = Metrics.counter(NAMESPACE, "inputs_listed")
@@ -401,7 +401,7 @@ class ExpandSource(beam.DoFn):
                 progress.add(READ_STAGE, "failed")
                 yield beam.pvalue.TaggedOutput(DEAD, entry)
             else:
-                yield id_bucket(entry.id), pack(entry.id, position, entry.uri, entry.label)
+                yield id_bucket(entry.id), pack(entry.id, position, entry.uri, entry.label, entry.extras)
 
     def _entries(self, source: str | ManifestPart) -> Iterator[tuple[tuple[int, int, int], Record | DeadLetter]]:
         if isinstance(source, str) and is_manifest(source):  # read whole, in this worker (tests, small inputs)
@@ -459,18 +459,18 @@ def id_bucket(rid: str) -> int:
     return zlib.crc32(rid.encode("utf-8", "surrogatepass")) % ID_BUCKETS
 
 
-def pack(rid: str, position: tuple, uri: str, label: Optional[int]) -> bytes:
+def pack(rid: str, position: tuple, uri: str, label: Optional[int], extras: Optional[dict]) -> bytes:
     """A listed input as it crosses the shuffle by id: one bytes object, not a tuple of Python objects, because
     a runner that groups in memory (FnApiRunner) holds every one of them at once (tens of bytes each, not
     hundreds)."""
-    return pickle.dumps((rid, position, uri, label), protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((rid, position, uri, label, extras), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-DONE = (None, None, None)  # (position, uri, label) of an id found in an earlier run's outputs
+DONE = (None, None, None, None)  # (position, uri, label, extras) of an id found in an earlier run's outputs
 
 
 class FirstOfId(beam.DoFn):
-    """``(bucket, [packed (id, position, uri, label), ...])`` -> per id, the Record listed first with it; any
+    """``(bucket, [packed (id, position, uri, label, extras), ...])`` -> per id, the Record listed first with it; any
     other -> a dead letter. Ids key the output tables, so two inputs never share one, and the choice does not
     depend on the order in which a shuffle delivers them (nor on a retry). An id that an earlier run of the
     output folder has (``DONE``, from ``ReadInputs``' ``done`` files) is skipped, every row of it, and counted
@@ -488,11 +488,11 @@ class FirstOfId(beam.DoFn):
             if DONE in listed:
                 self.skipped.inc(len(listed) - listed.count(DONE))
                 continue
-            (_, uri, label), *others = sorted(listed, key=lambda item: item[0])
-            for _, other, _ in others:
+            (_, uri, label, extras), *others = sorted(listed, key=lambda item: item[0])
+            for _, other, _, _ in others:
                 yield dead(rid, other, f"duplicate id {rid!r}: an earlier input has it ({uri}) and is the one kept; "
                                        "give each input its own id")
-            yield Record(id=rid, uri=uri, label=label)
+            yield Record(id=rid, uri=uri, label=label, extras=extras)
 
 
 def done_ids(rows) -> tuple[int, bytes]:
