@@ -13,7 +13,16 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
-from configs.schema import CascadeConfig, ConfigError, Execution, Granularity, ModelSharing, sampling_plan, stage_specs
+from configs.schema import (
+    CascadeConfig,
+    ConfigError,
+    Execution,
+    Granularity,
+    ModelSharing,
+    execution_of,
+    sampling_plan,
+    stage_specs,
+)
 from models import registry
 from models.classifier import Classifier
 from models.committee import Aggregation, Confidence
@@ -132,4 +141,4 @@ def build_plan(cfg: CascadeConfig, *, torch_threads: Optional[int] = None, check
                                 stage.batch_size, Precision(stage.precision), stage.channels_last, stage.compile,
                                 settings, None if last else stage.escalate,
                                 tuple(sorted((k, str(v)) for k, v in stage.resources.items()))))
-    return CascadePlan(kind, tuple(stages), settings, video, execution=Execution(cfg.execution))
+    return CascadePlan(kind, tuple(stages), settings, video, execution=execution_of(cfg))

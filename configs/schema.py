@@ -142,7 +142,9 @@ class CascadeConfig:
     output_shards: int = 0  # Parquet files per table; 0: let the runner decide
     video: Optional[VideoConfig] = None  # set: the inputs are videos, sampled and classified as it says
     calibration: Optional[CalibrationInfo] = None  # held-out figures of pipelines.calibrate (ignored by routing)
-    execution: Execution = Execution.FUSED  # fused: all stages in one step, decode once; staged: a step per stage
+    # fused: all stages in one step, decode once; staged: a step per stage. Unset: fused where it can run, staged
+    # where the config needs it (video granularity, a budget stage, model_sharing: machine; see execution_of)
+    execution: Optional[Execution] = None
 
 
 def profile_path(name_or_path: str) -> str:
@@ -278,6 +280,29 @@ def validate_video(video: VideoConfig) -> None:
         raise ConfigError(f"video.min_coverage: must be in [0, 1], got {video.min_coverage}")
 
 
+def staged_needs(cfg: CascadeConfig) -> list[str]:
+    """Why ``cfg`` cannot run fused, each reason a message naming the key (empty: it can)."""
+    needs = []
+    if cfg.video is not None and Granularity(cfg.video.granularity) is Granularity.VIDEO:
+        needs.append("execution: fused runs image and frame records; video granularity (a video's views decided "
+                     "together) runs staged: set execution: staged")
+    budgeted = next((i for i, stage in enumerate(cfg.stages) if stage.escalate is not None), None)
+    if budgeted is not None:
+        needs.append(f"execution: fused routes each batch as it runs; stages.{budgeted}.escalate (a share of the "
+                     "whole run's records) needs every confidence first: set execution: staged")
+    if ModelSharing(cfg.model_sharing) is ModelSharing.MACHINE:
+        needs.append("execution: fused keeps the decoded images next to each process's models; model_sharing: "
+                     "machine needs execution: staged")
+    return needs
+
+
+def execution_of(cfg: CascadeConfig) -> Execution:
+    """The config's execution mode: as set, else fused where it can run and staged where it cannot."""
+    if cfg.execution is not None:
+        return Execution(cfg.execution)
+    return Execution.STAGED if staged_needs(cfg) else Execution.FUSED
+
+
 def validate(cfg: CascadeConfig) -> None:
     """Cross-field rules, each failing with the key it concerns."""
     if not cfg.stages:
@@ -313,9 +338,9 @@ def validate(cfg: CascadeConfig) -> None:
                                   f"got {stage.escalate}")
             if i == len(cfg.stages) - 1:
                 raise ConfigError(f"{key}.escalate: the last stage escalates nothing (every record exits there)")
-            if stage.threshold != 1.0:
-                raise ConfigError(f"{key}.escalate: give a threshold or a share to escalate, not both "
-                                  f"(threshold={stage.threshold})")
+            if stage.threshold != 1.0:  # a budget given on a calibrated profile: the budget decides
+                log.warning("%s.threshold=%s is replaced by %s.escalate=%s: the threshold is the run's quantile of "
+                            "that share", key, stage.threshold, key, stage.escalate)
         if i == len(cfg.stages) - 1 and stage.threshold != 1.0:
             # accepted so that sweeps like "every threshold 0" stay one command; it decides nothing
             log.warning("%s.threshold=%s is ignored: the last stage exits every record (a cascade has one fewer "
@@ -345,14 +370,6 @@ def validate(cfg: CascadeConfig) -> None:
         raise ConfigError("output: an output folder is needed")
     if cfg.video is not None:
         validate_video(cfg.video)
-    fused = Execution(cfg.execution) is Execution.FUSED
-    if fused and cfg.video is not None and Granularity(cfg.video.granularity) is Granularity.VIDEO:
-        raise ConfigError("execution: fused runs image and frame records; video granularity (a video's views "
-                          "decided together) runs staged: set execution: staged")
-    budgeted = next((i for i, stage in enumerate(cfg.stages) if stage.escalate is not None), None)
-    if fused and budgeted is not None:
-        raise ConfigError(f"execution: fused routes each batch as it runs; stages.{budgeted}.escalate (a share of "
-                          "the whole run's records) needs every confidence first: set execution: staged")
-    if fused and ModelSharing(cfg.model_sharing) is ModelSharing.MACHINE:
-        raise ConfigError("execution: fused keeps the decoded images next to each process's models; "
-                          "model_sharing: machine needs execution: staged")
+    needs = staged_needs(cfg)
+    if cfg.execution is not None and Execution(cfg.execution) is Execution.FUSED and needs:
+        raise ConfigError(needs[0])

@@ -40,8 +40,8 @@ def tiny_inputs(tmp_path_factory):
         Image.fromarray(pixels).save(folder / f"{i}.png")
         rows.append({"uri": str(folder / f"{i}.png")})
     stages = "  - {model: tiny, batch_size: 64, escalate: 0.15}\n  - {model: tiny, resolution: 48, batch_size: 64}\n"
-    # a budget needs every confidence of the run first: staged execution
-    (folder / "config.yaml").write_text(torchscript_config("tiny", weights, stages) + "execution: staged\n")
+    # a budget needs every confidence of the run first: the execution mode, left unset, is staged
+    (folder / "config.yaml").write_text(torchscript_config("tiny", weights, stages))
     return folder, write_manifest(folder / "m.csv", rows)
 
 
@@ -71,9 +71,14 @@ def test_budget_threshold_takes_the_quantile_of_the_share_to_escalate():
 @pytest.mark.parametrize("overrides, message", [
     (["stages.0.escalate=1.5"], r"stages\.0\.escalate: must be in \[0, 1\]"),
     (["stages.2.escalate=0.1"], r"stages\.2\.escalate: the last stage escalates nothing"),
-    (["stages.0.escalate=0.1", "stages.0.threshold=0.5"], r"stages\.0\.escalate: give a threshold or a share"),
-    (["stages.0.escalate=0.1", "stages.0.threshold=1"], r"^execution: fused routes each batch .* execution: staged"),
+    (["stages.0.escalate=0.1", "execution=fused"], r"^execution: fused routes each batch .* execution: staged"),
 ])
 def test_budget_settings_are_checked_up_front(overrides, message):
     with pytest.raises(schema.ConfigError, match=message):
         schema.load("lite_cascade", overrides)
+
+
+def test_a_budget_replaces_a_calibrated_threshold_with_a_warning(caplog):
+    cfg = schema.load("lite_cascade", ["stages.0.escalate=0.15"])  # stage 1 has a calibrated threshold
+    assert cfg.stages[0].escalate == 0.15 and schema.execution_of(cfg) is schema.Execution.STAGED
+    assert "stages.0.threshold=0.486" in caplog.text and "is replaced by stages.0.escalate=0.15" in caplog.text

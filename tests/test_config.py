@@ -36,7 +36,8 @@ def test_profile_loads_and_overrides_apply():
         (["execution=streamed"], r"execution"),
         (["stages.1.resources={gpu: 1}"], r"stages\.1\.resources\.gpu: not a resource hint; known: accelerator"),
         (["stages.2.resources={min_ram: lots}"], r"stages\.2\.resources\.min_ram: 'lots' is not a valid value"),
-        (["model_sharing=machine"], r"execution: fused .* model_sharing: machine needs execution: staged"),
+        (["model_sharing=machine", "execution=fused"],
+         r"execution: fused .* model_sharing: machine needs execution: staged"),
     ],
     ids=["threshold-above-1", "threshold-below-0", "unknown-model", "batch-size-0", "resolution-too-small",
          "unknown-confidence", "unknown-stage-key", "unknown-key", "unknown-device", "max-pixels-0", "empty-output",
@@ -100,8 +101,12 @@ def test_unknown_profile_lists_profiles():
 def test_fused_execution_refuses_video_granularity_up_front():
     with pytest.raises(schema.ConfigError, match=r"^execution: fused runs image and frame records.*execution: staged"):
         schema.load("video_clips", ["execution=fused"])
-    assert schema.load("video_clips").execution is schema.Execution.STAGED
-    assert schema.load("video_frames").execution is schema.Execution.FUSED
+    assert schema.execution_of(schema.load("video_clips")) is schema.Execution.STAGED
+    assert schema.execution_of(schema.load("video_frames")) is schema.Execution.FUSED
+    # unset: fused where it can run, staged where the config needs it
+    assert schema.execution_of(schema.load("lite_cascade")) is schema.Execution.FUSED
+    assert schema.execution_of(schema.load("lite_cascade", ["stages.0.escalate=0.15"])) is schema.Execution.STAGED
+    assert schema.execution_of(schema.load("lite_cascade", ["model_sharing=machine"])) is schema.Execution.STAGED
 
 
 def test_every_resource_hint_the_schema_accepts_is_one_beam_parses():
