@@ -131,6 +131,8 @@ class CascadeConfig:
     input: str = ""  # glob of image URLs, or a manifest (.csv / .parquet); empty: the embedded demo set
     output: str = "out/cascade"  # output folder (local path or URL)
     overwrite: bool = False  # allow replacing the outputs of an earlier run in `output`
+    skip_done: bool = False  # add a run to `output`: skip the ids its committed runs have (predictions, dead letters)
+    retry_dead_letters: bool = False  # with skip_done: an id only an earlier run's dead_letter has is tried again
     stages: list[StageConfig] = field(default_factory=list)
     confidence: Confidence = Confidence.MAX_PROB
     aggregation: Aggregation = Aggregation.LOGITS
@@ -370,6 +372,13 @@ def validate(cfg: CascadeConfig) -> None:
         raise ConfigError("output: an output folder is needed")
     if cfg.video is not None:
         validate_video(cfg.video)
+    if cfg.skip_done and cfg.overwrite:
+        raise ConfigError("skip_done: --overwrite removes the earlier runs whose ids --skip_done skips; give one")
+    if cfg.retry_dead_letters and not cfg.skip_done:
+        raise ConfigError("retry_dead_letters: retries the dead letters of earlier runs, with skip_done")
+    if cfg.skip_done and cfg.video is not None and Granularity(cfg.video.granularity) is Granularity.FRAME:
+        raise ConfigError("skip_done: at frame granularity a listed video becomes frame rows, whose ids are not "
+                          "the listed ones; skip done videos with a manifest of the others")
     needs = staged_needs(cfg)
     if cfg.execution is not None and Execution(cfg.execution) is Execution.FUSED and needs:
         raise ConfigError(needs[0])

@@ -97,12 +97,18 @@ def parse(argv: Optional[Sequence[str]]) -> tuple[schema.CascadeConfig, list[str
     parser.add_argument("--output", default=None, help="output folder, a local path or URL (default: the config's)")
     parser.add_argument("--overwrite", action="store_true", default=None,
                         help="replace the outputs of an earlier (or an interrupted) run in the output folder")
+    parser.add_argument("--skip_done", action="store_true", default=None,
+                        help="add this run to an output folder that holds earlier runs: skip the ids they have "
+                             "(predictions and dead letters); for a growing dataset or a job resumed piece by piece")
+    parser.add_argument("--retry_dead_letters", action="store_true", default=None,
+                        help="with --skip_done: try again the ids earlier runs dead-lettered")
     parser.add_argument("--plan", action="store_true",
                         help="run nothing: count the inputs and print the stages, the exit ratios and GMACs the "
                              "config's calibration expects and the compute the run will take")
     args, overrides, beam_args = common.split_argv(parser, argv)
     try:
-        cfg = schema.load(args.config, overrides, input=args.input, output=args.output, overwrite=args.overwrite)
+        cfg = schema.load(args.config, overrides, input=args.input, output=args.output, overwrite=args.overwrite,
+                          skip_done=args.skip_done, retry_dead_letters=args.retry_dead_letters)
     except schema.ConfigError as err:
         raise SystemExit(f"invalid config: {err}") from None
     return cfg, beam_args, args.config, args.plan
@@ -247,9 +253,13 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan, task: 
         return WriteTable(cfg.output, table, plan.run_id, metadata, shards)
 
     decode = plan.settings.decode
+    done = ()
+    if cfg.skip_done:  # ids the committed runs have: read by the job, met in the grouping by id
+        done = common.done_files(cfg.output, [task.predictions.name]
+                                 + ([] if cfg.retry_dead_letters else [DEAD_LETTER.name]))
     inputs = p | "ReadInputs" >> ReadInputs(cfg.input, decode.max_bytes, task.reader(plan),
                                             num_classes=plan.stages[0].spec.num_classes,
-                                            timeout_s=decode.read_timeout_s)
+                                            timeout_s=decode.read_timeout_s, done=done)
     records = inputs["records"]
     exited, dead, thresholds = [], [inputs[DEAD]], []
     if plan.execution is Execution.FUSED:
@@ -321,15 +331,16 @@ def summarize(cfg: schema.CascadeConfig, listed: Optional[int], run_id: str) -> 
 
 
 def check_invariant(counts: dict) -> Optional[str]:
-    """inputs = predictions + dead letters, counted three ways; returns what is wrong, if anything."""
-    total = counts["predictions"] + counts["dead_letters"]
+    """inputs = skipped + predictions + dead letters (skipped: with --skip_done), counted three ways; returns
+    what is wrong, if anything."""
+    total = (counts.get("inputs_skipped") or 0) + counts["predictions"] + counts["dead_letters"]
     if (counts["predictions"], counts["dead_letters"]) != (
         counts["exit_stats_predictions"], counts["exit_stats_dead_letters"]
     ):
         return (f"tables disagree: predictions {counts['predictions']} vs {counts['exit_stats_predictions']} "
                 f"tallied, dead letters {counts['dead_letters']} vs {counts['exit_stats_dead_letters']} tallied")
     if counts["inputs_listed"] is not None and counts["inputs_listed"] != total:
-        return f"{counts['inputs_listed']} inputs listed but {total} = predictions + dead letters written"
+        return f"{counts['inputs_listed']} inputs listed but {total} = skipped + predictions + dead letters written"
     if counts.get("videos_sampled") is not None and counts["videos_sampled"] != counts["video_predictions"]:
         return f"{counts['videos_sampled']} videos sampled but {counts['video_predictions']} video predictions written"
     return None
@@ -401,7 +412,7 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
     task = run_task(cfg, run_plan, not dry_run)  # a manifest column clashing with ours is refused before any work
     if dry_run:
         return _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc)
-    common.prepare_output(cfg.output, cfg.overwrite, ALL_TABLE_NAMES, run_plan.run_id)
+    common.prepare_output(cfg.output, cfg.overwrite, ALL_TABLE_NAMES, run_plan.run_id, keep_committed=cfg.skip_done)
     try:
         return _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc)
     finally:
@@ -426,7 +437,10 @@ def _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc) -
         if listed is not None:
             listed += listed_inputs(result, "frames_sampled") - videos_sampled
     counts, lines = summarize(cfg, listed, run_plan.run_id)
-    if not listed and not counts["predictions"] + counts["dead_letters"]:
+    if cfg.skip_done:
+        counts["inputs_skipped"] = listed_inputs(result, "inputs_skipped")
+        lines.insert(0, f"skipped: {counts['inputs_skipped']} inputs whose ids earlier runs of {cfg.output} have")
+    if not listed and not counts["predictions"] + counts["dead_letters"] and not counts.get("inputs_skipped"):
         raise SystemExit(f"no inputs: {cfg.input} listed nothing (a glob that matches no file, or a manifest "
                          "without rows); the run is not marked complete")
     if frames:
@@ -459,7 +473,11 @@ def _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc) -
     if problem:
         raise SystemExit(f"COUNT INVARIANT VIOLATED: {problem}")
     total = counts["predictions"] + counts["dead_letters"]
-    print(f"count invariant holds: inputs = predictions + dead letters = {total}")
+    if cfg.skip_done:
+        total += counts["inputs_skipped"] or 0
+        print(f"count invariant holds: inputs = skipped + predictions + dead letters = {total}")
+    else:
+        print(f"count invariant holds: inputs = predictions + dead letters = {total}")
     return manifest
 
 

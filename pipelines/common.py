@@ -194,29 +194,36 @@ def describe_folder(output: str) -> str:
 
 
 def prepare_output(output: str, overwrite: bool, tables: Sequence[str] = ALL_TABLE_NAMES,
-                   run_id: Optional[str] = None) -> str:
+                   run_id: Optional[str] = None, keep_committed: bool = False) -> str:
     """Take the folder's lock (``RUNNING``), so that a second run started into it is refused; refuse a folder
     holding anything else unless ``overwrite``, saying what it holds (a committed run, or an incomplete
     one); with it, remove the earlier runs' manifests and commit markers (first: without them their files
     are never read) and tables, so that no stale file can be mistaken for this run's. Then check that the
     folder is writable. All before any work; returns this run's id (``run_id``, or a new one), for
-    ``release_output``."""
+    ``release_output``. ``keep_committed`` (``--skip_done``): the committed runs stay, to be skipped and
+    added to; the files of runs that never committed (killed, failed) are removed, and a killed run's lock
+    is taken over: their inputs are done again."""
     run_id = run_id or new_run_id()
     check_output_name(output)
     fs, path = fsspec.core.url_to_fs(output)
     path = path.rstrip("/")
     try:
         fs.makedirs(path, exist_ok=True)
-        _lock(fs, path, output, overwrite, run_id)
+        _lock(fs, path, output, overwrite or keep_committed, run_id)
     except OSError as err:
         raise SystemExit(f"output: cannot write to {output}: {type(err).__name__}: {err}") from None
     try:
         existing = [e for e in fs.ls(path, detail=False) if e.rstrip("/").rsplit("/", 1)[-1] != RUNNING]
+        if keep_committed:
+            for files in incomplete_runs(output, tables).values():
+                for name in files:
+                    fs.rm(f"{path}/{name}", recursive=True)
+            existing = []
         if existing and not overwrite:
             held = describe_folder(output)
             raise SystemExit(f"output folder {output} is not empty ({len(existing)} entries"
                              + (f": {held}" if held else "") + "); pass --overwrite to replace its outputs")
-        for name in (MANIFEST, RUNS, *tables):
+        for name in () if keep_committed else (MANIFEST, RUNS, *tables):
             target = f"{path}/{name}"
             if fs.exists(target):
                 fs.rm(target, recursive=True)
@@ -254,6 +261,17 @@ def table_files(output: str, name: str, run_ids: Optional[Sequence[str]] = None)
         if match is None or match["run_id"] in wanted:
             files.append(f)
     return fs, files
+
+
+def done_files(output: str, tables: Sequence[str]) -> list[str]:
+    """The files of ``tables`` of the runs committed in ``output``, as URLs a reader opens (``--skip_done``
+    reads their ids)."""
+    fs, _ = fsspec.core.url_to_fs(output)
+    found = []
+    for name in tables:
+        _, files = table_files(output, name)
+        found += [fs.unstrip_protocol(f) if "://" in output else f for f in files]
+    return found
 
 
 def table_dataset(output: str, name: str, run_ids: Optional[Sequence[str]] = None) -> ds.Dataset:

@@ -38,11 +38,14 @@ def test_profile_loads_and_overrides_apply():
         (["stages.2.resources={min_ram: lots}"], r"stages\.2\.resources\.min_ram: 'lots' is not a valid value"),
         (["model_sharing=machine", "execution=fused"],
          r"execution: fused .* model_sharing: machine needs execution: staged"),
+        (["skip_done=true", "overwrite=true"], r"^skip_done: --overwrite removes the earlier runs"),
+        (["retry_dead_letters=true"], r"^retry_dead_letters: retries the dead letters of earlier runs, with skip_done"),
     ],
     ids=["threshold-above-1", "threshold-below-0", "unknown-model", "batch-size-0", "resolution-too-small",
          "unknown-confidence", "unknown-stage-key", "unknown-key", "unknown-device", "max-pixels-0", "empty-output",
          "batch-size-not-int", "max-bytes-0", "negative-threads", "negative-shards", "unknown-execution",
-         "unknown-resource-hint", "bad-min-ram", "fused-with-machine-sharing"],
+         "unknown-resource-hint", "bad-min-ram", "fused-with-machine-sharing", "skip-done-with-overwrite",
+         "retry-without-skip-done"],
 )
 def test_invalid_config_names_the_key(overrides, message):
     with pytest.raises(schema.ConfigError, match=message):

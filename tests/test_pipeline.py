@@ -180,3 +180,26 @@ def test_fused_and_staged_execution_write_identical_rows(tmp_path, sample_subset
     assert stats[1]["records_in"] >= 3 and stats[2]["records_in"] >= 2  # escalations reached every stage
     for table in ("predictions", "exit_stats", "dead_letter"):
         assert compare_table(str(tmp_path / "fused"), str(tmp_path / "staged"), table) == [], table
+
+
+def test_a_run_in_two_incremental_pieces_writes_the_rows_of_one_run(tmp_path, sample_subset):
+    """--skip_done: a second run into the folder of a first skips the ids the first has (predictions and dead
+    letters, through the grouping by id) and adds the others; the union equals one run over everything, no id
+    twice, and each run's invariant counts its skipped inputs. --retry_dead_letters tries a dead letter again."""
+    rows = sample_subset[:10]
+    missing = {"uri": str(tmp_path / "later.jpg"), "label": 1}  # absent in the first piece, present later
+    first = write_manifest(tmp_path / "first.csv", rows[:6] + [missing])
+    everything = write_manifest(tmp_path / "all.csv", rows + [missing])
+    fast = ["stages.0.threshold=0"]
+    run_cascade(tmp_path / "one", everything, *fast)  # the reference: one run (the missing file stays missing)
+    run_cascade(tmp_path / "pieces", first, *fast)
+    second = run_cascade(tmp_path / "pieces", everything, "--skip_done", *fast)
+    assert second["counts"]["inputs_skipped"] == 7 and second["counts"]["predictions"] == 4
+    assert second["counts"]["inputs_listed"] == 11 and second["invariant_holds"]
+    for table in ("predictions", "dead_letter"):
+        pieces = read_table(str(tmp_path / "pieces"), table).to_pylist()
+        assert len({r["id"] for r in pieces}) == len(pieces)  # no id twice across the runs
+        assert compare_table(str(tmp_path / "one"), str(tmp_path / "pieces"), table) == [], table
+    (tmp_path / "later.jpg").write_bytes(open(rows[0]["uri"], "rb").read())
+    third = run_cascade(tmp_path / "pieces", everything, "--skip_done", "--retry_dead_letters", *fast)
+    assert third["counts"]["inputs_skipped"] == 10 and third["counts"]["predictions"] == 1
