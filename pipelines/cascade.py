@@ -340,7 +340,8 @@ def check_invariant(counts: dict) -> Optional[str]:
         return (f"tables disagree: predictions {counts['predictions']} vs {counts['exit_stats_predictions']} "
                 f"tallied, dead letters {counts['dead_letters']} vs {counts['exit_stats_dead_letters']} tallied")
     if counts["inputs_listed"] is not None and counts["inputs_listed"] != total:
-        return f"{counts['inputs_listed']} inputs listed but {total} = skipped + predictions + dead letters written"
+        what = "skipped + predictions + dead letters" if "inputs_skipped" in counts else "predictions + dead letters"
+        return f"{counts['inputs_listed']} inputs listed but {total} = {what} written"
     if counts.get("videos_sampled") is not None and counts["videos_sampled"] != counts["video_predictions"]:
         return f"{counts['videos_sampled']} videos sampled but {counts['video_predictions']} video predictions written"
     return None
