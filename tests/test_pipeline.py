@@ -189,7 +189,9 @@ def test_a_run_in_two_incremental_pieces_writes_the_rows_of_one_run(tmp_path, sa
     rows = sample_subset[:10]
     missing = {"uri": str(tmp_path / "later.jpg"), "label": 1}  # absent in the first piece, present later
     first = write_manifest(tmp_path / "first.csv", rows[:6] + [missing])
-    everything = write_manifest(tmp_path / "all.csv", rows + [missing])
+    write_manifest(tmp_path / "all-1.csv", rows[:5])
+    write_manifest(tmp_path / "all-2.csv", rows[5:] + [missing])
+    everything = str(tmp_path / "all-*.csv")  # a glob of manifests, read in parts
     fast = ["stages.0.threshold=0"]
     run_cascade(tmp_path / "one", everything, *fast)  # the reference: one run (the missing file stays missing)
     run_cascade(tmp_path / "pieces", first, *fast)

@@ -192,6 +192,11 @@ def extra_fields(source: str) -> list[pa.Field]:
     predictions under their own names and types (strings from a CSV, an empty cell as null)."""
     if not is_manifest(source):
         return []
+    if any(c in fsspec.core.url_to_fs(source)[1] for c in GLOB_CHARS):  # a glob of manifests: its first file's
+        files = manifest_files(source)
+        if not files:
+            return []
+        source = files[0]
     used = set(manifest_columns(source))
     return [f for f in _header(source) if f.name not in used]
 
@@ -200,6 +205,9 @@ def count_inputs(source: str) -> tuple[int, str]:
     """(inputs a source lists, how they were counted), without reading any input and as the job counts
     them: a Parquet manifest's rows from its footer, a CSV manifest's non-empty physical lines after the
     header, a glob's files. Bad rows and duplicate ids are counted too (they become dead letters)."""
+    if is_manifest(source) and any(c in fsspec.core.url_to_fs(source)[1] for c in GLOB_CHARS):
+        files = manifest_files(source)
+        return sum(count_inputs(f)[0] for f in files), f"rows of the {len(files)} manifests the glob matches"
     if source.lower().endswith(".parquet"):
         with fsspec.open(source, "rb") as fh:
             return pq.ParquetFile(fh).metadata.num_rows, "rows in the Parquet manifest's footer"
@@ -261,12 +269,14 @@ def _text(value: Any, what: str) -> Optional[str]:
 
 
 def manifest_entries(source: str, num_classes: Optional[int] = None,
-                     row_groups: Optional[tuple[int, int]] = None) -> Iterator[tuple[Optional[dict], Any]]:
+                     row_groups: Optional[tuple[int, int]] = None,
+                     extras: Optional[Sequence[str]] = None) -> Iterator[tuple[Optional[dict], Any]]:
     """``(row, Record or DeadLetter)`` for every row of a manifest (of its ``row_groups`` only, for a part of
     a Parquet file), in order. Ids are the ``id`` column, else the uri; a row that cannot be listed is a
-    dead letter at stage 0 naming its line (or Parquet row)."""
+    dead letter at stage 0 naming its line (or Parquet row). ``extras``: the columns carried through (those
+    of a glob's first manifest, null where a file lacks one); default: this file's own."""
     uri_col, label_col, id_col = manifest_columns(source)
-    extras = [f.name for f in extra_fields(source)]
+    extras = [f.name for f in extra_fields(source)] if extras is None else list(extras)
     csv_cells = source.lower().endswith(".csv")
     base = posixpath.dirname(source)
     columns = [c for c in (uri_col, label_col, id_col) if c] + extras
@@ -390,7 +400,8 @@ class ExpandSource(beam.DoFn):
     is read, the left side of the count invariant: one per file of a glob, one per manifest row (a CSV's
     non-empty physical lines after the header, a Parquet file's rows)."""
 
-    def __init__(self, num_classes: Optional[int] = None):
+    def __init__(self, num_classes: Optional[int] = None, extras: Optional[Sequence[str]] = None):
+        self.extras = extras
         self.listed = Metrics.counter(NAMESPACE, "inputs_listed")
         self.num_classes = num_classes
 
@@ -413,7 +424,7 @@ class ExpandSource(beam.DoFn):
             return
         first = source.row_groups[0] if source.row_groups else 0
         try:
-            entries = manifest_entries(source.path, self.num_classes, source.row_groups)
+            entries = manifest_entries(source.path, self.num_classes, source.row_groups, self.extras)
             yield from (((source.file, first, i), entry) for i, (_, entry) in enumerate(entries))
         except Exception as err:  # the file itself cannot be read (no header, no uri column): one dead letter
             reason = f"bad manifest: {err}" if isinstance(err, ValueError) else read_failure(err)
@@ -666,7 +677,14 @@ class ReadInputs(beam.PTransform):
         sources = pbegin | "Source" >> beam.Create([self.source])
         if is_manifest(self.source):
             sources = sources | "SplitManifests" >> SplitManifests()
-        listed = sources | "Expand" >> beam.ParDo(ExpandSource(self.num_classes)).with_outputs(DEAD, main="records")
+        extras = None
+        if is_manifest(self.source) and any(c in self.source for c in GLOB_CHARS):
+            try:  # every file of a glob carries the first one's columns, as the predictions' schema does
+                extras = [f.name for f in extra_fields(self.source)]
+            except Exception:  # unreadable from here (a Dataflow dry run): each file carries its own
+                extras = None
+        expand = ExpandSource(self.num_classes, extras)
+        listed = sources | "Expand" >> beam.ParDo(expand).with_outputs(DEAD, main="records")
         keyed = listed.records
         if self.done:  # ids of earlier runs meet this run's inputs in the same grouping, and skip them
             done = (
