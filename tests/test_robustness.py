@@ -52,6 +52,7 @@ from transforms.io import (
     MAX_ROW_BYTES,
     ExpandSource,
     FirstOfId,
+    PackById,
     ReadBytes,
     ReadInputs,
     check_source,
@@ -1012,9 +1013,11 @@ def read_inputs_in_process(source: str) -> tuple[int, list[DeadLetter], list[Rec
     (inputs listed, dead letters, records read)."""
     listed = list(ExpandSource(num_classes=10).process(source))
     dead = [e.value for e in listed if isinstance(e, beam.pvalue.TaggedOutput)]
-    groups = collections.defaultdict(list)
-    for rid, item in (e for e in listed if not isinstance(e, beam.pvalue.TaggedOutput)):
-        groups[rid].append(item)
+    packer, groups = PackById(), collections.defaultdict(list)
+    packer.start_bundle()
+    packed = [out for e in listed if not isinstance(e, beam.pvalue.TaggedOutput) for out in packer.process(e)]
+    for bucket, inputs in packed + [w.value for w in packer.finish_bundle()]:
+        groups[bucket].append(inputs)
     kept = []
     for out in (o for group in groups.items() for o in FirstOfId().process(group)):
         (dead.append(out.value) if isinstance(out, beam.pvalue.TaggedOutput) else kept.append(out))

@@ -37,6 +37,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 from fsspec.implementations.local import LocalFileSystem
 
 from models.failures import Category
@@ -126,6 +127,9 @@ def _csv_header(fh, source: str) -> list[str]:
         raise ValueError(f"manifest {source}: header: {str(err).split(': ', 2)[-1]}") from None
 
 
+MANIFEST_BATCH_ROWS = 8192  # Parquet manifest rows turned into Python objects at a time
+
+
 def manifest_rows(source: str, columns: Optional[list[str]] = None,
                   row_groups: Optional[tuple[int, int]] = None) -> Iterator[tuple[int, Optional[dict], str]]:
     """``(row number, row as a dict or None, why not)`` for every row of a manifest: CSV rows are numbered by
@@ -139,14 +143,16 @@ def manifest_rows(source: str, columns: Optional[list[str]] = None,
             start, stop = row_groups or (0, pfile.num_row_groups)
             position = sum(pfile.metadata.row_group(g).num_rows for g in range(start))
             for group in range(start, stop):
-                size = pfile.metadata.row_group(group).num_rows
-                try:
-                    rows = pfile.read_row_group(group, columns=read or None).to_pylist()
-                except Exception as err:  # a corrupt row group: each of its rows is a dead letter
+                size, read_rows = pfile.metadata.row_group(group).num_rows, 0
+                try:  # in batches: a row group of millions of rows is never held as Python objects at once
+                    for batch in pfile.iter_batches(MANIFEST_BATCH_ROWS, row_groups=[group], columns=read or None):
+                        for i, row in enumerate(batch.to_pylist(), start=position + read_rows + 1):
+                            yield i, row, ""
+                        read_rows += batch.num_rows
+                except Exception as err:  # a corrupt row group: each of its rows not read is a dead letter
                     reason = f"its row group {group} could not be read: {type(err).__name__}: {err}"
-                    rows = [None] * size
-                for i, row in enumerate(rows, start=position + 1):
-                    yield i, row, "" if row is not None else f"bad manifest row: row {i}: {reason}"
+                    for i in range(position + read_rows + 1, position + size + 1):
+                        yield i, None, f"bad manifest row: row {i}: {reason}"
                 position += size
             return
         lines = _physical_lines(fh)
@@ -393,8 +399,8 @@ def manifest_parts(file: int, path: str) -> Iterator[ManifestPart]:
 
 
 class ExpandSource(beam.DoFn):
-    """A glob of image files, a manifest, or a part of one (``ManifestPart``) -> ``(bucket of the id, packed
-    (id, position in the listing, uri, label, extra columns))`` per input; bad manifest rows -> dead letters.
+    """A glob of image files, a manifest, or a part of one (``ManifestPart``) -> ``(id, (position in the
+    listing, uri, label, extra columns))`` per input; bad manifest rows -> dead letters.
     A position is (manifest file, first row group of the part, row in the part), so positions compare in
     listing order across parts read on different workers. Every input is counted in ``inputs_listed`` as it
     is read, the left side of the count invariant: one per file of a glob, one per manifest row (a CSV's
@@ -412,7 +418,7 @@ class ExpandSource(beam.DoFn):
                 progress.add(READ_STAGE, "failed")
                 yield beam.pvalue.TaggedOutput(DEAD, entry)
             else:
-                yield id_bucket(entry.id), pack(entry.id, position, entry.uri, entry.label, entry.extras)
+                yield entry.id, (position, entry.uri, entry.label, entry.extras)
 
     def _entries(self, source: str | ManifestPart) -> Iterator[tuple[tuple[int, int, int], Record | DeadLetter]]:
         if isinstance(source, str) and is_manifest(source):  # read whole, in this worker (tests, small inputs)
@@ -462,7 +468,8 @@ class SplitManifests(beam.PTransform):
         )
 
 
-ID_BUCKETS = 1 << 16  # keys of the shuffle by id: ids are grouped by a hash, and by id within a group
+ID_BUCKETS = 2048  # keys of the shuffle by id: ids are grouped by a hash, and by id within a group
+PACK_INPUTS = 32_768  # listed inputs a worker holds before it packs them, per bucket, for the shuffle
 
 
 def id_bucket(rid: str) -> int:
@@ -470,22 +477,54 @@ def id_bucket(rid: str) -> int:
     return zlib.crc32(rid.encode("utf-8", "surrogatepass")) % ID_BUCKETS
 
 
-def pack(rid: str, position: tuple, uri: str, label: Optional[int], extras: Optional[dict]) -> bytes:
-    """A listed input as it crosses the shuffle by id: one bytes object, not a tuple of Python objects, because
-    a runner that groups in memory (FnApiRunner) holds every one of them at once (tens of bytes each, not
-    hundreds)."""
-    return pickle.dumps((rid, position, uri, label, extras), protocol=pickle.HIGHEST_PROTOCOL)
+def pack(inputs: list[tuple]) -> bytes:
+    """Listed inputs ``(id, position, uri, label, extras)`` of one bucket as they cross the shuffle by id: one
+    compressed bytes object for many of them (about 15 bytes per input, where a tuple of Python objects
+    takes hundreds), because a runner that groups in memory (FnApiRunner) holds all of them at once, and
+    any runner moves fewer bytes."""
+    return zlib.compress(pickle.dumps(inputs, protocol=pickle.HIGHEST_PROTOCOL), 1)
+
+
+def unpack(packed: bytes) -> list[tuple]:
+    """``pack``'s inputs, back (bytes that this job's own ``PackById`` made, never a user's)."""
+    return pickle.loads(zlib.decompress(packed))
+
+
+class PackById(beam.DoFn):
+    """``(id, (position, uri, label, extras))`` -> ``(bucket of the id, packed inputs of that bucket)``: the
+    inputs of a bundle are held until ``PACK_INPUTS`` of them (or the bundle's end), then packed per bucket,
+    so that a worker holds at most ``PACK_INPUTS`` and the shuffle carries a few bytes per input."""
+
+    def start_bundle(self):
+        self._held: dict[int, list[tuple]] = {}
+        self._count = 0
+
+    def process(self, element):
+        rid, item = element
+        self._held.setdefault(id_bucket(rid), []).append((rid, *item))
+        self._count += 1
+        if self._count >= PACK_INPUTS:
+            yield from self._packed()
+
+    def finish_bundle(self):
+        for bucket_and_packed in self._packed():
+            yield GlobalWindows.windowed_value(bucket_and_packed)
+
+    def _packed(self) -> Iterator[tuple[int, bytes]]:
+        held, self._held, self._count = self._held, {}, 0
+        for bucket, inputs in held.items():
+            yield bucket, pack(inputs)
 
 
 DONE = (None, None, None, None)  # (position, uri, label, extras) of an id found in an earlier run's outputs
 
 
 class FirstOfId(beam.DoFn):
-    """``(bucket, [packed (id, position, uri, label, extras), ...])`` -> per id, the Record listed first with it; any
-    other -> a dead letter. Ids key the output tables, so two inputs never share one, and the choice does not
-    depend on the order in which a shuffle delivers them (nor on a retry). An id that an earlier run of the
-    output folder has (``DONE``, from ``ReadInputs``' ``done`` files) is skipped, every row of it, and counted
-    in ``inputs_skipped``: inputs listed = skipped + predictions + dead letters."""
+    """``(bucket, [packed inputs (id, position, uri, label, extras), ...])`` -> per id, the Record listed first
+    with it; any other -> a dead letter. Ids key the output tables, so two inputs never share one, and the
+    choice does not depend on the order in which a shuffle delivers them (nor on a retry). An id that an
+    earlier run of the output folder has (``DONE``, from ``ReadInputs``' ``done`` files) is skipped, every
+    row of it, and counted in ``inputs_skipped``: inputs listed = skipped + predictions + dead letters."""
 
     def __init__(self):
         self.skipped = Metrics.counter(NAMESPACE, "inputs_skipped")
@@ -493,8 +532,9 @@ class FirstOfId(beam.DoFn):
     def process(self, element):
         _, packed = element
         by_id: dict[str, list] = {}
-        for rid, *item in map(pickle.loads, packed):
-            by_id.setdefault(rid, []).append(tuple(item))
+        for inputs in packed:
+            for rid, *item in unpack(inputs):
+                by_id.setdefault(rid, []).append(tuple(item))
         for rid, listed in by_id.items():
             if DONE in listed:
                 self.skipped.inc(len(listed) - listed.count(DONE))
@@ -506,9 +546,9 @@ class FirstOfId(beam.DoFn):
             yield Record(id=rid, uri=uri, label=label, extras=extras)
 
 
-def done_ids(rows) -> tuple[int, bytes]:
+def done_ids(rows) -> tuple[str, tuple]:
     """A row (its ``id`` column) of an earlier run's table -> the ``DONE`` marker of that id, for the shuffle."""
-    return id_bucket(rows["id"]), pack(rows["id"], *DONE)
+    return rows["id"], DONE
 
 
 class _Readers:
@@ -696,6 +736,7 @@ class ReadInputs(beam.PTransform):
             keyed = (keyed, done) | "WithDone" >> beam.Flatten()
         unique = (
             keyed
+            | "PackById" >> beam.ParDo(PackById())
             | "GroupById" >> beam.GroupByKey()
             | "FirstOfId" >> beam.ParDo(FirstOfId()).with_outputs(DEAD, main="records")
         )
