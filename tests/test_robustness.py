@@ -40,6 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import transforms.io as io_module
 from configs import schema
 from models import registry
 from models.classifier import Classifier, Failure
@@ -248,6 +249,28 @@ def test_duplicate_ids_keep_the_first_listed_and_dead_letter_the_others(runs):
     twice = next(d for d in dead if d["id"] == "twice")
     assert twice["error"] == (f"duplicate id 'twice': an earlier input has it ({tmp / 'first.jpg'}) and is the one "
                               "kept; give each input its own id")
+
+
+def test_listing_in_batches_and_packs_keeps_every_row_and_the_first_of_each_id(tmp_path, monkeypatch):
+    """Row groups read in several batches, inputs packed in several flushes: every row is listed once, row
+    numbers follow the file, and a duplicate id whose copies fall in different batches and packs keeps the
+    first listed."""
+    monkeypatch.setattr(io_module, "MANIFEST_BATCH_ROWS", 4)
+    monkeypatch.setattr(io_module, "PACK_INPUTS", 5)
+    ids = [f"r{i}" for i in range(23)] + ["r3", "r17"]  # r3 and r17 again, in later batches and packs
+    uris = [str(tmp_path / f"{i}.jpg") for i in range(len(ids))]
+    for uri in uris:
+        Path(uri).write_bytes(b"x")
+    path = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ids, "uri": uris}), path, row_group_size=10)
+    listed, dead, records = read_inputs_in_process(path)
+    assert listed == len(ids) == len(dead) + len(records)
+    assert sorted(r.id for r in records) == sorted(set(ids))
+    kept = {r.id: r.uri for r in records}
+    assert kept["r3"] == uris[3] and kept["r17"] == uris[17]
+    assert sorted(d.uri for d in dead) == sorted([uris[23], uris[24]])
+    rows = [n for n, _, _ in io_module.manifest_rows(path, ["id", "uri"], (1, 3))]
+    assert rows == list(range(11, 26))  # row groups 1-2 numbered as in the whole file
 
 
 def test_good_predictions_are_unchanged_by_bad_neighbours(runs):
