@@ -9,8 +9,9 @@ runs in a fresh process, ``--repeats`` times, in rotating order so that drifts o
 on all of them alike:
 
 - ``pipeline_cascade``: ``python -m pipelines.cascade --config lite_cascade --runner=FnApiRunner
-  --direct_running_mode=multi_processing --direct_num_workers=W`` (W = ``--workers``, the machine's cores by
-  default; one torch thread per process), in the default execution mode (fused: decode once); the
+  --direct_running_mode=multi_threading --direct_num_workers=W`` (W = ``--workers``, the machine's cores by
+  default; one process, W worker threads sharing each model, one torch thread each: what ``run_local.sh``
+  runs), in the default execution mode (fused: decode once); the
   Lite0@224 -> Lite1@240 -> Lite2@260 cascade with the thresholds calibrated to match Lite2@260's accuracy
   on the clean sample at least cost (configs/lite_cascade.yaml, from pipelines.calibrate);
 - ``pipeline_staged``: the same with ``execution=staged`` (a step per stage, re-decoding escalated records);
@@ -18,9 +19,11 @@ on all of them alike:
   the fused algorithm in a Python loop: decode once (for the largest stage's size), per-stage buffers of
   full batches, the same model code (``models.inference``) and committee maths, writing the predictions;
 - ``pipeline_lite2``: the pipeline with Lite2@260 alone (the cascade's last stage, at its batch size), W
-  processes;
-- ``pipeline_1proc``: ``pipeline_cascade`` in one process (``--runner=FnApiRunner``, torch on every core):
-  what multiple processes gain.
+  worker threads;
+- ``pipeline_processes``: ``pipeline_cascade`` with W worker processes (``--direct_running_mode=
+  multi_processing``), each loading the models;
+- ``pipeline_1proc``: ``pipeline_cascade`` with one worker (``--runner=FnApiRunner``, torch on every core):
+  what multiple workers gain.
 
 Times are wall-clock seconds of the whole process (imports, model loading, reading, writing Parquet
 included: what a user waits for). It prints the medians, checks that the plain loop and the pipelines
@@ -28,8 +31,9 @@ predicted the same classes at the same stages, prints the peak RSS of the pipeli
 16x ``--memory_base`` records, and as its last lines the ratios of the issue: ``beam_overhead_ratio``
 (pipeline cascade / plain loop), ``cascade_vs_solitary_ratio`` (pipeline cascade / Lite2 alone) and
 ``gmacs_ratio`` (the cascade's average GMACs per record / Lite2's, from the same run's exit_stats), after
-``staged_vs_fused_ratio`` and ``one_process_vs_workers_ratio``. ``--device cuda`` runs the same comparison
-on a GPU machine (nvJPEG decode, bf16, batches of 256) and also prints records/s end to end.
+``staged_vs_fused_ratio``, ``processes_vs_threads_ratio`` and ``one_process_vs_workers_ratio``.
+``--device cuda`` runs the same comparison on a GPU machine (nvJPEG decode, bf16, batches of 256) and also
+prints records/s end to end.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(os.path.dirname(ROOT), "shared", "data", "imagenet-sample")
 DEFAULT_PROFILE = "lite_cascade"
-VARIANTS = ("pipeline_cascade", "pipeline_staged", "plain_loop", "pipeline_lite2", "pipeline_1proc")
+VARIANTS = ("pipeline_cascade", "pipeline_staged", "plain_loop", "pipeline_lite2", "pipeline_processes",
+            "pipeline_1proc")
 
 
 def write_manifest(path: str, sample: str, records: int) -> None:
@@ -97,7 +102,8 @@ def command(variant: str, manifest: str, output: str, device: str, profile: str,
         overrides.append("execution=staged")
     runner = ["--runner=FnApiRunner"]
     if variant != "pipeline_1proc" and workers > 1:
-        runner += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+        mode = "multi_processing" if variant == "pipeline_processes" else "multi_threading"
+        runner += [f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
     return [sys.executable, "-m", "pipelines.cascade", "--config", config, "--input", manifest, "--output", output,
             *runner, *overrides]
 
@@ -291,6 +297,8 @@ def main() -> None:
     cascade = medians["pipeline_cascade"]
     if "pipeline_staged" in medians:
         print(f"staged_vs_fused_ratio={medians['pipeline_staged'] / cascade:.3f}")
+    if "pipeline_processes" in medians:
+        print(f"processes_vs_threads_ratio={medians['pipeline_processes'] / cascade:.3f}")
     if "pipeline_1proc" in medians:
         print(f"one_process_vs_workers_ratio={medians['pipeline_1proc'] / cascade:.3f}")
     if "plain_loop" in medians:

@@ -404,8 +404,8 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
     common.check_output_name(cfg.output)
     threads = None
     direct = options.view_as(DirectOptions)
-    if not cfg.torch_threads and direct.direct_running_mode == "multi_processing":
-        threads = default_threads(direct.direct_num_workers or os.cpu_count() or 1)
+    if not cfg.torch_threads and direct.direct_running_mode in ("multi_processing", "multi_threading"):
+        threads = default_threads(direct.direct_num_workers or os.cpu_count() or 1)  # per worker, process or thread
     now = datetime.datetime.now(datetime.timezone.utc)
     started_utc = now.isoformat(timespec="seconds")
     # models too are validated before the output folder is touched (--overwrite)

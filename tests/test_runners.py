@@ -1,6 +1,7 @@
 """One cascade, several ways of running it: the tables must agree row for row.
 
 - in process: ``--runner=FnApiRunner`` (the reference),
+- worker threads sharing the models: ``--direct_running_mode=multi_threading --direct_num_workers=2``;
 - separate worker processes: ``--direct_running_mode=multi_processing --direct_num_workers=2``,
 - Beam's portable job API: ``--runner=PortableRunner --environment_type=EXTERNAL`` against a job service
   and a worker pool that this file starts and stops (the Job API, artifact staging and Fn API harness
@@ -162,6 +163,16 @@ def test_multi_processing_matches_in_process(case, reference):
     cascade.run(cascade_argv(case, output, "--runner=FnApiRunner", "--direct_running_mode=multi_processing",
                              "--direct_num_workers=2"))
     assert_same_tables(tables(output), reference)
+
+
+def test_worker_threads_sharing_each_model_match_in_process(case, reference):
+    """``run_local.sh``'s default: two worker threads in one process, each model loaded once and shared by
+    both (torch one intra-op thread per worker); same tables as one worker, in both execution modes."""
+    for execution in ("fused", "staged"):
+        output = case["folder"] / f"multi_threading_{execution}"
+        cascade.run(cascade_argv(case, output, "--runner=FnApiRunner", "--direct_running_mode=multi_threading",
+                                 "--direct_num_workers=2", f"execution={execution}"))
+        assert_same_tables(tables(output), reference)
 
 
 def test_model_shared_per_machine_matches_in_process(case, reference, capfd):

@@ -184,5 +184,6 @@ class CascadeStage(beam.PTransform):
 
 
 def default_threads(workers: int) -> int:
-    """Intra-op threads per worker process that do not oversubscribe the machine's cores."""
+    """Intra-op threads per worker (process, or thread of one process) that do not oversubscribe the
+    machine's cores."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
