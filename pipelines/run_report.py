@@ -23,6 +23,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import pyarrow as pa
 import yaml
 
 from pipelines import common
@@ -168,21 +169,82 @@ def promises(cal: dict, run: dict) -> list[dict]:
     return out
 
 
-def confusions(pred: dict, top: int = TOP_CONFUSIONS) -> list[tuple[str, str, int]]:
-    """The most frequent (true class, predicted class) pairs among wrong labelled predictions, by name."""
-    pairs = collections.Counter(
-        (ln or str(lab), pn or str(pc))
-        for lab, ln, pc, pn in zip(pred["label"], pred["label_name"], pred["pred_class"], pred["pred_name"])
-        if lab is not None and lab != pc)
-    return [(a, b, n) for (a, b), n in pairs.most_common(top)]
+CONFIDENCE_BINS = np.linspace(0.0, 1.0, 21)  # the confidence plot's bins
+RELIABILITY_BINS = 10
+REPORT_BATCH_ROWS = 65_536  # prediction rows read at a time: a report of 10^8 rows holds tallies, not rows
+GROUPS = ("correct", "wrong", "unlabelled")
 
 
-def reliability(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[tuple[float, float, float, int]]:
-    """(bin low, bin high, accuracy, records) for each non-empty confidence bin of [0, 1]."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    return [(float(edges[b]), float(edges[b + 1]), float(correct[which == b].mean()), int((which == b).sum()))
-            for b in range(bins) if (which == b).any()]
+class Tallies:
+    """What the report needs from the predictions table, tallied a batch of rows at a time, so that its memory
+    does not grow with the run: per exit stage, confidence histograms of correct, wrong and unlabelled
+    records; per reliability bin, labelled records and how many were right; counts of the (true, predicted)
+    class pairs of wrong records, by name."""
+
+    def __init__(self):
+        self.rows = 0
+        self.labelled = 0
+        self.histograms: dict[int, np.ndarray] = {}  # exit stage -> (3 groups, bins) counts
+        self.exited: dict[int, np.ndarray] = {}  # exit stage -> records per group (confidences outside the bins too)
+        self.reliability_n = np.zeros(RELIABILITY_BINS, dtype=np.int64)
+        self.reliability_correct = np.zeros(RELIABILITY_BINS, dtype=np.int64)
+        self.pairs: collections.Counter = collections.Counter()
+
+    def add(self, batch) -> None:
+        """A record batch with the columns label, label_name, pred_class, pred_name, confidence, exit_stage."""
+        n = batch.num_rows
+        if not n:
+            return
+        self.rows += n
+        cols = {name: batch.column(name) for name in batch.schema.names}
+        labelled = cols["label"].is_valid().to_numpy(zero_copy_only=False)
+        label = cols["label"].fill_null(-1).to_numpy(zero_copy_only=False)
+        pred = cols["pred_class"].to_numpy(zero_copy_only=False)
+        conf = cols["confidence"].fill_null(np.nan).to_numpy(zero_copy_only=False).astype(float)
+        stage = cols["exit_stage"].to_numpy(zero_copy_only=False)
+        correct = labelled & (label == pred)
+        wrong = labelled & ~correct
+        for k in np.unique(stage):
+            here = stage == k
+            hist = self.histograms.setdefault(int(k), np.zeros((len(GROUPS), len(CONFIDENCE_BINS) - 1), np.int64))
+            exited = self.exited.setdefault(int(k), np.zeros(len(GROUPS), np.int64))
+            for g, mask in enumerate((correct, wrong, ~labelled)):
+                hist[g] += np.histogram(conf[here & mask], bins=CONFIDENCE_BINS)[0]
+                exited[g] += int((here & mask).sum())
+        self.labelled += int(labelled.sum())
+        edges = np.linspace(0.0, 1.0, RELIABILITY_BINS + 1)
+        which = np.clip(np.digitize(conf[labelled], edges[1:-1]), 0, RELIABILITY_BINS - 1)
+        self.reliability_n += np.bincount(which, minlength=RELIABILITY_BINS)
+        self.reliability_correct += np.bincount(which, weights=correct[labelled], minlength=RELIABILITY_BINS
+                                                ).astype(np.int64)
+        if wrong.any():
+            picked = pa.Table.from_batches([batch.filter(pa.array(wrong))]).select(
+                ["label", "label_name", "pred_class", "pred_name"])
+            counted = picked.group_by(["label", "label_name", "pred_class", "pred_name"]).aggregate(
+                [("label", "count")])
+            for lab, ln, pc, pn, count in zip(*(counted.column(c).to_pylist() for c in
+                                                ("label", "label_name", "pred_class", "pred_name", "label_count"))):
+                self.pairs[(ln or str(lab), pn or str(pc))] += count
+
+    def reliability(self) -> list[tuple[float, float, float, int]]:
+        """(bin low, bin high, accuracy, records) for each non-empty confidence bin of [0, 1]."""
+        edges = np.linspace(0.0, 1.0, RELIABILITY_BINS + 1)
+        return [(float(edges[b]), float(edges[b + 1]), float(self.reliability_correct[b] / self.reliability_n[b]),
+                 int(self.reliability_n[b])) for b in range(RELIABILITY_BINS) if self.reliability_n[b]]
+
+    def confusions(self, top: int = TOP_CONFUSIONS) -> list[tuple[str, str, int]]:
+        """The most frequent (true class, predicted class) pairs among wrong labelled predictions, by name."""
+        return [(a, b, n) for (a, b), n in self.pairs.most_common(top)]
+
+
+def tally_predictions(run_output: str, run_id: str) -> Tallies:
+    tallies = Tallies()
+    if common.count_rows(run_output, "predictions", [run_id]):
+        data = common.table_dataset(run_output, "predictions", [run_id])
+        for batch in data.to_batches(columns=["label", "label_name", "pred_class", "pred_name", "confidence",
+                                              "exit_stage"], batch_size=REPORT_BATCH_ROWS):
+            tallies.add(batch)
+    return tallies
 
 
 # ---- plots -------------------------------------------------------------------------------------------------
@@ -225,32 +287,28 @@ def plot_exit_ratios(stats: Sequence[dict], expected: Optional[Sequence[float]])
     return _png(fig)
 
 
-def plot_confidence(stats: Sequence[dict], pred: dict, confidence: str) -> bytes:
+def plot_confidence(stats: Sequence[dict], tallies: Tallies, confidence: str) -> bytes:
     """Per stage, the confidence of the records exiting there (stacked: correct, wrong, unlabelled), with
     the stage's threshold: a record exits at a stage once its confidence reaches the threshold."""
     stages = [s for s in stats if s["stage"] >= 1]
-    conf = np.asarray(pred["confidence"], dtype=float)
-    stage_of = np.asarray(pred["exit_stage"])
-    label = pred["label"]
-    correct = np.array([lab is not None and lab == pc for lab, pc in zip(label, pred["pred_class"])])
-    labelled = np.array([lab is not None for lab in label])
     fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.6), squeeze=False, sharey=False)
-    bins = np.linspace(0, 1, 21)
+    bins = CONFIDENCE_BINS
+    centres = (bins[:-1] + bins[1:]) / 2
+    colours = {"correct": "tab:green", "wrong": "tab:red", "unlabelled": "tab:grey"}
     for ax, s in zip(axes[0], stages):
-        here = stage_of == s["stage"]
-        groups = [(conf[here & correct], "correct", "tab:green"),
-                  (conf[here & labelled & ~correct], "wrong", "tab:red"),
-                  (conf[here & ~labelled], "unlabelled", "tab:grey")]
-        groups = [g for g in groups if len(g[0])]
-        if groups:
-            ax.hist([g[0] for g in groups], bins=bins, stacked=True, color=[g[2] for g in groups],
-                    label=[g[1] for g in groups])
+        hist = tallies.histograms.get(s["stage"], np.zeros((len(GROUPS), len(bins) - 1), np.int64))
+        per_group = tallies.exited.get(s["stage"], np.zeros(len(GROUPS), np.int64))
+        exited = int(per_group.sum())
+        groups = [(hist[g], name, colours[name]) for g, name in enumerate(GROUPS) if per_group[g]]
+        if groups:  # the tallied counts drawn as the histograms they are
+            ax.hist([centres] * len(groups), bins=bins, weights=[g[0] for g in groups], stacked=True,
+                    color=[g[2] for g in groups], label=[g[1] for g in groups])
         if s["threshold"] is not None:
             ax.axvline(s["threshold"], color="black", ls="--", lw=1.2, label=f"threshold {s['threshold']:.3f}")
         if not groups:
             ax.text(0.5, 0.5, "no record exited here", transform=ax.transAxes, ha="center", fontsize=9)
         last = " (last: all exit)" if s["threshold"] is None else ""
-        ax.set_title(f"stage {s['stage']} {s['model']}: {int(here.sum())} exited{last}", fontsize=9)
+        ax.set_title(f"stage {s['stage']} {s['model']}: {exited} exited{last}", fontsize=9)
         ax.set_xlabel(f"confidence at exit ({confidence})")
         ax.set_ylabel("records")
         ax.set_xlim(0, 1)
@@ -282,6 +340,23 @@ def plot_reliability(table: Sequence[tuple[float, float, float, int]]) -> bytes:
     return _png(fig)
 
 
+def tally_dead_letters(run_output: str, run_id: str) -> dict[str, tuple[int, set, list]]:
+    """Per category of the run's dead letters: (records, stages, the first ``EXAMPLES_PER_CATEGORY`` rows),
+    read a batch at a time."""
+    out: dict[str, tuple[int, set, list]] = {}
+    if not common.count_rows(run_output, "dead_letter", [run_id]):
+        return out
+    data = common.table_dataset(run_output, "dead_letter", [run_id])
+    for batch in data.to_batches(columns=["category", "stage", "uri", "error"], batch_size=REPORT_BATCH_ROWS):
+        for d in batch.to_pylist():
+            count, stages, examples = out.setdefault(d["category"], (0, set(), []))
+            stages.add(d["stage"])
+            if len(examples) < EXAMPLES_PER_CATEGORY:
+                examples.append(d)
+            out[d["category"]] = (count + 1, stages, examples)
+    return out
+
+
 # ---- the report --------------------------------------------------------------------------------------------
 
 def build_report(run_output: str, run_id: Optional[str] = None,
@@ -290,10 +365,8 @@ def build_report(run_output: str, run_id: Optional[str] = None,
     manifest = common.read_manifest(run_output, run_id)
     run_id = manifest["run_id"]
     stats = sorted(common.read_table(run_output, "exit_stats", [run_id]).to_pylist(), key=lambda s: s["stage"])
-    pred = common.read_table(run_output, "predictions", [run_id]).select(
-        ["label", "label_name", "pred_class", "pred_name", "confidence", "exit_stage"]).to_pydict()
-    dead = (common.read_table(run_output, "dead_letter", [run_id]).to_pylist()
-            if common.count_rows(run_output, "dead_letter", [run_id]) else [])
+    tallies = tally_predictions(run_output, run_id)
+    dead = tally_dead_letters(run_output, run_id)
     config = yaml.safe_load(manifest["config"]) or {}
     cal = calibration_block(manifest)
     expected = cal.get("expected_exit_ratios")
@@ -377,20 +450,17 @@ def build_report(run_output: str, run_id: Optional[str] = None,
     blocks.append(Heading("Plots"))
     images["exit_ratios.png"] = plot_exit_ratios(stats, expected)
     blocks.append(Image("exit_ratios.png", "exit ratio per stage"))
-    if pred["confidence"]:
-        images["confidence_by_stage.png"] = plot_confidence(stats, pred, str(config.get("confidence", "")).lower())
+    if tallies.rows:
+        images["confidence_by_stage.png"] = plot_confidence(stats, tallies, str(config.get("confidence", "")).lower())
         blocks.append(Image("confidence_by_stage.png", "confidence of the records exiting at each stage"))
-    keep = [i for i, lab in enumerate(pred["label"]) if lab is not None]
-    if keep:
-        conf = np.asarray(pred["confidence"], dtype=float)[keep]
-        correct = np.asarray([pred["label"][i] == pred["pred_class"][i] for i in keep])
-        table = reliability(conf, correct)
+    if tallies.labelled:
+        table = tallies.reliability()
         images["reliability.png"] = plot_reliability(table)
         blocks.append(Image("reliability.png", "accuracy vs confidence"))
         blocks.append(TableBlock(["confidence", "records", "accuracy"],
                                  [[f"{lo:.1f}-{hi:.1f}", str(n), pct(a)] for lo, hi, a, n in table]))
         blocks.append(Heading("Top confusions (labelled records)"))
-        top = confusions(pred)
+        top = tallies.confusions()
         blocks.append(TableBlock(["true class", "predicted class", "records"], [[a, b, str(n)] for a, b, n in top],
                                  "llr") if top else Para("No labelled record was misclassified."))
     else:
@@ -400,18 +470,14 @@ def build_report(run_output: str, run_id: Optional[str] = None,
     if not dead:
         blocks.append(Para("None."))
     else:
-        by = collections.defaultdict(list)
-        for d in dead:
-            by[d["category"]].append(d)
         rows = []
-        for category, items in sorted(by.items(), key=lambda kv: -len(kv[1])):
-            stages = ", ".join(str(s) for s in sorted({d["stage"] for d in items}))
-            examples = "; ".join(f"`{d['uri']}`: {d['error']}" for d in items[:EXAMPLES_PER_CATEGORY])
-            rows.append([category, str(len(items)), stages, examples])
+        for category, (count, stages, examples) in sorted(dead.items(), key=lambda kv: -kv[1][0]):
+            rows.append([category, str(count), ", ".join(str(s) for s in sorted(stages)),
+                         "; ".join(f"`{d['uri']}`: {d['error']}" for d in examples)])
         blocks.append(TableBlock(["category", "records", "stage(s)", f"examples (up to {EXAMPLES_PER_CATEGORY})"],
                                  rows, "lrll"))
     figures = {"run_id": run_id, "sum_exit_ratios": sum_ratios, "drift": rows_drift,
-               "dead_letters_by_category": dict(collections.Counter(d["category"] for d in dead))}
+               "dead_letters_by_category": {category: count for category, (count, _, _) in dead.items()}}
     return blocks, images, figures
 
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines import cascade, common, report
+from pipelines import cascade, common, report, run_report
 from transforms.io import count_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,6 +165,20 @@ def test_the_run_report_is_written_self_contained_and_warns_of_drift(run, tmp_pa
     sources = re.findall(r'src="([^"]*)"', page)
     assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "href=" not in page and "<table>" in page
+
+
+def test_the_report_reads_its_tables_a_batch_at_a_time_with_the_same_result(run, monkeypatch):
+    """The report tallies the predictions and dead letters in batches (a run of 10^8 rows is never held in
+    memory): batches of 2 rows give the same report, figures and plots as one batch."""
+    whole = run_report.build_report(str(run["out"]))
+    monkeypatch.setattr(run_report, "REPORT_BATCH_ROWS", 2)
+    batched = run_report.build_report(str(run["out"]))
+    assert run_report.to_markdown(batched[0]) == run_report.to_markdown(whole[0])
+    assert batched[1] == whole[1] and batched[2] == whole[2]
+    assert whole[2]["dead_letters_by_category"] == {"not_found": 1, "bad_manifest_row": 1, "not_an_image": 1}
+    labelled = [r for r in run["rows"][:10] if r["label"] is not None]
+    assert sum(n for _, _, _, n in run_report.tally_predictions(str(run["out"]), run["manifest"]["run_id"])
+               .reliability()) == len(labelled)
 
 
 def test_the_plan_counts_inputs_and_prices_the_run_without_running_it(run):
