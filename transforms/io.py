@@ -184,13 +184,26 @@ def _header(source: str) -> list[pa.Field]:
         return [pa.field(name, pa.string()) for name in _csv_header(fh, source)]
 
 
+def _columns(source: str, names: Sequence[str]) -> tuple[str, Optional[str], Optional[str]]:
+    uri = _pick(names, URI_COLUMNS)
+    if uri is None:
+        raise ValueError(f"manifest {source}: needs a column named one of {URI_COLUMNS}; has {list(names)}")
+    return uri, _pick(names, LABEL_COLUMNS), _pick(names, ("id",))
+
+
 def manifest_columns(source: str) -> tuple[str, Optional[str], Optional[str]]:
     """(uri column, label column, id column) of a manifest, read from its header; fails if no uri column."""
-    columns = [f.name for f in _header(source)]
-    uri = _pick(columns, URI_COLUMNS)
-    if uri is None:
-        raise ValueError(f"manifest {source}: needs a column named one of {URI_COLUMNS}; has {columns}")
-    return uri, _pick(columns, LABEL_COLUMNS), _pick(columns, ("id",))
+    return _columns(source, [f.name for f in _header(source)])
+
+
+def _extras(source: str, fields: Sequence[pa.Field]) -> list[pa.Field]:
+    used = set(_columns(source, [f.name for f in fields]))
+    return [f for f in fields if f.name not in used]
+
+
+def is_glob(source: str) -> bool:
+    """Whether a source names files by a glob (glob characters in its path, not in its protocol or host)."""
+    return any(c in fsspec.core.url_to_fs(source)[1] for c in GLOB_CHARS)
 
 
 def extra_fields(source: str) -> list[pa.Field]:
@@ -198,20 +211,19 @@ def extra_fields(source: str) -> list[pa.Field]:
     predictions under their own names and types (strings from a CSV, an empty cell as null)."""
     if not is_manifest(source):
         return []
-    if any(c in fsspec.core.url_to_fs(source)[1] for c in GLOB_CHARS):  # a glob of manifests: its first file's
+    if is_glob(source):  # a glob of manifests: its first file's
         files = manifest_files(source)
         if not files:
             return []
         source = files[0]
-    used = set(manifest_columns(source))
-    return [f for f in _header(source) if f.name not in used]
+    return _extras(source, _header(source))
 
 
 def count_inputs(source: str) -> tuple[int, str]:
     """(inputs a source lists, how they were counted), without reading any input and as the job counts
     them: a Parquet manifest's rows from its footer, a CSV manifest's non-empty physical lines after the
     header, a glob's files. Bad rows and duplicate ids are counted too (they become dead letters)."""
-    if is_manifest(source) and any(c in fsspec.core.url_to_fs(source)[1] for c in GLOB_CHARS):
+    if is_manifest(source) and is_glob(source):
         files = manifest_files(source)
         return sum(count_inputs(f)[0] for f in files), f"rows of the {len(files)} manifests the glob matches"
     if source.lower().endswith(".parquet"):
@@ -281,8 +293,9 @@ def manifest_entries(source: str, num_classes: Optional[int] = None,
     a Parquet file), in order. Ids are the ``id`` column, else the uri; a row that cannot be listed is a
     dead letter at stage 0 naming its line (or Parquet row). ``extras``: the columns carried through (those
     of a glob's first manifest, null where a file lacks one); default: this file's own."""
-    uri_col, label_col, id_col = manifest_columns(source)
-    extras = [f.name for f in extra_fields(source)] if extras is None else list(extras)
+    fields = _header(source)  # read once per file or part
+    uri_col, label_col, id_col = _columns(source, [f.name for f in fields])
+    extras = [f.name for f in _extras(source, fields)] if extras is None else list(extras)
     csv_cells = source.lower().endswith(".csv")
     base = posixpath.dirname(source)
     columns = [c for c in (uri_col, label_col, id_col) if c] + extras
@@ -371,9 +384,9 @@ PART_ROWS = 200_000  # Parquet rows per part, at least one row group
 def manifest_files(source: str) -> list[str]:
     """The manifests of an input: the one named, or the files a glob of manifests matches, sorted (the
     listing order: an id's first row is that of the first file that has it)."""
-    fs, path = fsspec.core.url_to_fs(source)
-    if not any(c in path for c in GLOB_CHARS):
+    if not is_glob(source):
         return [source]
+    fs, path = fsspec.core.url_to_fs(source)
     return sorted(fs.unstrip_protocol(p) if "://" in source else p for p in fs.glob(path)
                   if is_manifest(p) and not fs.isdir(p))
 
@@ -479,7 +492,7 @@ def id_bucket(rid: str) -> int:
 
 def pack(inputs: list[tuple]) -> bytes:
     """Listed inputs ``(id, position, uri, label, extras)`` of one bucket as they cross the shuffle by id: one
-    compressed bytes object for many of them (about 15 bytes per input, where a tuple of Python objects
+    compressed bytes object for many of them (about 20 bytes per input, where a tuple of Python objects
     takes hundreds), because a runner that groups in memory (FnApiRunner) holds all of them at once, and
     any runner moves fewer bytes."""
     return zlib.compress(pickle.dumps(inputs, protocol=pickle.HIGHEST_PROTOCOL), 1)
@@ -718,9 +731,9 @@ class ReadInputs(beam.PTransform):
         if is_manifest(self.source):
             sources = sources | "SplitManifests" >> SplitManifests()
         extras = None
-        if is_manifest(self.source) and any(c in self.source for c in GLOB_CHARS):
+        if is_manifest(self.source):
             try:  # every file of a glob carries the first one's columns, as the predictions' schema does
-                extras = [f.name for f in extra_fields(self.source)]
+                extras = [f.name for f in extra_fields(self.source)] if is_glob(self.source) else None
             except Exception:  # unreadable from here (a Dataflow dry run): each file carries its own
                 extras = None
         expand = ExpandSource(self.num_classes, extras)
