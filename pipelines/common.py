@@ -16,7 +16,7 @@ import secrets
 import socket
 import uuid
 from importlib import metadata
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -288,6 +288,17 @@ def count_rows(output: str, name: str, run_ids: Optional[Sequence[str]] = None) 
         return table_dataset(output, name, run_ids).count_rows()
     except FileNotFoundError:
         return 0
+
+
+def table_batches(output: str, name: str, columns: Sequence[str], batch_size: int,
+                  run_ids: Optional[Sequence[str]] = None) -> Iterator[pa.RecordBatch]:
+    """The rows of a table (see ``table_files``), ``columns`` only, ``batch_size`` at a time: for readers whose
+    memory must not grow with the table (none if it has no files)."""
+    try:
+        data = table_dataset(output, name, run_ids)
+    except FileNotFoundError:
+        return
+    yield from data.to_batches(columns=list(columns), batch_size=batch_size)
 
 
 def read_table(output: str, name: str, run_ids: Optional[Sequence[str]] = None) -> pa.Table:

@@ -13,7 +13,7 @@ import base64
 import collections
 import html
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import fsspec
@@ -171,6 +171,7 @@ def promises(cal: dict, run: dict) -> list[dict]:
 
 CONFIDENCE_BINS = np.linspace(0.0, 1.0, 21)  # the confidence plot's bins
 RELIABILITY_BINS = 10
+RELIABILITY_EDGES = np.linspace(0.0, 1.0, RELIABILITY_BINS + 1)
 REPORT_BATCH_ROWS = 65_536  # prediction rows read at a time: a report of 10^8 rows holds tallies, not rows
 GROUPS = ("correct", "wrong", "unlabelled")
 
@@ -212,8 +213,7 @@ class Tallies:
                 hist[g] += np.histogram(conf[here & mask], bins=CONFIDENCE_BINS)[0]
                 exited[g] += int((here & mask).sum())
         self.labelled += int(labelled.sum())
-        edges = np.linspace(0.0, 1.0, RELIABILITY_BINS + 1)
-        which = np.clip(np.digitize(conf[labelled], edges[1:-1]), 0, RELIABILITY_BINS - 1)
+        which = np.clip(np.digitize(conf[labelled], RELIABILITY_EDGES[1:-1]), 0, RELIABILITY_BINS - 1)
         self.reliability_n += np.bincount(which, minlength=RELIABILITY_BINS)
         self.reliability_correct += np.bincount(which, weights=correct[labelled], minlength=RELIABILITY_BINS
                                                 ).astype(np.int64)
@@ -228,7 +228,7 @@ class Tallies:
 
     def reliability(self) -> list[tuple[float, float, float, int]]:
         """(bin low, bin high, accuracy, records) for each non-empty confidence bin of [0, 1]."""
-        edges = np.linspace(0.0, 1.0, RELIABILITY_BINS + 1)
+        edges = RELIABILITY_EDGES
         return [(float(edges[b]), float(edges[b + 1]), float(self.reliability_correct[b] / self.reliability_n[b]),
                  int(self.reliability_n[b])) for b in range(RELIABILITY_BINS) if self.reliability_n[b]]
 
@@ -239,11 +239,9 @@ class Tallies:
 
 def tally_predictions(run_output: str, run_id: str) -> Tallies:
     tallies = Tallies()
-    if common.count_rows(run_output, "predictions", [run_id]):
-        data = common.table_dataset(run_output, "predictions", [run_id])
-        for batch in data.to_batches(columns=["label", "label_name", "pred_class", "pred_name", "confidence",
-                                              "exit_stage"], batch_size=REPORT_BATCH_ROWS):
-            tallies.add(batch)
+    columns = ["label", "label_name", "pred_class", "pred_name", "confidence", "exit_stage"]
+    for batch in common.table_batches(run_output, "predictions", columns, REPORT_BATCH_ROWS, [run_id]):
+        tallies.add(batch)
     return tallies
 
 
@@ -340,20 +338,26 @@ def plot_reliability(table: Sequence[tuple[float, float, float, int]]) -> bytes:
     return _png(fig)
 
 
-def tally_dead_letters(run_output: str, run_id: str) -> dict[str, tuple[int, set, list]]:
-    """Per category of the run's dead letters: (records, stages, the first ``EXAMPLES_PER_CATEGORY`` rows),
-    read a batch at a time."""
-    out: dict[str, tuple[int, set, list]] = {}
-    if not common.count_rows(run_output, "dead_letter", [run_id]):
-        return out
-    data = common.table_dataset(run_output, "dead_letter", [run_id])
-    for batch in data.to_batches(columns=["category", "stage", "uri", "error"], batch_size=REPORT_BATCH_ROWS):
+@dataclass
+class DeadLetterTally:
+    """One category of a run's dead letters: how many, at which stages, and the first few rows."""
+
+    records: int = 0
+    stages: set = field(default_factory=set)
+    examples: list = field(default_factory=list)
+
+
+def tally_dead_letters(run_output: str, run_id: str) -> dict[str, DeadLetterTally]:
+    """The run's dead letters by category, read a batch at a time."""
+    out: dict[str, DeadLetterTally] = {}
+    columns = ["category", "stage", "uri", "error"]
+    for batch in common.table_batches(run_output, "dead_letter", columns, REPORT_BATCH_ROWS, [run_id]):
         for d in batch.to_pylist():
-            count, stages, examples = out.setdefault(d["category"], (0, set(), []))
-            stages.add(d["stage"])
-            if len(examples) < EXAMPLES_PER_CATEGORY:
-                examples.append(d)
-            out[d["category"]] = (count + 1, stages, examples)
+            tally = out.setdefault(d["category"], DeadLetterTally())
+            tally.records += 1
+            tally.stages.add(d["stage"])
+            if len(tally.examples) < EXAMPLES_PER_CATEGORY:
+                tally.examples.append(d)
     return out
 
 
@@ -471,13 +475,13 @@ def build_report(run_output: str, run_id: Optional[str] = None,
         blocks.append(Para("None."))
     else:
         rows = []
-        for category, (count, stages, examples) in sorted(dead.items(), key=lambda kv: -kv[1][0]):
-            rows.append([category, str(count), ", ".join(str(s) for s in sorted(stages)),
-                         "; ".join(f"`{d['uri']}`: {d['error']}" for d in examples)])
+        for category, tally in sorted(dead.items(), key=lambda kv: -kv[1].records):
+            rows.append([category, str(tally.records), ", ".join(str(s) for s in sorted(tally.stages)),
+                         "; ".join(f"`{d['uri']}`: {d['error']}" for d in tally.examples)])
         blocks.append(TableBlock(["category", "records", "stage(s)", f"examples (up to {EXAMPLES_PER_CATEGORY})"],
                                  rows, "lrll"))
     figures = {"run_id": run_id, "sum_exit_ratios": sum_ratios, "drift": rows_drift,
-               "dead_letters_by_category": {category: count for category, (count, _, _) in dead.items()}}
+               "dead_letters_by_category": {category: tally.records for category, tally in dead.items()}}
     return blocks, images, figures
 
 
