@@ -46,7 +46,6 @@ TOP_K_ENTRY = pa.struct([pa.field("class", pa.int32()), pa.field("name", pa.stri
                          pa.field("prob", pa.float32())])
 
 
-
 def _keyed(key: str) -> list[pa.Field]:
     """The first columns of every table of records: the run, the record's key and its uri."""
     return [RUN_ID, pa.field(key, pa.string(), nullable=False), pa.field("uri", pa.string(), nullable=False)]
