@@ -206,8 +206,22 @@ def _build_architecture(spec: ModelSpec) -> torch.nn.Module:
 
 
 @functools.lru_cache(maxsize=None)
-def _distributions_of(module: str) -> tuple[str, ...]:
-    return tuple(importlib.metadata.packages_distributions().get(module, ()))
+def _all_packages() -> dict[str, tuple[str, ...]]:
+    """Top-level package -> the distributions providing it: a scan of every installed distribution (a
+    quarter of a second here), made at most once per process."""
+    return {module: tuple(names) for module, names in importlib.metadata.packages_distributions().items()}
+
+
+def _shipped(name: str, wanted: pathlib.PurePosixPath) -> Optional[str]:
+    """The local path of ``wanted`` if distribution ``name`` ships it (lists it in its RECORD), else None."""
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or ():
+        if pathlib.PurePosixPath(file.as_posix()) == wanted:
+            return str(dist.locate_file(file))
+    return None
 
 
 def resolve_weights(url: str) -> str:
@@ -215,19 +229,23 @@ def resolve_weights(url: str) -> str:
 
     Resolved from the installed distributions' file lists, without importing anything: a config cannot
     make the job import (run) a module it names. The path must be a file that a distribution providing
-    the top-level package ``MODULE`` ships (listed in its RECORD), e.g. a package of weights."""
+    the top-level package ``MODULE`` ships (listed in its RECORD), e.g. a package of weights. The
+    distribution named like the module is asked first (a package of weights usually is: one lookup);
+    only if it does not ship the file are all installed distributions scanned for the module's."""
     if not url.startswith("pkg:"):
         return url
     module, _, rel = url[len("pkg:"):].partition("/")
     if not module.isidentifier() or not rel:
         raise ValueError(f"weights {url!r}: a packaged file is pkg:MODULE/relative/path (MODULE a top-level package)")
     wanted = pathlib.PurePosixPath(module, rel)
-    dists = _distributions_of(module)
+    found = _shipped(module, wanted)  # a distribution that ships MODULE/rel provides MODULE
+    if found:
+        return found
+    dists = _all_packages().get(module, ())
     for name in dists:
-        dist = importlib.metadata.distribution(name)
-        for file in dist.files or ():
-            if pathlib.PurePosixPath(file.as_posix()) == wanted:
-                return str(dist.locate_file(file))
+        found = _shipped(name, wanted)
+        if found:
+            return found
     where = f"the distribution(s) {', '.join(dists)}" if dists else "any installed distribution"
     raise ValueError(f"weights {url!r}: {rel!r} is not a file shipped in package {module!r} by {where}; "
                      "nothing was imported")

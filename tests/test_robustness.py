@@ -30,6 +30,7 @@ from pathlib import Path
 import apache_beam as beam
 import fsspec
 import numpy as np
+import PIL
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -986,6 +987,8 @@ def test_pkg_weights_never_import_the_module_a_config_names(tmp_path, monkeypatc
             registry.resolve_weights(url)
     assert not marker.exists()
     assert Path(registry.resolve_weights(registry.get("lite0").weights)).is_file()  # packaged weights still load
+    # a module whose distribution has another name (PIL, shipped by pillow) is found by the full scan
+    assert Path(registry.resolve_weights("pkg:PIL/__init__.py")).samefile(Path(PIL.__file__))
 
 
 def test_torch_floor_excludes_the_weights_only_bypass():
