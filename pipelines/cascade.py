@@ -19,6 +19,7 @@ if __name__ == "__main__":  # before Beam is imported: its import logs a warning
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import logging
 import os
@@ -483,7 +484,13 @@ def _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc) -
 
 
 def main() -> None:
+    # The objects made by importing torch and Beam live until the process ends: frozen, the cyclic garbage
+    # collector stops walking them again and again while records flow, and once more when the interpreter
+    # exits (about a second of each 2,000-record run here, benchmarks/README.md). Only the command line does
+    # this: an embedding program's collector is its own business.
+    gc.freeze()
     run(sys.argv[1:])
+    gc.freeze()  # what the run left behind too: the process ends here
 
 
 if __name__ == "__main__":
