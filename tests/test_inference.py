@@ -147,3 +147,48 @@ def test_loaded_model_decodes_encoded_images_on_its_device(sample_bytes):
     assert (got.argmax(1) == want.argmax(1)).sum() >= 5  # the decoded ones: a sub-pixel shift of the crop
     with pytest.raises(BadInput, match="Truncated"):
         model(mixed + [EncodedImage(sample_bytes[6][:500])])
+
+
+FREED_PROBE = """
+import ctypes, json, sys
+from models import inference
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+tuned = inference.keep_freed_memory() if sys.argv[1] == "tuned" else False
+before = libc.mallinfo2()
+blocks = [libc.malloc(16 << 20) for _ in range(4)]  # as large as a batch's activations
+mapped = libc.mallinfo2().hblks - before.hblks
+for block in blocks:
+    libc.free(block)
+kept = (libc.mallinfo2().fordblks - before.fordblks) / 2 ** 20
+print(json.dumps({"tuned": tuned, "mapped": mapped, "kept_mb": kept}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="glibc's malloc only")
+@pytest.mark.parametrize("mode", ["default", "tuned", "user_chose"])
+def test_freed_batches_stay_in_the_heap_for_the_next_one_unless_the_user_set_malloc(mode):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    if mode == "user_chose":
+        env["MALLOC_ARENA_MAX"] = "2"
+    out = subprocess.run([sys.executable, "-c", FREED_PROBE, "default" if mode == "default" else "tuned"],
+                         env=env, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["tuned"] is (mode == "tuned")
+    if mode == "tuned":  # from the heap, and kept there once freed
+        assert got["mapped"] == 0 and got["kept_mb"] >= 64
+    else:  # glibc's default: each block mapped alone and handed back to the kernel when freed
+        assert got["mapped"] == 4 and got["kept_mb"] < 16
