@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv and run the main job on the DirectRunner's engine (FnApiRunner) in this process, one worker
 # thread per core sharing one copy of each model (WORKERS=N to change the count; WORKERS=1: one worker;
-# MODE=multi_processing: one worker process per core instead, each loading the models).
+# MODE=multi_processing: one worker process per core instead, each loading the models). The threads run
+# in Beam's in_memory mode, not multi_threading, whose gRPC data plane can lose records (docs/RUNNERS.md).
 #   ./run_local.sh                        the Lite0 -> Lite1 -> Lite2 cascade over the embedded demo photos
 #   ./run_local.sh PROFILE [ARGS...]      a profile of configs/ (e.g. video_frames), then pipeline arguments
 #   ./run_local.sh --input 'imgs/*.jpg' --output out/mine stages.0.threshold=0.5
@@ -15,5 +16,5 @@ extra=()
 [[ " $* " == *" --output"* ]] || extra=(--output "out/$profile" --overwrite)
 workers=${WORKERS:-$(nproc)}
 runner=(--runner=FnApiRunner)
-[ "$workers" -gt 1 ] && runner+=("--direct_running_mode=${MODE:-multi_threading}" "--direct_num_workers=$workers")
+[ "$workers" -gt 1 ] && runner+=("--direct_running_mode=${MODE:-in_memory}" "--direct_num_workers=$workers")
 exec .venv/bin/python -m pipelines.cascade "${runner[@]}" --config "$profile" "${extra[@]}" "$@"

@@ -392,7 +392,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
 
 def _run(cfg, beam_args, profile, test_pipeline) -> dict:
     options = PipelineOptions(beam_args)
-    problems = runners.dataflow_problems(options)
+    problems = runners.dataflow_problems(options) + runners.local_problems(options)
     if problems:
         raise SystemExit("invalid pipeline options:\n  " + "\n  ".join(problems))
     dry_run = runners.is_dry_run(options)
@@ -403,10 +403,10 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
         except ValueError as err:
             raise SystemExit(f"invalid input: {err}") from None
     common.check_output_name(cfg.output)
-    threads = None
-    direct = options.view_as(DirectOptions)
-    if not cfg.torch_threads and direct.direct_running_mode in ("multi_processing", "multi_threading"):
-        threads = default_threads(direct.direct_num_workers or os.cpu_count() or 1)  # per worker, process or thread
+    threads, workers = None, runners.worker_count(options)
+    if not cfg.torch_threads and (workers > 1 or options.view_as(DirectOptions).direct_running_mode
+                                  == "multi_processing"):
+        threads = default_threads(workers)  # per worker, process or thread
     now = datetime.datetime.now(datetime.timezone.utc)
     started_utc = now.isoformat(timespec="seconds")
     # models too are validated before the output folder is touched (--overwrite)

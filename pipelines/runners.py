@@ -1,14 +1,18 @@
 """What the entry points know about particular runners: offline checks of a Dataflow GPU submission and
 the Dataflow dry run (``--runner=DataflowRunner --dry_run=True``), which builds and validates the whole
-job description without submitting it, so that a broken option fails on the laptop, not on the cloud."""
+job description without submitting it, so that a broken option fails on the laptop, not on the cloud; and
+the local runner's worker modes (``local_problems``, ``worker_count``)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from typing import Optional
 
 from apache_beam.options.pipeline_options import (
     DebugOptions,
+    DirectOptions,
     GoogleCloudOptions,
     PipelineOptions,
     StandardOptions,
@@ -37,6 +41,45 @@ def runner_name(options: PipelineOptions) -> str:
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     name = runner if isinstance(runner, str) else type(runner).__name__
     return name.rsplit(".", 1)[-1].lower().removesuffix("runner")
+
+
+LOCAL_RUNNERS = ("direct", "fnapi", "switchingdirect")
+LOSSY_THREADS = (
+    "--direct_running_mode=multi_threading can lose records: its worker threads send their output through "
+    "Beam's gRPC data plane, whose buffer a timer thread flushes (then clears) every second while the bundle "
+    "is still writing to it (apache_beam/runners/worker/data_plane.py, TimeBasedBufferingClosableOutputStream; "
+    "a 2,000-record run here once lost a prediction that way). Use --direct_running_mode=in_memory "
+    "--direct_num_workers=N: the same worker threads, each model loaded once and shared, with no data plane "
+    "in between (run_local.sh's default; docs/RUNNERS.md)")
+_IN_MEMORY_WORKERS_WARNING = "If direct_num_workers is not equal to 1, direct_running_mode should be"
+
+
+def worker_count(options: PipelineOptions) -> int:
+    """How many workers the local runner runs at once (``--direct_num_workers``; 0: one per core); 1 for
+    the runners that bring their own workers."""
+    if runner_name(options) not in LOCAL_RUNNERS:
+        return 1
+    workers = options.view_as(DirectOptions).direct_num_workers
+    return (os.cpu_count() or 1) if workers == 0 else max(1, workers or 1)
+
+
+class _DropInMemoryWorkersWarning(logging.Filter):
+    """Beam warns that ``in_memory`` with several workers lacks worker parallelism; it runs them in parallel
+    (FnApiRunner's ParallelBundleManager over one in-process worker each): the warning misleads here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_IN_MEMORY_WORKERS_WARNING)
+
+
+def local_problems(options: PipelineOptions) -> list[str]:
+    """What the local runner's options would get wrong: ``multi_threading``'s lossy data plane. Also quiets
+    Beam's warning about the mode used instead (``_DropInMemoryWorkersWarning``)."""
+    if runner_name(options) not in LOCAL_RUNNERS:
+        return []
+    logger = logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner")
+    if not any(isinstance(f, _DropInMemoryWorkersWarning) for f in logger.filters):
+        logger.addFilter(_DropInMemoryWorkersWarning())
+    return [LOSSY_THREADS] if options.view_as(DirectOptions).direct_running_mode == "multi_threading" else []
 
 
 def is_dry_run(options: PipelineOptions) -> bool:

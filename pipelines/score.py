@@ -40,7 +40,7 @@ from configs import schema
 from configs.plan import CascadePlan, StagePlan, TaskKind, build_plan, task_kind
 from models import registry
 from models.classifier import Failure
-from pipelines import common
+from pipelines import common, runners
 from pipelines.cascade import listed_inputs
 from transforms.io import DEAD, ReadInputs
 from transforms.outputs import WriteTable
@@ -176,8 +176,12 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     """Run the scoring job; returns its manifest (also written as ``manifest.json``)."""
     common.setup_logging()
     cfg, beam_args = parse(argv)
+    options = PipelineOptions(beam_args)
+    problems = runners.local_problems(options)
+    if problems:
+        raise SystemExit("invalid pipeline options:\n  " + "\n  ".join(problems))
     run_id = common.prepare_output(cfg.output, cfg.overwrite, TABLES)
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+    p = test_pipeline or beam.Pipeline(options=options)
     pool = build(p, cfg, build_plan(cfg), run_id)
     started = time.time()
     result = p.run()

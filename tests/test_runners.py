@@ -1,7 +1,8 @@
 """One cascade, several ways of running it: the tables must agree row for row.
 
 - in process: ``--runner=FnApiRunner`` (the reference),
-- worker threads sharing the models: ``--direct_running_mode=multi_threading --direct_num_workers=2``;
+- worker threads sharing the models: ``--direct_running_mode=in_memory --direct_num_workers=2`` (and
+  ``multi_threading``, whose data plane can lose records, refused);
 - separate worker processes: ``--direct_running_mode=multi_processing --direct_num_workers=2``,
 - Beam's portable job API: ``--runner=PortableRunner --environment_type=EXTERNAL`` against a job service
   and a worker pool that this file starts and stops (the Job API, artifact staging and Fn API harness
@@ -165,14 +166,26 @@ def test_multi_processing_matches_in_process(case, reference):
     assert_same_tables(tables(output), reference)
 
 
-def test_worker_threads_sharing_each_model_match_in_process(case, reference):
-    """``run_local.sh``'s default: two worker threads in one process, each model loaded once and shared by
-    both (torch one intra-op thread per worker); same tables as one worker, in both execution modes."""
+def test_worker_threads_sharing_each_model_match_in_process(case, reference, caplog):
+    """``run_local.sh``'s default: two worker threads in one process (Beam's ``in_memory`` mode with two
+    workers), each model loaded once and shared by both (torch one intra-op thread per worker); same tables
+    as one worker, in both execution modes."""
     for execution in ("fused", "staged"):
-        output = case["folder"] / f"multi_threading_{execution}"
-        cascade.run(cascade_argv(case, output, "--runner=FnApiRunner", "--direct_running_mode=multi_threading",
+        output = case["folder"] / f"worker_threads_{execution}"
+        cascade.run(cascade_argv(case, output, "--runner=FnApiRunner", "--direct_running_mode=in_memory",
                                  "--direct_num_workers=2", f"execution={execution}"))
         assert_same_tables(tables(output), reference)
+    setups = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage 1: loaded")]
+    assert len([m for m in setups if "fused" in m]) == 2, setups  # the fused step set up by both workers
+
+
+def test_multi_threading_whose_data_plane_can_lose_records_is_refused_before_any_work(case):
+    output = case["folder"] / "multi_threading"
+    with pytest.raises(SystemExit, match=r"multi_threading can lose records.*--direct_running_mode=in_memory "
+                                         r"--direct_num_workers=N"):
+        cascade.run(cascade_argv(case, output, "--runner=FnApiRunner", "--direct_running_mode=multi_threading",
+                                 "--direct_num_workers=2"))
+    assert not output.exists()
 
 
 def test_model_shared_per_machine_matches_in_process(case, reference, capfd):
