@@ -10,7 +10,7 @@ Beam side of each task is in ``transforms.tasks``.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from configs.schema import (
@@ -117,10 +117,13 @@ def task_kind(cfg: CascadeConfig) -> TaskKind:
             Granularity.VIDEO: TaskKind.VIDEO_CLIPS}[Granularity(cfg.video.granularity)]
 
 
-def build_plan(cfg: CascadeConfig, *, torch_threads: Optional[int] = None, check_models: bool = False) -> CascadePlan:
+def build_plan(cfg: CascadeConfig, *, torch_threads: Optional[int] = None, check_models: bool = False,
+               keep_models: bool = False) -> CascadePlan:
     """The plan of ``cfg`` (already validated). ``check_models`` builds each model with its weights and runs
     it once, so that a checkpoint that does not fit (shapes, class count) fails here, before any work, with a
-    ``ConfigError`` naming the stage. ``torch_threads`` replaces the config's value (the runner decides)."""
+    ``ConfigError`` naming the stage. ``keep_models``: the check loads each model as its stage will (on its
+    device) and keeps it for the stage's first load in this process (``Classifier.check``): for runs whose
+    workers are threads of this process. ``torch_threads`` replaces the config's value (the runner decides)."""
     specs = stage_specs(cfg)
     settings = RunSettings(Confidence(cfg.confidence), Aggregation(cfg.aggregation), cfg.decode, cfg.device,
                            ModelSharing(cfg.model_sharing),
@@ -131,14 +134,18 @@ def build_plan(cfg: CascadeConfig, *, torch_threads: Optional[int] = None, check
     views = video.views if kind is TaskKind.VIDEO_CLIPS else 1
     stages = []
     for i, (stage, spec) in enumerate(zip(cfg.stages, specs)):
+        last = i == len(cfg.stages) - 1
+        planned = StagePlan(i + 1, spec, None if last else stage.threshold, 0.0,
+                            stage.batch_size, Precision(stage.precision), stage.channels_last, stage.compile,
+                            settings, None if last else stage.escalate,
+                            tuple(sorted((k, str(v)) for k, v in stage.resources.items())))
         if check_models:
             try:
-                registry.check_output(spec, registry.build(spec))
+                if keep_models:
+                    planned.classifier().check(keep=True)
+                else:
+                    registry.check_output(spec, registry.build(spec))
             except Exception as err:  # any way a model fails to build or run once is the config's, found before work
                 raise ConfigError(f"stages.{i}.model: {err or type(err).__name__}") from None
-        last = i == len(cfg.stages) - 1
-        stages.append(StagePlan(i + 1, spec, None if last else stage.threshold, registry.gmacs(spec) * views,
-                                stage.batch_size, Precision(stage.precision), stage.channels_last, stage.compile,
-                                settings, None if last else stage.escalate,
-                                tuple(sorted((k, str(v)) for k, v in stage.resources.items()))))
+        stages.append(replace(planned, gmacs=registry.gmacs(spec) * views))  # measured once the model is known good
     return CascadePlan(kind, tuple(stages), settings, video, execution=execution_of(cfg))

@@ -101,6 +101,14 @@ def failure_reason(err: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+_CHECKED: dict[str, LoadedModel] = {}  # repr(Classifier) -> its model, checked and kept for its first load()
+
+
+def release_checked() -> None:
+    """Drop the models ``Classifier.check(keep=True)`` kept that no ``load`` took (a run that ended early)."""
+    _CHECKED.clear()
+
+
 @dataclass(frozen=True)
 class Classifier:
     """One registry model at one resolution, with how to load and feed it.
@@ -126,12 +134,25 @@ class Classifier:
     batch_size: int = 0
 
     def load(self) -> LoadedModel:
+        """The model on its device; the one ``check(keep=True)`` loaded in this process, if any (once)."""
         if self.threads > 0:
             torch.set_num_threads(self.threads)
+        kept = _CHECKED.pop(repr(self), None)
+        if kept is not None:
+            return kept
         device = inference.resolve_device(self.device)
         module = inference.load(self.spec, device, channels_last=self.channels_last, compile=self.compile)
         return LoadedModel(module, device, self.spec, channels_last=self.channels_last, precision=self.precision,
                            target=self.target)
+
+    def check(self, keep: bool = False) -> None:
+        """Load the model as ``load`` does and run it once on a blank input (``registry.check_output``).
+        ``keep``: hold it for this process's first ``load`` of an equal classifier, so that a run whose
+        workers are threads of this process builds each model once, not twice (``release_checked``)."""
+        loaded = self.load()
+        registry.check_output(self.spec, loaded.module)
+        if keep:
+            _CHECKED[repr(self)] = loaded
 
     def classify(self, model, batch: Sequence[Example]) -> list[np.ndarray | Failure]:
         """``model`` (a ``LoadedModel``, or a proxy of one) over ``batch``: per example, logits or a Failure."""

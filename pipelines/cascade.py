@@ -35,6 +35,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 from configs import estimate, schema
 from configs.plan import CascadePlan, TaskKind, build_plan
 from configs.schema import Execution
+from models.classifier import release_checked
 from pipelines import common, runners
 from transforms.fused import FusedCascade
 from transforms.io import DEAD, ReadInputs, check_source, count_inputs, extra_fields
@@ -115,11 +116,12 @@ def parse(argv: Optional[Sequence[str]]) -> tuple[schema.CascadeConfig, list[str
     return cfg, beam_args, args.config, args.plan
 
 
-def plan(cfg: schema.CascadeConfig, torch_threads: Optional[int] = None) -> CascadePlan:
+def plan(cfg: schema.CascadeConfig, torch_threads: Optional[int] = None, keep_models: bool = False) -> CascadePlan:
     """The run's plan; every stage's model is built with its weights and run once first, so that a
-    checkpoint that does not fit (shapes, class count) fails here, before any work, naming the stage."""
+    checkpoint that does not fit (shapes, class count) fails here, before any work, naming the stage.
+    ``keep_models``: the workers are threads of this process, which take the checked models as they are."""
     try:
-        return build_plan(cfg, torch_threads=torch_threads, check_models=True)
+        return build_plan(cfg, torch_threads=torch_threads, check_models=True, keep_models=keep_models)
     except schema.ConfigError as err:
         raise SystemExit(f"invalid config: {err}") from None
 
@@ -410,15 +412,19 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
     now = datetime.datetime.now(datetime.timezone.utc)
     started_utc = now.isoformat(timespec="seconds")
     # models too are validated before the output folder is touched (--overwrite)
-    run_plan = dataclasses.replace(plan(cfg, threads), run_id=common.new_run_id(now))
-    task = run_task(cfg, run_plan, not dry_run)  # a manifest column clashing with ours is refused before any work
-    if dry_run:
-        return _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc)
-    common.prepare_output(cfg.output, cfg.overwrite, ALL_TABLE_NAMES, run_plan.run_id, keep_committed=cfg.skip_done)
     try:
-        return _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc)
+        run_plan = dataclasses.replace(plan(cfg, threads, runners.in_process(options)), run_id=common.new_run_id(now))
+        task = run_task(cfg, run_plan, not dry_run)  # a manifest column clashing with ours is refused before work
+        if dry_run:
+            return _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc)
+        common.prepare_output(cfg.output, cfg.overwrite, ALL_TABLE_NAMES, run_plan.run_id,
+                              keep_committed=cfg.skip_done)
+        try:
+            return _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc)
+        finally:
+            common.release_output(cfg.output, run_plan.run_id)
     finally:
-        common.release_output(cfg.output, run_plan.run_id)
+        release_checked()  # the checked models no worker took
 
 
 def _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc) -> dict:

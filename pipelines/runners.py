@@ -71,6 +71,12 @@ class _DropInMemoryWorkersWarning(logging.Filter):
         return not str(record.msg).startswith(_IN_MEMORY_WORKERS_WARNING)
 
 
+def in_process(options: PipelineOptions) -> bool:
+    """Whether the workers are threads of this very process: the local runner in its ``in_memory`` mode."""
+    return (runner_name(options) in LOCAL_RUNNERS
+            and options.view_as(DirectOptions).direct_running_mode == "in_memory")
+
+
 def local_problems(options: PipelineOptions) -> list[str]:
     """What the local runner's options would get wrong: ``multi_threading``'s lossy data plane. Also quiets
     Beam's warning about the mode used instead (``_DropInMemoryWorkersWarning``)."""
