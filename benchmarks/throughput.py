@@ -9,7 +9,7 @@ runs in a fresh process, ``--repeats`` times, in rotating order so that drifts o
 on all of them alike:
 
 - ``pipeline_cascade``: ``python -m pipelines.cascade --config lite_cascade --runner=FnApiRunner
-  --direct_running_mode=multi_threading --direct_num_workers=W`` (W = ``--workers``, the machine's cores by
+  --direct_running_mode=in_memory --direct_num_workers=W`` (W = ``--workers``, the machine's cores by
   default; one process, W worker threads sharing each model, one torch thread each: what ``run_local.sh``
   runs), in the default execution mode (fused: decode once); the
   Lite0@224 -> Lite1@240 -> Lite2@260 cascade with the thresholds calibrated to match Lite2@260's accuracy
@@ -31,7 +31,17 @@ predicted the same classes at the same stages, prints the peak RSS of the pipeli
 16x ``--memory_base`` records, and as its last lines the ratios of the issue: ``beam_overhead_ratio``
 (pipeline cascade / plain loop), ``cascade_vs_solitary_ratio`` (pipeline cascade / Lite2 alone) and
 ``gmacs_ratio`` (the cascade's average GMACs per record / Lite2's, from the same run's exit_stats), after
-``staged_vs_fused_ratio``, ``processes_vs_threads_ratio`` and ``one_process_vs_workers_ratio``.
+``staged_vs_fused_ratio``, ``processes_vs_threads_ratio`` and ``one_process_vs_workers_ratio``, and two
+that say where ``cascade_vs_solitary_ratio`` comes from:
+
+- ``per_record_ratio``: the cascade's cost per record beyond start-up over Lite2's, from runs of
+  ``--startup_records`` (16) records of both in the same rotation: (time at ``--records`` - time at 16) /
+  (``--records`` - 16). What a job of millions of records pays per record, start-up amortised;
+- ``models_alone_ratio``: the forward passes alone (``models_alone``, a fresh process: each stage's model
+  on random crops in batches of its size, W threads at once), weighted by how many records reached each
+  stage in the cascade's run, over Lite2's on every record: the ratio if reading, decoding, Beam and
+  start-up cost nothing. Where it is above ``gmacs_ratio``, the models themselves do not cost what their
+  GMACs say on this machine.
 ``--device cuda`` runs the same comparison on a GPU machine (nvJPEG decode, bf16, batches of 256) and also
 prints records/s end to end.
 """
@@ -102,7 +112,7 @@ def command(variant: str, manifest: str, output: str, device: str, profile: str,
         overrides.append("execution=staged")
     runner = ["--runner=FnApiRunner"]
     if variant != "pipeline_1proc" and workers > 1:
-        mode = "multi_processing" if variant == "pipeline_processes" else "multi_threading"
+        mode = "multi_processing" if variant == "pipeline_processes" else "in_memory"
         runner += [f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
     return [sys.executable, "-m", "pipelines.cascade", "--config", config, "--input", manifest, "--output", output,
             *runner, *overrides]
@@ -206,6 +216,50 @@ def plain_shard(manifest: str, output: str, device: str, profile: str, shard: in
     print(f"plain loop shard {shard}/{shards}: {len(rows)} predictions, {dead} undecodable")
 
 
+def models_alone(device: str, profile: str, workers: int, rounds: int = 3, batches: int = 6) -> dict[str, float]:
+    """Each stage's forward pass alone, ms per image: ``workers`` threads (one torch thread each, as in the
+    pipelines) each run ``batches`` batches of the stage's size on random crops, ``rounds`` times in turn
+    with the other stages (median); no reading, decoding, Beam or start-up. Run in a fresh process."""
+    import threading
+
+    import numpy as np
+    import torch
+
+    from configs import schema
+    from models import inference
+
+    cfg = schema.load(profile, device_overrides(device, stage_count(profile)))
+    specs = schema.stage_specs(cfg)
+    dev = inference.resolve_device(cfg.device)
+    torch.set_num_threads(cfg.torch_threads or 1)
+    models = [inference.load(spec, dev, channels_last=stage.channels_last, compile=stage.compile)
+              for stage, spec in zip(cfg.stages, specs)]
+    rng = np.random.default_rng(0)
+    crops = [[rng.integers(0, 256, (spec.input.resolution,) * 2 + (3,), dtype=np.uint8)
+              for _ in range(stage.batch_size)] for stage, spec in zip(cfg.stages, specs)]
+    times: dict[str, list[float]] = {spec.key: [] for spec in specs}
+
+    def work(k: int) -> None:
+        stage = cfg.stages[k]
+        for _ in range(batches):
+            inference.forward(models[k], specs[k], crops[k], channels_last=stage.channels_last,
+                              precision=stage.precision, device=dev)
+
+    for k in range(len(specs)):
+        work(k)  # warm
+    for _ in range(rounds):
+        for k, spec in enumerate(specs):
+            threads = [threading.Thread(target=work, args=(k,)) for _ in range(workers)]
+            started = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            per_image = (time.perf_counter() - started) / (workers * batches * cfg.stages[k].batch_size)
+            times[spec.key].append(per_image * 1e3 * workers)  # core-ms (per worker) per image
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
 def table(output: str) -> dict:
     import pyarrow.parquet as pq
 
@@ -240,6 +294,22 @@ def gmacs(output: str) -> tuple[str, float]:
             run["avg_gmacs"] / run["last_model_gmacs"])
 
 
+def models_line(output: str, args: argparse.Namespace) -> float:
+    """The cascade's models alone against Lite2's (``models_alone`` in a fresh process), weighted by how
+    many records reached each stage in ``output``: the ratio with nothing but the forward passes."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_models", "--device", args.device,
+                           "--config", args.config, "--workers", str(args.workers)], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    per_image = json.loads(proc.stdout.strip().splitlines()[-1])
+    stages = list(table(output).values())
+    reached = [sum(stage >= k for _, stage in stages) for k in range(1, len(per_image) + 1)]
+    last = list(per_image.values())[-1]
+    print("models alone, ms per image per worker (forward passes of the stage's batch size on random crops, "
+          f"{args.workers} workers at once): " + ", ".join(f"{k} {v:.1f}" for k, v in per_image.items())
+          + f"; records reaching each stage {'/'.join(map(str, reached))}")
+    return sum(n * t for n, t in zip(reached, per_image.values())) / (len(stages) * last)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=2000, help="records per timed run (the sample repeated)")
@@ -251,6 +321,9 @@ def main() -> None:
     parser.add_argument("--sample", default=SAMPLE, help="folder with labels.csv and images/")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which of them to run (pipeline_cascade "
                         "always runs; the ratios need plain_loop and pipeline_lite2)")
+    parser.add_argument("--startup_records", type=int, default=16, help="records of the start-up runs of the "
+                        "cascade and Lite2 alone (each repeat), for their cost per record beyond start-up; 0 skips")
+    parser.add_argument("--_models", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_plain", help=argparse.SUPPRESS)
     parser.add_argument("--_output", help=argparse.SUPPRESS)
     parser.add_argument("--_shard", help=argparse.SUPPRESS)
@@ -260,6 +333,8 @@ def main() -> None:
         return plain_shard(args._plain, args._output, args.device, args.config, shard, shards)
     if args._plain:
         return plain_loop(args._plain, args._output, args.device, args.config, args.workers)
+    if args._models:
+        return print(json.dumps(models_alone(args.device, args.config, args.workers)))
 
     variants = ["pipeline_cascade"] + [v for v in args.variants.split(",") if v in VARIANTS and v != "pipeline_cascade"]
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, device {args.device}; "
@@ -269,22 +344,29 @@ def main() -> None:
         manifest, lite2_yaml = os.path.join(tmp, "manifest.csv"), os.path.join(tmp, "lite2.yaml")
         write_manifest(manifest, args.sample, args.records)
         solitary_profile(lite2_yaml, args.config)
-        times = {v: [] for v in variants}
+        small = os.path.join(tmp, "startup.csv")
+        write_manifest(small, args.sample, args.startup_records)
+        startup = [v for v in ("pipeline_cascade", "pipeline_lite2") if v in variants] if args.startup_records else []
+        runs = [(v, manifest, args.records) for v in variants] + [(v, small, args.startup_records) for v in startup]
+        times = {(v, n): [] for v, _, n in runs}
         for repeat in range(args.repeats):
-            shift = repeat % len(variants)
-            for variant in variants[shift:] + variants[:shift]:
-                out = os.path.join(tmp, f"{variant}-{repeat}")
-                seconds, _ = timed(command(variant, manifest, out, args.device, args.config, lite2_yaml, args.workers))
-                times[variant].append(seconds)
-                print(f"repeat {repeat + 1}: {variant:17s} {seconds:8.1f} s  {args.records / seconds:7.1f} records/s",
-                      flush=True)
-        print("\n".join(agreement({v: os.path.join(tmp, f"{v}-0") for v in variants})))
-        stage_gmacs, gmacs_ratio = gmacs(os.path.join(tmp, "pipeline_cascade-0"))
+            shift = repeat % len(runs)
+            for variant, source, n in runs[shift:] + runs[:shift]:
+                out = os.path.join(tmp, f"{variant}-{n}-{repeat}")
+                seconds, _ = timed(command(variant, source, out, args.device, args.config, lite2_yaml, args.workers))
+                times[variant, n].append(seconds)
+                print(f"repeat {repeat + 1}: {variant:17s} {n:6d} records {seconds:8.1f} s  {n / seconds:7.1f} "
+                      "records/s", flush=True)
+        outputs = {v: os.path.join(tmp, f"{v}-{args.records}-0") for v in variants}
+        print("\n".join(agreement(outputs)))
+        stage_gmacs, gmacs_ratio = gmacs(outputs["pipeline_cascade"])
         print(f"GMACs per record (multiply-adds x1e9) by stage: {stage_gmacs}")
-        medians = {v: statistics.median(t) for v, t in times.items()}
-        for variant, median in medians.items():
-            print(f"median {variant:17s} {median:8.1f} s  {args.records / median:7.1f} records/s "
-                  f"(runs: {', '.join(f'{t:.1f}' for t in times[variant])})")
+        all_medians = {key: statistics.median(t) for key, t in times.items()}
+        for (variant, n), median in all_medians.items():
+            print(f"median {variant:17s} {n:6d} records {median:8.1f} s  {n / median:7.1f} records/s "
+                  f"(runs: {', '.join(f'{t:.1f}' for t in times[variant, n])})")
+        medians = {v: all_medians[v, args.records] for v in variants}
+        alone = models_line(outputs["pipeline_cascade"], args) if "pipeline_lite2" in variants else None
         if args.memory_base:
             peaks = {}
             for factor in (1, 4, 16):
@@ -304,6 +386,15 @@ def main() -> None:
     if "plain_loop" in medians:
         print(f"beam_overhead_ratio={cascade / medians['plain_loop']:.3f}")
     if "pipeline_lite2" in medians:
+        if startup:
+            beyond = {v: (medians[v] - all_medians[v, args.startup_records]) / (args.records - args.startup_records)
+                      for v in startup}
+            first = {v: all_medians[v, args.startup_records] for v in startup}
+            print(f"start-up ({args.startup_records} records): cascade {first[startup[0]]:.1f} s, Lite2 alone "
+                  f"{first[startup[1]]:.1f} s; beyond it, per record: "
+                  f"cascade {beyond[startup[0]] * 1e3:.1f} ms, Lite2 alone {beyond[startup[1]] * 1e3:.1f} ms")
+            print(f"per_record_ratio={beyond[startup[0]] / beyond[startup[1]]:.3f}")
+        print(f"models_alone_ratio={alone:.3f}")
         print(f"cascade_vs_solitary_ratio={cascade / medians['pipeline_lite2']:.3f}")
     print(f"gmacs_ratio={gmacs_ratio:.3f}")
 
