@@ -135,7 +135,7 @@ def measure_figures(config: str, n_images: int, threads: int, sample: str, path:
         figures = json.load(fh)
     figures["machines"]["cpu"] = {
         "kind": "cpu",
-        "machine": f"{os.cpu_count()}-core {platform.machine()} {platform.processor() or ''}, "
+        "machine": f"{' '.join(filter(None, (f'{os.cpu_count()}-core', platform.machine(), platform.processor())))}, "
                    f"torch {torch.__version__}, one process, {threads} torch threads, fp32, the config's batch sizes",
         "date": datetime.date.today().isoformat(),
         "cores": threads,
