@@ -346,7 +346,8 @@ def main() -> None:
         solitary_profile(lite2_yaml, args.config)
         small = os.path.join(tmp, "startup.csv")
         write_manifest(small, args.sample, args.startup_records)
-        startup = [v for v in ("pipeline_cascade", "pipeline_lite2") if v in variants] if args.startup_records else []
+        startup = (["pipeline_cascade", "pipeline_lite2"]  # only compared with each other: both or neither
+                   if args.startup_records and "pipeline_lite2" in variants else [])
         runs = [(v, manifest, args.records) for v in variants] + [(v, small, args.startup_records) for v in startup]
         times = {(v, n): [] for v, _, n in runs}
         for repeat in range(args.repeats):

@@ -394,9 +394,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
 
 def _run(cfg, beam_args, profile, test_pipeline) -> dict:
     options = PipelineOptions(beam_args)
-    problems = runners.dataflow_problems(options) + runners.local_problems(options)
-    if problems:
-        raise SystemExit("invalid pipeline options:\n  " + "\n  ".join(problems))
+    runners.refuse(runners.dataflow_problems(options) + runners.local_problems(options))
     dry_run = runners.is_dry_run(options)
     p = test_pipeline or beam.Pipeline(options=options)  # Beam validates the options here, before any work
     if not dry_run:

@@ -24,6 +24,7 @@ import pyarrow.dataset as ds
 from apache_beam.options import pipeline_options
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+from pipelines import drop_warning, runners
 from transforms.tables import ALL_TABLE_NAMES
 
 MANIFEST = "manifest.json"  # the latest committed run's manifest
@@ -82,6 +83,7 @@ def split_argv(
 def setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cascade").setLevel(logging.INFO)
+    drop_warning(runners.FN_RUNNER_LOGGER, runners.IN_MEMORY_WORKERS_WARNING)
 
 
 def check_output_name(output: str) -> None:

@@ -6,7 +6,6 @@ the local runner's worker modes (``local_problems``, ``worker_count``)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Optional
 
@@ -51,41 +50,41 @@ LOSSY_THREADS = (
     "a 2,000-record run here once lost a prediction that way). Use --direct_running_mode=in_memory "
     "--direct_num_workers=N: the same worker threads, each model loaded once and shared, with no data plane "
     "in between (run_local.sh's default; docs/RUNNERS.md)")
-_IN_MEMORY_WORKERS_WARNING = "If direct_num_workers is not equal to 1, direct_running_mode should be"
+# Beam warns that in_memory with several workers lacks worker parallelism; it runs them in parallel
+# (FnApiRunner's ParallelBundleManager over one in-process worker each), so the warning misleads here and
+# common.setup_logging drops it.
+FN_RUNNER_LOGGER = "apache_beam.runners.portability.fn_api_runner.fn_runner"
+IN_MEMORY_WORKERS_WARNING = "If direct_num_workers is not equal to 1, direct_running_mode should be"
 
 
 def worker_count(options: PipelineOptions) -> int:
     """How many workers the local runner runs at once (``--direct_num_workers``; 0: one per core); 1 for
     the runners that bring their own workers."""
-    if runner_name(options) not in LOCAL_RUNNERS:
+    if local_mode(options) is None:
         return 1
     workers = options.view_as(DirectOptions).direct_num_workers
     return (os.cpu_count() or 1) if workers == 0 else max(1, workers or 1)
 
 
-class _DropInMemoryWorkersWarning(logging.Filter):
-    """Beam warns that ``in_memory`` with several workers lacks worker parallelism; it runs them in parallel
-    (FnApiRunner's ParallelBundleManager over one in-process worker each): the warning misleads here."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_IN_MEMORY_WORKERS_WARNING)
+def local_mode(options: PipelineOptions) -> Optional[str]:
+    """The local runner's ``--direct_running_mode``; None for the runners that bring their own workers."""
+    return options.view_as(DirectOptions).direct_running_mode if runner_name(options) in LOCAL_RUNNERS else None
 
 
 def in_process(options: PipelineOptions) -> bool:
     """Whether the workers are threads of this very process: the local runner in its ``in_memory`` mode."""
-    return (runner_name(options) in LOCAL_RUNNERS
-            and options.view_as(DirectOptions).direct_running_mode == "in_memory")
+    return local_mode(options) == "in_memory"
 
 
 def local_problems(options: PipelineOptions) -> list[str]:
-    """What the local runner's options would get wrong: ``multi_threading``'s lossy data plane. Also quiets
-    Beam's warning about the mode used instead (``_DropInMemoryWorkersWarning``)."""
-    if runner_name(options) not in LOCAL_RUNNERS:
-        return []
-    logger = logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner")
-    if not any(isinstance(f, _DropInMemoryWorkersWarning) for f in logger.filters):
-        logger.addFilter(_DropInMemoryWorkersWarning())
-    return [LOSSY_THREADS] if options.view_as(DirectOptions).direct_running_mode == "multi_threading" else []
+    """What the local runner's options would get wrong: ``multi_threading``'s lossy data plane."""
+    return [LOSSY_THREADS] if local_mode(options) == "multi_threading" else []
+
+
+def refuse(problems: list[str]) -> None:
+    """Stop before any work if the options have problems, listing them."""
+    if problems:
+        raise SystemExit("invalid pipeline options:\n  " + "\n  ".join(problems))
 
 
 def is_dry_run(options: PipelineOptions) -> bool:

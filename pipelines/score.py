@@ -177,9 +177,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     common.setup_logging()
     cfg, beam_args = parse(argv)
     options = PipelineOptions(beam_args)
-    problems = runners.local_problems(options)
-    if problems:
-        raise SystemExit("invalid pipeline options:\n  " + "\n  ".join(problems))
+    runners.refuse(runners.local_problems(options))
     run_id = common.prepare_output(cfg.output, cfg.overwrite, TABLES)
     p = test_pipeline or beam.Pipeline(options=options)
     pool = build(p, cfg, build_plan(cfg), run_id)
