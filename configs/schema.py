@@ -124,6 +124,8 @@ class CalibrationInfo:
     agreement_reference: Optional[str] = None  # label-free targets: the entry or ensemble agreed with
     heldout_agreement: Optional[float] = None  # share of held-out records predicted as the reference predicts
     agreement_margin: Optional[float] = None
+    # the cascade these figures were measured for (``signature``): they describe a run only when it is the same
+    cascade: Optional[str] = None
 
 
 @dataclass
@@ -259,6 +261,34 @@ def stage_spec(cfg: CascadeConfig, index: int) -> registry.ModelSpec:
 def stage_specs(cfg: CascadeConfig) -> list[registry.ModelSpec]:
     """The spec of each stage, at the stage's resolution."""
     return [stage_spec(cfg, i) for i in range(len(cfg.stages))]
+
+
+def signature(cfg: CascadeConfig) -> str:
+    """What decides a cascade's exits, in one line: each stage's model, resolution and threshold (or budget),
+    the confidence function and the aggregation. Two configs of one signature route every record alike."""
+    stages = []
+    last = len(cfg.stages) - 1
+    for i, (spec, stage) in enumerate(zip(stage_specs(cfg), cfg.stages)):
+        rule = ("" if i == last else f" escalate {stage.escalate:.6g}" if stage.escalate is not None
+                else f" >= {stage.threshold:.6f}")
+        stages.append(f"{spec.key}{rule}")
+    confidence = Confidence(cfg.confidence).name.lower()
+    aggregation = Aggregation(cfg.aggregation).name.lower()
+    return f"{' -> '.join(stages)}; confidence {confidence}; aggregation {aggregation}"
+
+
+def calibration_mismatch(cfg: CascadeConfig) -> Optional[str]:
+    """Why the config's ``calibration:`` figures do not describe a run of this config (None when they do): its
+    stages, models, resolutions, thresholds, confidence or aggregation are not the calibrated ones."""
+    cal = cfg.calibration
+    if cal is None:
+        return "the config has no calibration block"
+    if not cal.cascade:
+        return "the calibration block does not record the cascade it was measured for (calibration.cascade)"
+    mine = signature(cfg)
+    if mine != cal.cascade:
+        return f"this config's cascade ({mine}) is not the calibrated one ({cal.cascade})"
+    return None
 
 
 def sampling_plan(video: VideoConfig) -> SamplingPlan:
