@@ -14,7 +14,7 @@ import argparse
 import math
 import sys
 
-from pipelines import common
+from pipelines.folder import RunFolder
 from transforms.tables import ALL_TABLE_NAMES
 
 KEYS = {"predictions": ("id",), "video_predictions": ("video_id",), "exit_stats": ("stage",),
@@ -34,7 +34,7 @@ def compare_table(run_a: str, run_b: str, name: str, atol: float = 0.0) -> list[
     """Differences between table ``name`` of two runs, in words (empty: identical)."""
     rows = []
     for run in (run_a, run_b):
-        table = common.read_table(run, name) if common.count_rows(run, name) else None
+        table = RunFolder(run).read(name) if RunFolder(run).count_rows(name) else None
         rows.append([] if table is None else table.to_pylist())
     a, b = rows
     key = KEYS[name]
@@ -64,11 +64,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     failed = False
     for name in (*ALL_TABLE_NAMES,):
-        if not (common.count_rows(args.run_a, name) or common.count_rows(args.run_b, name)):
+        if not (RunFolder(args.run_a).count_rows(name) or RunFolder(args.run_b).count_rows(name)):
             continue
         problems = compare_table(args.run_a, args.run_b, name, args.atol)
-        rows = common.count_rows(args.run_a, name)
-        print(f"{name}: {rows} rows in A, {common.count_rows(args.run_b, name)} in B: "
+        rows = RunFolder(args.run_a).count_rows(name)
+        print(f"{name}: {rows} rows in A, {RunFolder(args.run_b).count_rows(name)} in B: "
               + ("identical" if not problems else f"{len(problems)} differences"))
         for line in problems[:20]:
             print("  " + line)

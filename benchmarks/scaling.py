@@ -89,12 +89,12 @@ def check_run(output: str, n_images: int, threads: int) -> list[float]:
     import fsspec
     from omegaconf import OmegaConf
 
-    from pipelines import common
+    from pipelines.folder import RunFolder
     from transforms.io import list_source
 
-    stats = sorted((r for r in common.read_table(output, "exit_stats").to_pylist() if r["stage"] >= 1),
+    stats = sorted((r for r in RunFolder(output).read("exit_stats").to_pylist() if r["stage"] >= 1),
                    key=lambda r: r["stage"])
-    manifest = common.read_manifest(output)
+    manifest = RunFolder(output).record()
     config = OmegaConf.create(manifest["config"])
     total = stats[0]["records_in"]
     reach = [s["records_in"] / total for s in stats]

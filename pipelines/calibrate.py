@@ -53,6 +53,7 @@ from configs import schema
 from models import calibration as cal
 from models import committee, registry
 from pipelines import common
+from pipelines.folder import write_json
 from pipelines.pool import frontier_rows, load_pool, markdown_table
 
 FRONTIER_SCHEMA = pa.schema(
@@ -411,7 +412,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "calibration": None if block is None else dataclasses.asdict(block), "config": config_out,
         "search": {"sequences": result.sequences, "grid_points": result.grid_points, "strategy": args.strategy},
     }
-    common.write_json(args.output, "calibration.json", summary)
+    write_json(args.output, "calibration.json", summary)
     if not args.no_plots:
         from pipelines import report
 

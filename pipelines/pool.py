@@ -11,14 +11,14 @@ import numpy as np
 import pyarrow as pa
 
 from models import calibration as cal
-from pipelines import common
+from pipelines.folder import RunFolder
 
 
 def load_pool(scores: str, models: Sequence[str] | None = None, families: dict[str, str] | None = None,
               keep_ids: set[str] | None = None) -> tuple[cal.Pool, dict]:
     """The scores table as a Pool: records scored by every entry (others are counted and dropped). Records
     without a label keep label -1 (label-free targets need none). ``info`` holds the ids and uris."""
-    table = common.read_table(scores, "scores")
+    table = RunFolder(scores).read("scores")
     ids = table.column("id").to_pylist()
     keys = table.column("model").to_pylist()
     wanted = list(dict.fromkeys(keys)) if not models else list(dict.fromkeys(models))

@@ -4,7 +4,7 @@ self-contained ``report.html`` (images inlined), with its plots beside them. Cal
 
 The report is a list of blocks (headings, paragraphs, tables, images, warnings) rendered twice, so that the
 Markdown and the HTML say the same. Figures come from the run's committed tables only
-(``pipelines.common.read_table`` with the run's id); a folder without a committed run is refused.
+(``pipelines.folder.RunFolder.read`` with the run's id); a folder without a committed run is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from pipelines import common
+from pipelines.folder import RunFolder
 
 DRIFT_MARGIN = 0.05  # exit ratios further than this from the calibration's (absolute) are flagged
 TOP_CONFUSIONS = 10
@@ -240,7 +240,7 @@ class Tallies:
 def tally_predictions(run_output: str, run_id: str) -> Tallies:
     tallies = Tallies()
     columns = ["label", "label_name", "pred_class", "pred_name", "confidence", "exit_stage"]
-    for batch in common.table_batches(run_output, "predictions", columns, REPORT_BATCH_ROWS, [run_id]):
+    for batch in RunFolder(run_output).batches("predictions", columns, REPORT_BATCH_ROWS, [run_id]):
         tallies.add(batch)
     return tallies
 
@@ -351,7 +351,7 @@ def tally_dead_letters(run_output: str, run_id: str) -> dict[str, DeadLetterTall
     """The run's dead letters by category, read a batch at a time."""
     out: dict[str, DeadLetterTally] = {}
     columns = ["category", "stage", "uri", "error"]
-    for batch in common.table_batches(run_output, "dead_letter", columns, REPORT_BATCH_ROWS, [run_id]):
+    for batch in RunFolder(run_output).batches("dead_letter", columns, REPORT_BATCH_ROWS, [run_id]):
         for d in batch.to_pylist():
             tally = out.setdefault(d["category"], DeadLetterTally())
             tally.records += 1
@@ -366,9 +366,10 @@ def tally_dead_letters(run_output: str, run_id: str) -> dict[str, DeadLetterTall
 def build_report(run_output: str, run_id: Optional[str] = None,
                  margin: float = DRIFT_MARGIN) -> tuple[list, dict[str, bytes], dict]:
     """(blocks, PNGs by name, figures) of a committed run; FileNotFoundError for a folder without one."""
-    manifest = common.read_manifest(run_output, run_id)
+    folder = RunFolder(run_output)
+    manifest = folder.record(run_id)
     run_id = manifest["run_id"]
-    stats = sorted(common.read_table(run_output, "exit_stats", [run_id]).to_pylist(), key=lambda s: s["stage"])
+    stats = sorted(folder.read("exit_stats", [run_id]).to_pylist(), key=lambda s: s["stage"])
     tallies = tally_predictions(run_output, run_id)
     dead = tally_dead_letters(run_output, run_id)
     config = yaml.safe_load(manifest["config"]) or {}
@@ -382,7 +383,7 @@ def build_report(run_output: str, run_id: Optional[str] = None,
                        f"{manifest.get('finished_utc', '?')} ({manifest['wall_seconds']:.0f} s); config "
                        f"`{manifest.get('profile')}` over `{config.get('input', '?')}`; runner flags "
                        f"`{' '.join(manifest.get('beam_args') or []) or '(none)'}`."))
-    incomplete = common.incomplete_runs(run_output)
+    incomplete = folder.incomplete_runs()
     if incomplete:
         blocks.append(Alert(f"This folder also holds files of {len(incomplete)} run(s) that never committed "
                                f"({', '.join(sorted(incomplete))}): interrupted or still running. They are not "

@@ -34,19 +34,17 @@ from collections.abc import Sequence
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from configs import schema
-from configs.plan import CascadePlan, StagePlan, TaskKind, build_plan, task_kind
+from configs.plan import StagePlan, TaskKind, task_kind
 from models import registry
 from models.classifier import Failure
-from pipelines import common, runners
-from pipelines.cascade import listed_inputs
+from pipelines import common, job, summary
+from pipelines.folder import RunFolder
 from transforms.io import DEAD, ReadInputs
 from transforms.outputs import WriteTable
 from transforms.records import DeadLetter
 from transforms.tables import DEAD_LETTER, Table
-from transforms.tasks import task_for
 
 SCORES = Table("scores", pa.schema(
     [
@@ -131,10 +129,10 @@ class ScoreEntry(beam.PTransform):
         return {SCORES.name: rows[SCORES.name], DEAD: dead}
 
 
-def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan, run_id: str) -> list[tuple[str, float]]:
-    """Add the scoring job to ``p``; returns (key, gmacs per record) of each pool entry."""
-    task = task_for(plan)
-    inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes, task.reader(plan),
+def build(run: job.Job) -> list[tuple[str, float]]:
+    """Add the scoring job to the job's pipeline; returns (key, gmacs per record) of each pool entry."""
+    cfg, plan, task, run_id = run.cfg, run.plan, run.task, run.run_id
+    inputs = run.pipeline | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes, task.reader(plan),
                                             timeout_s=cfg.decode.read_timeout_s)
     scored, dead = [], [inputs[DEAD]]
     for stage in plan.stages:
@@ -142,23 +140,24 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan, run_id
         scored.append(out[SCORES.name])
         dead.append(out[DEAD])
     metadata = {"cascade.run_id": run_id, "cascade.config": schema.to_yaml(cfg)}
-    scored | "MergeScores" >> beam.Flatten() | "WriteScores" >> WriteTable(cfg.output, SCORES, run_id, metadata,
-                                                                           cfg.output_shards)
+    scored | "MergeScores" >> beam.Flatten() | "WriteScores" >> WriteTable(
+        run.folder.table_prefix(SCORES.name, run_id), SCORES, metadata, cfg.output_shards)
     (
         dead
         | "MergeDeadLetters" >> beam.Flatten()
         | "DeadLetterRows" >> beam.Map(lambda d: d.as_row(run_id))
-        | "WriteDeadLetters" >> WriteTable(cfg.output, DEAD_LETTER, run_id, metadata, cfg.output_shards)
+        | "WriteDeadLetters" >> WriteTable(run.folder.table_prefix(DEAD_LETTER.name, run_id), DEAD_LETTER, metadata,
+                                           cfg.output_shards)
     )
     return [(stage.key, stage.gmacs) for stage in plan.stages]
 
 
-def check_counts(output: str, pool: list[tuple[str, float]], listed: int | None,
+def check_counts(folder: RunFolder, pool: list[tuple[str, float]], listed: int | None,
                  run_id: str) -> tuple[dict, str | None]:
     """Per pool entry: scored rows + dead letters (its own and reading's) must equal the inputs listed."""
-    scores = common.read_table(output, SCORES.name, [run_id]).select(["model"]).column("model").to_pylist()
+    scores = folder.read(SCORES.name, [run_id]).select(["model"]).column("model").to_pylist()
     try:
-        stages = common.read_table(output, DEAD_LETTER.name, [run_id]).column("stage").to_pylist()
+        stages = folder.read(DEAD_LETTER.name, [run_id]).column("stage").to_pylist()
     except FileNotFoundError:
         stages = []
     counts = {"inputs_listed": listed, "read_dead_letters": stages.count(0), "entries": {}}
@@ -176,27 +175,25 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     """Run the scoring job; returns its manifest (also written as ``manifest.json``)."""
     common.setup_logging()
     cfg, beam_args = parse(argv)
-    options = PipelineOptions(beam_args)
-    runners.refuse(runners.local_problems(options))
-    run_id = common.prepare_output(cfg.output, cfg.overwrite, TABLES)
-    p = test_pipeline or beam.Pipeline(options=options)
-    pool = build(p, cfg, build_plan(cfg), run_id)
-    started = time.time()
-    result = p.run()
-    result.wait_until_finish()
-    counts, problem = check_counts(cfg.output, pool, listed_inputs(result), run_id)
-    manifest = {
-        "run_id": run_id,
-        "config": schema.to_yaml(dataclasses.replace(cfg, overwrite=False)),
-        "pool": [{"model": key, "gmacs": g} for key, g in pool],
-        "beam_args": list(beam_args),
-        "versions": common.versions("apache-beam", "torch", "torchvision", "pyarrow", "numpy", "pillow"),
-        "counts": counts,
-        "invariant_holds": problem is None,
-        "wall_seconds": round(time.time() - started, 2),
-    }
-    common.commit_run(cfg.output, manifest)
-    common.release_output(cfg.output, run_id)
+    # the same steps as the cascade's, in the same order: every check (models built and run once included)
+    # before the folder is touched, then the folder held for the run's life
+    with job.prepare(cfg, beam_args, test_pipeline=test_pipeline, tables=TABLES, manifest_columns=False) as run:
+        with run.hold():
+            pool = build(run)
+            started = time.time()
+            result = job.run(run)
+            counts, problem = check_counts(run.folder, pool, summary.metric(result), run.run_id)
+            manifest = {
+                "run_id": run.run_id,
+                "config": schema.to_yaml(dataclasses.replace(cfg, overwrite=False)),
+                "pool": [{"model": key, "gmacs": g} for key, g in pool],
+                "beam_args": list(beam_args),
+                "versions": common.versions("apache-beam", "torch", "torchvision", "pyarrow", "numpy", "pillow"),
+                "counts": counts,
+                "invariant_holds": problem is None,
+                "wall_seconds": round(time.time() - started, 2),
+            }
+            run.folder.commit(manifest)
     for key, entry in counts["entries"].items():
         print(f"{key}: {entry['scored']} scored, {entry['dead_letters']} dead letters")
     print(f"outputs: {cfg.output}/{{{SCORES.name},dead_letter}}/*.parquet and {cfg.output}/manifest.json "
@@ -207,7 +204,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
 
 
 def main() -> None:
-    run(sys.argv[1:])
+    job.main(run, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from PIL import Image
 
 from configs import schema
 from pipelines import cascade
-from pipelines.common import read_table
+from pipelines.folder import RunFolder
 from tests.conftest import scripted, torchscript_config, write_manifest
 from transforms.stage import budget_threshold
 
@@ -50,12 +50,12 @@ def test_a_budget_stage_escalates_its_share_within_one_point(tiny_inputs, tmp_pa
     result = cascade.run(["--config", str(folder / "config.yaml"), "--input", manifest,
                           "--output", str(tmp_path / "out"), "--runner=FnApiRunner"])
     assert result["invariant_holds"] and result["counts"]["predictions"] == 2000
-    stats = {s["stage"]: s for s in read_table(str(tmp_path / "out"), "exit_stats").to_pylist()}  # 0: reading
+    stats = {s["stage"]: s for s in RunFolder(str(tmp_path / "out")).read("exit_stats").to_pylist()}  # 0: reading
     escalated = stats[2]["records_in"] / stats[1]["records_in"]
     assert abs(escalated - 0.15) <= 0.01, escalated
     used = stats[1]["threshold"]
     assert 0 < used < 1  # the threshold computed over the run, recorded
-    predictions = read_table(str(tmp_path / "out"), "predictions").to_pylist()
+    predictions = RunFolder(str(tmp_path / "out")).read("predictions").to_pylist()
     stage1 = [p for p in predictions if p["exit_stage"] == 1]
     assert min(p["confidence"] for p in stage1) >= used
 

@@ -21,6 +21,7 @@ from configs import schema
 from models import calibration as cal
 from models import committee
 from pipelines import calibrate, score
+from pipelines.folder import RunFolder
 from pipelines.pool import load_pool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +176,10 @@ def write_scores(folder: Path, pool: cal.Pool, extra_ids: int = 0, variants: int
         rows.append({"id": f"lone{i}", "uri": f"/x/lone{i}.jpg", "label": 0, "model": pool.keys[0],
                      "gmacs": float(pool.gmacs[0]), "logits": pool.logits[0, 0].tolist()})
     os.makedirs(folder / "scores", exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=score.SCORES.schema), folder / "scores" / "part-0.parquet")
+    run_id = "20261128T101500Z-5c0e5d"  # as pipelines.score leaves it: a file named by the run, then its commit
+    pq.write_table(pa.Table.from_pylist(rows, schema=score.SCORES.schema),
+                   folder / "scores" / f"{run_id}-00000-of-00001.parquet")
+    RunFolder(str(folder)).commit({"run_id": run_id})
     return str(folder)
 
 
@@ -386,7 +390,8 @@ def test_report_of_a_run_refuses_a_folder_with_no_committed_run(tmp_path):
 def test_the_run_report_holds_a_run_against_its_calibrations_promises(tmp_path):
     """A committed run whose config carries a calibration block: the report shows, per figure, what the block
     promised on data alike and whether the run keeps it."""
-    from pipelines import common, report
+    from pipelines import report
+    from pipelines.folder import RunFolder
     from transforms.tables import EXIT_STATS, PREDICTIONS
 
     run_dir, run_id = tmp_path / "run", "20261128T101500Z-abc123"
@@ -407,7 +412,7 @@ def test_the_run_report_holds_a_run_against_its_calibrations_promises(tmp_path):
     cfg = schema.load("lite_cascade", ["stages=[{model: lite0}, {model: lite1}]", "calibration.heldout_accuracy=0.45",
                                        "calibration.margin=0.1", "calibration.heldout_gmacs=0.55",
                                        "calibration.gmacs_margin=0.02", "calibration.expected_exit_ratios=[0.6,0.4]"])
-    common.commit_run(str(run_dir), {"run_id": run_id, "config": schema.to_yaml(cfg), "wall_seconds": 1.0,
+    RunFolder(str(run_dir)).commit({"run_id": run_id, "config": schema.to_yaml(cfg), "wall_seconds": 1.0,
                                      "counts": {"inputs_listed": 10}, "invariant_holds": True})
     report.run(["--run", str(run_dir), "--output", str(tmp_path / "plots")])
     md = (tmp_path / "plots" / "report.md").read_text()

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines import cascade, common, report, run_report
+from pipelines import cascade, folder, report, run_report
+from pipelines.folder import RunFolder
 from transforms.io import count_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +29,7 @@ CONFIG = f"""stages:
   - {{model: lite1, resolution: 240, batch_size: 4, threshold: 0.1967618632021696}}
   - {{model: lite2, resolution: 260, batch_size: 4}}
 calibration:
+  cascade: lite0@224 >= 0.283640 -> lite1@240 >= 0.196762 -> lite2@260; confidence max_prob; aggregation logits
   target: match:lite2@260
   data: a test's made-up calibration
   heldout_records: 100
@@ -75,7 +77,7 @@ def readme_recipes(folder: Path) -> dict:
 
 def test_the_readme_recipes_agree_on_accuracy_exit_ratios_and_dead_letters(run):
     got = readme_recipes(run["out"])
-    labelled = [r for r in common.read_table(str(run["out"]), "predictions").to_pylist() if r["label"] is not None]
+    labelled = [r for r in RunFolder(str(run["out"])).read("predictions").to_pylist() if r["label"] is not None]
     accuracy = sum(r["label"] == r["pred_class"] for r in labelled) / len(labelled)
     assert got["accuracy_duckdb"] == pytest.approx(accuracy)
     assert got["accuracy_polars"] == pytest.approx(accuracy)
@@ -100,7 +102,7 @@ def test_the_readme_recipes_agree_on_accuracy_exit_ratios_and_dead_letters(run):
 
 def test_every_file_is_zstd_and_says_which_run_and_config_wrote_it(run):
     run_id = run["manifest"]["run_id"]
-    assert common.RUN_ID.fullmatch(run_id)
+    assert folder.RUN_ID.fullmatch(run_id)
     files = sorted(run["out"].glob("*/*.parquet"))
     assert {f.parent.name for f in files} == {"predictions", "exit_stats", "dead_letter"}
     for f in files:
@@ -112,11 +114,11 @@ def test_every_file_is_zstd_and_says_which_run_and_config_wrote_it(run):
         assert yaml.safe_load(kv["cascade.config"])["stages"][0]["threshold"] == pytest.approx(0.28364, abs=1e-5)
         assert "apache-beam" in kv["cascade.versions"] and kv["cascade.started_utc"] == run["manifest"]["started_utc"]
         assert set(pq.read_table(f, columns=["run_id"]).column("run_id").to_pylist()) == {run_id}
-    assert (run["out"] / common.RUNS / f"{run_id}.json").exists() and (run["out"] / common.MANIFEST).exists()
+    assert (run["out"] / folder.RUNS / f"{run_id}.json").exists() and (run["out"] / folder.MANIFEST).exists()
 
 
 def test_manifest_columns_are_carried_through_with_their_types(run):
-    table = common.read_table(str(run["out"]), "predictions")
+    table = RunFolder(str(run["out"])).read("predictions")
     schema = table.schema
     assert (schema.field("camera").type, schema.field("shard").type, schema.field("date").type) == (
         pa.string(), pa.int64(), pa.date32())
@@ -130,7 +132,7 @@ def test_manifest_columns_are_carried_through_with_their_types(run):
 
 
 def test_exit_stats_has_reading_as_stage_zero_and_the_papers_exit_ratio(run):
-    stats = sorted(common.read_table(str(run["out"]), "exit_stats").to_pylist(), key=lambda r: r["stage"])
+    stats = sorted(RunFolder(str(run["out"])).read("exit_stats").to_pylist(), key=lambda r: r["stage"])
     assert [s["stage"] for s in stats] == [0, 1, 2, 3] and stats[0]["model"] == "read"
     assert stats[0]["records_in"] == run["manifest"]["counts"]["inputs_listed"] == 13
     assert stats[0]["records_failed"] == 2 and stats[1]["records_in"] == 11  # missing file, empty uri
@@ -149,7 +151,7 @@ def test_the_run_report_is_written_self_contained_and_warns_of_drift(run, tmp_pa
     run_id = run["manifest"]["run_id"]
     stray = folder / "predictions" / "20991231T000000Z-ffffff-00000-of-00001.parquet"  # a run never committed
     shutil.copy(next((folder / "predictions").glob(f"{run_id}-*.parquet")), stray)
-    assert common.count_rows(str(folder), "predictions") == run["manifest"]["counts"]["predictions"]
+    assert RunFolder(str(folder)).count_rows("predictions") == run["manifest"]["counts"]["predictions"]
     written = report.run(["--run", str(folder)])
     assert "WARNING: stage 1 exit ratio" in capsys.readouterr().out
     names = {Path(p).name for p in written}
@@ -184,13 +186,14 @@ def test_the_report_reads_its_tables_a_batch_at_a_time_with_the_same_result(run,
 def test_the_plan_counts_inputs_and_prices_the_run_without_running_it(run):
     plan = cascade.run([*run["args"][:-2], "--output", str(run["tmp"] / "planned"), "--plan"])
     assert not (run["tmp"] / "planned").exists()
-    stats = {s["stage"]: s for s in common.read_table(str(run["out"]), "exit_stats").to_pylist()}
+    stats = {s["stage"]: s for s in RunFolder(str(run["out"])).read("exit_stats").to_pylist()}
     assert plan["records"] == stats[0]["records_in"] == 13
     assert list(plan["expected_exit_ratios"]) == EXPECTED
     assert plan["worst_gmacs"] == pytest.approx(stats[1]["worst_case_gmacs"])
     assert plan["last_model_gmacs"] == pytest.approx(stats[1]["last_model_gmacs"])
     cumulative = [stats[k]["cumulative_gmacs"] for k in (1, 2, 3)]
     assert plan["avg_gmacs"] == pytest.approx(sum(r * c for r, c in zip(EXPECTED, cumulative)))
+    assert plan["calibration_applies"] is True
     started = time.perf_counter()
     shown = subprocess.run([sys.executable, "-m", "pipelines.cascade", *run["args"], "--plan",
                             "--runner=DataflowRunner", "--project=nowhere"], cwd=ROOT, capture_output=True,
@@ -202,6 +205,18 @@ def test_the_plan_counts_inputs_and_prices_the_run_without_running_it(run):
     assert "machine-hours" in shown.stdout and "GPU-hours" in shown.stdout and "figures used" in shown.stdout
     assert "apitools" not in shown.stderr
     print(f"--plan as a command: {took:.1f} s (imports included)")
+
+
+@pytest.mark.parametrize("override", ["stages.0.threshold=0.99", "confidence=logit_gap", "aggregation=probs",
+                                      "stages.1.resolution=280", "stages.2.model=lite1"])
+def test_the_plan_never_presents_the_calibration_of_another_cascade_as_this_runs(run, override, capsys):
+    plan = cascade.run([*run["args"][:-2], "--output", str(run["tmp"] / "planned"), "--plan", override])
+    shown = capsys.readouterr().out
+    assert plan["calibration_applies"] is False and plan["expected_exit_ratios"] is None
+    assert plan["avg_gmacs"] is None  # unknown until it runs: the compute shown is the worst case
+    assert "the calibration does not describe this config: this config's cascade (" in shown
+    assert "the calibrated cascade's figures, NOT this run's" in shown and "50.0%" in shown  # labelled as such
+    assert "| 1 | lite0@224 |" in shown and "| ? | ? |" in shown
 
 
 def test_inputs_are_counted_from_footers_lines_and_globs(tmp_path):

@@ -12,7 +12,7 @@ from benchmarks.compare_runs import compare_table
 from models import committee, inference, registry
 from models.preprocess import decode_target, load_image
 from pipelines import cascade
-from pipelines.common import read_table
+from pipelines.folder import RunFolder
 from tests.conftest import write_manifest
 
 KEYS = ["lite0@224", "lite1@240", "lite2@260"]
@@ -24,12 +24,12 @@ def run_cascade(out, source, *overrides):
 
 
 def rows_by_uri(out, table="predictions"):
-    return {r["uri"]: r for r in read_table(str(out), table).to_pylist()}
+    return {r["uri"]: r for r in RunFolder(str(out)).read(table).to_pylist()}
 
 
 def stage_rows(out):
     """exit_stats without its stage-0 (reading) row, by stage."""
-    return sorted((r for r in read_table(str(out), "exit_stats").to_pylist() if r["stage"] >= 1),
+    return sorted((r for r in RunFolder(str(out)).read("exit_stats").to_pylist() if r["stage"] >= 1),
                   key=lambda r: r["stage"])
 
 
@@ -176,7 +176,7 @@ def test_fused_and_staged_execution_write_identical_rows(tmp_path, sample_subset
     runs = {mode: run_cascade(tmp_path / mode, manifest, f"execution={mode}", *settings)
             for mode in ("fused", "staged")}
     assert all(run["invariant_holds"] for run in runs.values())
-    stats = read_table(str(tmp_path / "fused"), "exit_stats").to_pylist()
+    stats = RunFolder(str(tmp_path / "fused")).read("exit_stats").to_pylist()
     assert stats[1]["records_in"] >= 3 and stats[2]["records_in"] >= 2  # escalations reached every stage
     for table in ("predictions", "exit_stats", "dead_letter"):
         assert compare_table(str(tmp_path / "fused"), str(tmp_path / "staged"), table) == [], table
@@ -199,7 +199,7 @@ def test_a_run_in_two_incremental_pieces_writes_the_rows_of_one_run(tmp_path, sa
     assert second["counts"]["inputs_skipped"] == 7 and second["counts"]["predictions"] == 4
     assert second["counts"]["inputs_listed"] == 11 and second["invariant_holds"]
     for table in ("predictions", "dead_letter"):
-        pieces = read_table(str(tmp_path / "pieces"), table).to_pylist()
+        pieces = RunFolder(str(tmp_path / "pieces")).read(table).to_pylist()
         assert len({r["id"] for r in pieces}) == len(pieces)  # no id twice across the runs
         assert compare_table(str(tmp_path / "one"), str(tmp_path / "pieces"), table) == [], table
     (tmp_path / "later.jpg").write_bytes(open(rows[0]["uri"], "rb").read())

@@ -28,7 +28,6 @@ import zlib
 from pathlib import Path
 
 import apache_beam as beam
-import fsspec
 import numpy as np
 import PIL
 import pyarrow as pa
@@ -46,8 +45,8 @@ from configs import schema
 from models import registry
 from models.classifier import Classifier, Failure
 from models.preprocess import BadInput, decode, load_image
-from pipelines import cascade, common
-from pipelines.common import read_table
+from pipelines import cascade, common, folder, job, summary
+from pipelines.folder import RunFolder
 from tests.conftest import scripted, torchscript_config
 from transforms.io import (
     DEAD,
@@ -163,7 +162,7 @@ def run(tmp: Path, out: Path, source: str, *args: str, config: str = ONE_STAGE) 
 
 
 def rows_by(out: Path, table: str, key: str = "uri") -> dict:
-    return {r[key]: r for r in read_table(str(out), table).to_pylist()}
+    return {r[key]: r for r in RunFolder(str(out)).read(table).to_pylist()}
 
 
 @pytest.fixture(scope="module")
@@ -196,8 +195,8 @@ def runs(tmp_path_factory, sample_subset):
 
 def test_every_input_ends_in_exactly_one_table(runs):
     out, rows = runs["tmp"] / "mixed", runs["rows"]
-    predictions = read_table(str(out), "predictions").to_pylist()
-    dead = read_table(str(out), "dead_letter").to_pylist()
+    predictions = RunFolder(str(out)).read("predictions").to_pylist()
+    dead = RunFolder(str(out)).read("dead_letter").to_pylist()
     assert runs["mixed"]["counts"] == {"inputs_listed": len(rows), "predictions": len(predictions),
                                        "dead_letters": len(dead), "exit_stats_predictions": len(predictions),
                                        "exit_stats_dead_letters": len(dead)}
@@ -242,7 +241,7 @@ def test_decodable_inputs_are_classified(runs):
 def test_duplicate_ids_keep_the_first_listed_and_dead_letter_the_others(runs):
     out, tmp, good = runs["tmp"] / "mixed", runs["tmp"], runs["good"]
     predictions = rows_by(out, "predictions", "id")
-    dead = [r for r in read_table(str(out), "dead_letter").to_pylist() if r["error"].startswith("duplicate id")]
+    dead = [r for r in RunFolder(str(out)).read("dead_letter").to_pylist() if r["error"].startswith("duplicate id")]
     assert predictions["twice"]["uri"] == str(tmp / "first.jpg")
     assert predictions[good[0]["uri"]]["uri"] == good[0]["uri"]
     assert sorted((d["id"], d["uri"], d["stage"]) for d in dead) == sorted(
@@ -377,13 +376,13 @@ def test_poisonous_record_is_dead_lettered_and_its_neighbours_predicted_once(tmp
     rows.insert(3, {"id": "poison", "uri": str(tmp_path / "poison.png")})
     manifest = run(tmp_path, tmp_path / "out", write_manifest(tmp_path / "m.csv", rows),
                    config=poisoned_config(poisoned_model))
-    dead = read_table(str(tmp_path / "out"), "dead_letter").to_pylist()
-    predictions = read_table(str(tmp_path / "out"), "predictions").to_pylist()
+    dead = RunFolder(str(tmp_path / "out")).read("dead_letter").to_pylist()
+    predictions = RunFolder(str(tmp_path / "out")).read("predictions").to_pylist()
     assert [(d["id"], d["stage"], d["error"]) for d in dead] == [
         ("poison", 1, "model poisoned@32 failed: RuntimeError: poisoned input in this batch")]
     assert sorted(p["id"] for p in predictions) == [f"good{i}" for i in range(6)]
     assert manifest["invariant_holds"] and manifest["counts"]["inputs_listed"] == 7
-    stats = {s["stage"]: s for s in read_table(str(tmp_path / "out"), "exit_stats").to_pylist()}
+    stats = {s["stage"]: s for s in RunFolder(str(tmp_path / "out")).read("exit_stats").to_pylist()}
     assert (stats[1]["records_in"], stats[1]["records_exited"], stats[1]["records_failed"]) == (7, 6, 1)
     assert dead[0]["category"] == "model_error"
 
@@ -403,14 +402,14 @@ def test_a_checkpoint_with_another_class_count_fails_up_front_naming_the_stage(t
                                          r"does not fit torchvision:resnet18 with num_classes=1000: 2 shape "
                                          r"mismatches: fc\.weight is \(10, 512\) in the checkpoint but \(1000, 512\) "
                                          r"in the model"):
-        cascade.plan(cfg)
+        job.checked_plan(cfg)
 
 
 def test_a_torchscript_model_with_another_class_count_fails_up_front(poisoned_model):
     cfg = user_model_config("torchscript", poisoned_model, 1000)
     with pytest.raises(SystemExit, match=r"^invalid config: stages\.0\.model: model 'mine': returns shape \(1, 10\) "
                                          r"for one image, but its entry says num_classes=1000"):
-        cascade.plan(cfg)
+        job.checked_plan(cfg)
 
 
 class RunsCode:
@@ -428,16 +427,16 @@ def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
     cfg = user_model_config("torchvision:resnet18", str(tmp_path / "evil.pt"), 10)
     with pytest.raises(SystemExit, match=r"^invalid config: stages\.0\.model: weights at .*evil\.pt' are not plain "
                                          r"tensors and were refused \(torch\.load weights_only=True"):
-        cascade.plan(cfg)
+        job.checked_plan(cfg)
     assert not marker.exists()
 
 
 # ---- the count invariant ----------------------------------------------------------------------------------
 
-def counts(**changes) -> dict:
+def counts(**changes) -> summary.RunCounts:
     base = {"inputs_listed": 10, "predictions": 7, "dead_letters": 3, "exit_stats_predictions": 7,
             "exit_stats_dead_letters": 3}
-    return {**base, **changes}
+    return summary.RunCounts(**{**base, **changes})
 
 
 @pytest.mark.parametrize("changes, problem", [
@@ -448,13 +447,13 @@ def counts(**changes) -> dict:
     ({"exit_stats_dead_letters": 2}, "tables disagree: predictions 7 vs 7 tallied, dead letters 3 vs 2 tallied"),
 ])
 def test_check_invariant(changes, problem):
-    assert cascade.check_invariant(counts(**changes)) == problem
+    assert counts(**changes).problem() == problem
 
 
 def test_a_broken_invariant_fails_the_run_with_a_clear_message(tmp_path, monkeypatch, capsys, poisoned_model):
     (tmp_path / "text.jpg").write_text("not a picture")
-    real = cascade.listed_inputs
-    monkeypatch.setattr(cascade, "listed_inputs", lambda result, name="inputs_listed": real(result, name) + 1)
+    real = summary.metric
+    monkeypatch.setattr(summary, "metric", lambda result, name="inputs_listed": real(result, name) + 1)
     with pytest.raises(SystemExit, match=r"^COUNT INVARIANT VIOLATED: 2 inputs listed but 1 = predictions \+ "
                                          r"dead letters written$"):
         run(tmp_path, tmp_path / "out", str(tmp_path / "*.jpg"), config=poisoned_config(poisoned_model))
@@ -475,8 +474,8 @@ def test_a_failed_run_leaves_no_manifest(tmp_path, monkeypatch, poisoned_model):
     monkeypatch.setattr("transforms.outputs.exit_stats_rows", broken)
     with pytest.raises(Exception, match="killed while tallying"):
         run(tmp_path, tmp_path / "out", str(tmp_path / "*.jpg"), config=poisoned_config(poisoned_model))
-    assert not (tmp_path / "out" / common.MANIFEST).exists()
-    assert common.committed_runs(str(tmp_path / "out")) == []
+    assert not (tmp_path / "out" / folder.MANIFEST).exists()
+    assert RunFolder(str(tmp_path / "out")).committed_runs() == []
 
 
 KILLED_IN_THE_SINK = """
@@ -506,12 +505,12 @@ def test_a_killed_run_leaves_no_file_that_looks_complete(tmp_path, sample_subset
                             timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     out = tmp_path / "out"
-    assert not (out / common.MANIFEST).exists()
+    assert not (out / folder.MANIFEST).exists()
     assert list(out.glob("*/beam-temp-*/*")), "the half-written file should sit in a temporary folder"
     for table in ALL_TABLE_NAMES:
         for f in out.glob(f"{table}/*.parquet"):  # what was finalized before the kill is whole
             assert pq.ParquetFile(f).metadata.num_rows >= 0
-    assert common.committed_runs(str(out)) == [] and len(common.incomplete_runs(str(out))) == 1
+    assert RunFolder(str(out)).committed_runs() == [] and len(RunFolder(str(out)).incomplete_runs()) == 1
     with pytest.raises(SystemExit, match=r"holds an incomplete run: the run that locked it .* ended without "
                                          r"committing .*an incomplete run \d{8}T\d{6}Z-[0-9a-f]{6} .*no runs/\S+\.json"
                                          r".*--overwrite"):
@@ -523,27 +522,7 @@ def test_a_killed_run_leaves_no_file_that_looks_complete(tmp_path, sample_subset
     rerun = cascade.run([*args, "--overwrite"])
     assert rerun["invariant_holds"] and rerun["counts"]["inputs_listed"] == 3
     assert not list(out.glob("*/beam-temp-*"))
-    assert common.committed_runs(str(out)) == [rerun["run_id"]] and common.incomplete_runs(str(out)) == {}
-
-
-def test_overwrite_removes_the_manifest_before_the_tables(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    for table in ALL_TABLE_NAMES:
-        (out / table).mkdir(parents=True)
-        (out / table / "part-00000-of-00001.parquet").write_bytes(b"old")
-    (out / common.MANIFEST).write_text("{}")
-    with pytest.raises(SystemExit, match="not empty.*--overwrite"):
-        common.prepare_output(str(out), overwrite=False)
-    removed = []
-    fs_type = type(fsspec.filesystem("file"))
-    real_rm = fs_type.rm
-    monkeypatch.setattr(fs_type, "rm", lambda self, path, *a, **k: (removed.append(Path(path).name),
-                                                                     real_rm(self, path, *a, **k)))
-    run_id = common.prepare_output(str(out), overwrite=True)
-    assert removed[:1 + len(ALL_TABLE_NAMES)] == [common.MANIFEST, *ALL_TABLE_NAMES]  # (no runs/ folder here)
-    assert os.listdir(out) == [common.RUNNING]  # this run's lock
-    common.release_output(str(out), run_id)
-    assert os.listdir(out) == []
+    assert RunFolder(str(out)).committed_runs() == [rerun["run_id"]] and RunFolder(str(out)).incomplete_runs() == {}
 
 
 def test_a_manifest_without_a_uri_column_is_refused_before_any_work(tmp_path):
@@ -554,10 +533,7 @@ def test_a_manifest_without_a_uri_column_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unwritable_output_is_refused_before_any_work(tmp_path):
-    (tmp_path / "a-file").write_text("")
-    with pytest.raises(SystemExit, match=r"^output: cannot write to .*a-file/out: "):
-        common.prepare_output(str(tmp_path / "a-file" / "out"), overwrite=False)
+
 
 
 RUN = "20261128T101500Z-abc123"
@@ -591,9 +567,10 @@ def test_a_retried_bundle_writes_no_duplicate_rows(tmp_path, monkeypatch):
     rows = [{"run_id": RUN, "id": str(i), "uri": f"u{i}", "stage": 1, "category": "model_error", "error": "e"}
             for i in range(10)]
     with beam.Pipeline(runner=BundleBasedDirectRunner()) as p:
-        _ = p | beam.Create(rows) | WriteTable(str(tmp_path), DEAD_LETTER, RUN, num_shards=1)
+        prefix = RunFolder(str(tmp_path)).table_prefix(DEAD_LETTER.name, RUN)
+        _ = p | beam.Create(rows) | WriteTable(prefix, DEAD_LETTER, num_shards=1)
     assert fail.failed and len(set(attempts)) == 2  # the failed attempt wrote to a temporary file of its own
-    assert sorted(r["id"] for r in read_table(str(tmp_path), "dead_letter", [RUN]).to_pylist()) == sorted(
+    assert sorted(r["id"] for r in RunFolder(str(tmp_path)).read("dead_letter", [RUN]).to_pylist()) == sorted(
         r["id"] for r in rows)
     assert os.listdir(tmp_path / "dead_letter") == [f"{RUN}-00000-of-00001.parquet"]  # temporary files gone
 
@@ -746,7 +723,7 @@ def awkward(tmp_path_factory, sample_subset, server, flat_model):
 def test_awkward_rows_end_as_one_prediction_or_one_dead_letter_each(awkward):
     out, manifest = awkward["tmp"] / "out", awkward["manifest"]
     predictions = rows_by(out, "predictions", "id")
-    dead = read_table(str(out), "dead_letter").to_pylist()
+    dead = RunFolder(str(out)).read("dead_letter").to_pylist()
     assert manifest["invariant_holds"]
     assert manifest["counts"]["inputs_listed"] == len(predictions) + len(dead) == awkward["physical_rows"]
     by_id = {d["id"]: d for d in dead}
@@ -767,8 +744,8 @@ def test_awkward_rows_end_as_one_prediction_or_one_dead_letter_each(awkward):
 
 def test_a_model_of_zero_counted_gmacs_completes_with_its_manifest(awkward):
     assert awkward["manifest"]["stages"][0]["gmacs"] == 0
-    assert (awkward["tmp"] / "out" / common.MANIFEST).exists()
-    assert not (awkward["tmp"] / "out" / common.RUNNING).exists()  # the lock is released
+    assert (awkward["tmp"] / "out" / folder.MANIFEST).exists()
+    assert not (awkward["tmp"] / "out" / folder.RUNNING).exists()  # the lock is released
 
 
 @pytest.mark.parametrize("column, values, reasons", [
@@ -870,7 +847,10 @@ def test_device_is_validated_when_the_config_loads(device, ok):
 
 
 def earlier_run(out: Path) -> dict:
-    files = {out / common.MANIFEST: b'{"earlier": true}', out / "predictions" / "part-00000-of-00001.parquet": b"x"}
+    run_id = "20261128T101500Z-3fa2c1"
+    files = {out / folder.MANIFEST: b'{"run_id": "%s"}' % run_id.encode(),
+             out / folder.RUNS / f"{run_id}.json": b'{"run_id": "%s"}' % run_id.encode(),
+             out / "predictions" / f"{run_id}-00000-of-00001.parquet": b"x"}
     for path, data in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
@@ -886,28 +866,28 @@ def test_a_failed_overwrite_never_loses_the_earlier_run(tmp_path, sample_subset,
     with pytest.raises(SystemExit, match=r"^invalid config: stages\.0\.model: "):
         run(tmp_path, tmp_path / "out", sample_subset[0]["uri"], "--overwrite", config=config)
     assert {path: path.read_bytes() for path in files} == files
-    assert sorted(os.listdir(tmp_path / "out")) == [common.MANIFEST, "predictions"]
+    assert sorted(os.listdir(tmp_path / "out")) == [folder.MANIFEST, "predictions", folder.RUNS]
 
 
 FULL_DISK = """
 import resource, signal, sys
-from pipelines import common
+from pipelines import folder
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
 try:
-    common.write_json(sys.argv[1], "manifest.json", {"counts": "x" * 5000})
+    folder.write_json(sys.argv[1], "manifest.json", {"counts": "x" * 5000})
 except OSError as err:
     print("OSError", err.errno)
 """
 
 
 def test_a_full_disk_while_writing_the_manifest_leaves_the_old_or_none(tmp_path):
-    (tmp_path / common.MANIFEST).write_text('{"earlier": true}')
+    (tmp_path / folder.MANIFEST).write_text('{"earlier": true}')
     done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], cwd=ROOT, capture_output=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.stdout.decode().startswith("OSError 27"), done.stderr.decode()[-2000:]  # EFBIG
-    assert os.listdir(tmp_path) == [common.MANIFEST]  # no temporary file left behind
-    assert (tmp_path / common.MANIFEST).read_text() == '{"earlier": true}'  # never a truncated manifest
+    assert os.listdir(tmp_path) == [folder.MANIFEST]  # no temporary file left behind
+    assert (tmp_path / folder.MANIFEST).read_text() == '{"earlier": true}'  # never a truncated manifest
 
 
 def test_an_output_path_with_glob_characters_is_refused_before_any_work(tmp_path, sample_subset):
@@ -917,41 +897,13 @@ def test_an_output_path_with_glob_characters_is_refused_before_any_work(tmp_path
     assert not (tmp_path / "run[1]").exists()
 
 
-LOCK_AND_HOLD = """
-import os, sys, time
-from pipelines import common
-while not os.path.exists(sys.argv[2]):
-    time.sleep(0.01)
-try:
-    run_id = common.prepare_output(sys.argv[1], False)
-except SystemExit as err:
-    print("REFUSED", err)
-else:
-    print("LOCKED")
-    time.sleep(3)
-    common.release_output(sys.argv[1], run_id)
-"""
-
-
-def test_two_runs_started_together_into_one_folder_one_is_refused(tmp_path):
-    go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", LOCK_AND_HOLD, str(tmp_path / "out"), str(go)], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(2)]
-    time.sleep(1)
-    go.touch()
-    outs = sorted(p.communicate(timeout=120)[0].decode() for p in procs)
-    assert outs[0].startswith("LOCKED"), outs
-    assert outs[1].startswith("REFUSED output folder") and "is locked by another run" in outs[1], outs
-    assert os.listdir(tmp_path / "out") == []  # released
-
-
 def test_a_run_into_a_folder_another_run_holds_is_refused(tmp_path, sample_subset, flat_model):
-    holder = common.prepare_output(str(tmp_path / "out"), False)  # a run in progress (this live process)
-    with pytest.raises(SystemExit, match=r"^output folder .*out is locked by another run \(run_id " + holder):
-        run(tmp_path, tmp_path / "out", sample_subset[0]["uri"], config=tiny_config(flat_model))
-    assert os.listdir(tmp_path / "out") == [common.RUNNING]
-    common.release_output(str(tmp_path / "out"), holder)
+    holder = folder.new_run_id()
+    with RunFolder(str(tmp_path / "out")).hold(holder):  # a run in progress (this live process)
+        with pytest.raises(SystemExit, match=r"^output folder .*out is locked by another run \(run_id " + holder):
+            run(tmp_path, tmp_path / "out", sample_subset[0]["uri"], config=tiny_config(flat_model))
+        assert os.listdir(tmp_path / "out") == [folder.RUNNING]
+    assert os.listdir(tmp_path / "out") == []
 
 
 @pytest.mark.parametrize("source, message", [
@@ -975,7 +927,7 @@ def test_a_manifest_without_rows_fails_the_run_without_a_manifest(tmp_path, flat
     (tmp_path / "m.csv").write_text("uri,label\n\n")
     with pytest.raises(SystemExit, match=r"^no inputs: .*m\.csv listed nothing"):
         run(tmp_path, tmp_path / "out", str(tmp_path / "m.csv"), config=tiny_config(flat_model))
-    assert not (tmp_path / "out" / common.MANIFEST).exists() and not (tmp_path / "out" / common.RUNNING).exists()
+    assert not (tmp_path / "out" / folder.MANIFEST).exists() and not (tmp_path / "out" / folder.RUNNING).exists()
 
 
 def test_pkg_weights_never_import_the_module_a_config_names(tmp_path, monkeypatch):

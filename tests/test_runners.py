@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import cascade, common
+from pipelines import cascade
+from pipelines.folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
@@ -117,10 +118,10 @@ def run_bounded(case, output: Path, *beam_args: str) -> dict:
 def tables(output: Path) -> dict:
     by_id = lambda rows: sorted(rows, key=lambda r: (r["id"], r.get("stage", 0)))  # noqa: E731
     return {
-        "predictions": by_id(common.read_table(str(output), "predictions").to_pylist()),
+        "predictions": by_id(RunFolder(str(output)).read("predictions").to_pylist()),
         "dead_letter": by_id([{k: v for k, v in r.items() if k != "run_id"}  # run ids differ between runs
-                              for r in common.read_table(str(output), "dead_letter").to_pylist()]),
-        "exit_stats": sorted(common.read_table(str(output), "exit_stats").to_pylist(), key=lambda r: r["stage"]),
+                              for r in RunFolder(str(output)).read("dead_letter").to_pylist()]),
+        "exit_stats": sorted(RunFolder(str(output)).read("exit_stats").to_pylist(), key=lambda r: r["stage"]),
     }
 
 

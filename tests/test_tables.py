@@ -45,14 +45,17 @@ def test_the_plan_chooses_the_task_once_and_prices_each_record_by_its_views(prof
 def test_a_stage_carries_its_resource_hints_into_the_job(execution, step):
     """staged: the hints of stage 3 on its own step only; fused: every stage's hints on the one step."""
     import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines import cascade
+    from pipelines import cascade, job
+    from pipelines.folder import RunFolder
 
     cfg = schema.load("lite_cascade", [f"execution={execution}", "input=in.csv", "stages.2.resources.min_ram=16GB",
                                        "stages.2.resources.accelerator=type:nvidia-l4;count:1"])
     p = beam.Pipeline()
     plan = build_plan(cfg)
-    cascade.build(p, cfg, plan, task_for(plan))  # the task given: in.csv's header is not read
+    # the task given: in.csv's header is not read
+    cascade.build(job.Job(cfg, None, [], PipelineOptions(), p, plan, task_for(plan), RunFolder("out"), "", False, ()))
     proto = p.to_runner_api().components
     hints = {t.unique_name: dict(proto.environments[t.environment_id].resource_hints)
              for t in proto.transforms.values() if t.environment_id}  # a leaf step's hints are its environment's

@@ -16,7 +16,8 @@ from PIL import Image
 from configs import schema
 from configs.plan import build_plan
 from models.video import BadVideo, Sampling, SamplingPlan, pan_zoom_frames, read_video, write_video
-from pipelines import cascade, common
+from pipelines import cascade
+from pipelines.folder import RunFolder
 
 SAMPLE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenet-sample"
 FPS = 10
@@ -91,7 +92,7 @@ def run(output: Path, *args: str) -> dict:
 
 
 def rows(output: Path, table: str) -> list[dict]:
-    return common.read_table(str(output), table).to_pylist() if common.count_rows(str(output), table) else []
+    return RunFolder(str(output)).read(table).to_pylist() if RunFolder(str(output)).count_rows(table) else []
 
 
 def accuracy(table: list[dict], key: str = "pred_class") -> float:

@@ -131,13 +131,14 @@ class SystemArrowMemory(beam.DoFn):
 
 
 class WriteTable(beam.PTransform):
-    """Rows of ``table`` (dicts from ``table.row``) -> ``<output>/<name>/<run_id>-SSSSS-of-NNNNN.parquet``,
-    zstd-compressed, with ``metadata`` (and the table's name) as each file's key-value metadata."""
+    """Rows of ``table`` (dicts from ``table.row``) -> ``<prefix>-SSSSS-of-NNNNN.parquet``, zstd-compressed, with
+    ``metadata`` (and the table's name) as each file's key-value metadata. The output folder names the prefix
+    (``pipelines.folder.RunFolder.table_prefix``)."""
 
-    def __init__(self, output: str, table: Table, run_id: str, metadata: Optional[Mapping[str, str]] = None,
+    def __init__(self, prefix: str, table: Table, metadata: Optional[Mapping[str, str]] = None,
                  num_shards: int = 0):
         super().__init__()
-        self.prefix = f"{output.rstrip('/')}/{table.name}/{run_id}"
+        self.prefix = prefix
         self.schema = table.schema.with_metadata({**(metadata or {}), "cascade.table": table.name})
         self.num_shards = num_shards
 
