@@ -17,6 +17,7 @@ import pytest
 
 from pipelines import folder
 from pipelines.folder import RunFolder
+from tests.conftest import write_manifest
 from transforms.tables import DEAD_LETTER, PREDICTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,3 +232,20 @@ def test_an_interrupted_run_says_so_in_one_line_and_commits_nothing(tmp_path, si
     assert err.splitlines()[-1].startswith(f"interrupted by {sig.name}: run ") and "nothing was committed" in err
     assert "Traceback" not in err, err[-3000:]
     assert RunFolder(str(out)).committed_runs() == [] and not (out / folder.RUNNING).exists()
+
+
+def test_a_failed_score_overwrite_keeps_the_earlier_scoring_run(tmp_path, sample_subset):
+    from pipelines import score
+
+    out = tmp_path / "scores"
+    committed(out, RUN_A, {"dead_letter": [dead("a")]})
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    manifest = write_manifest(tmp_path / "m.csv", [{"uri": r["uri"], "label": r["label"]} for r in sample_subset[:2]])
+    config = tmp_path / "pool.yaml"
+    config.write_text(f"models:\n  mine: {{arch: 'torchvision:resnet18', weights: '{tmp_path / 'missing.pt'}', "
+                      "num_classes: 1000, resolution: 32}\nstages:\n  - {model: mine}\n")
+    with pytest.raises(SystemExit, match=r"^invalid config: stages\.0\.model: "):
+        score.run(["--config", str(config), "--input", manifest, "--output", str(out), "--overwrite",
+                   "--runner=FnApiRunner"])
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert RunFolder(str(out)).committed_runs() == [RUN_A]
