@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import os
 import signal
 import socket
@@ -170,14 +171,17 @@ def test_multi_processing_matches_in_process(case, reference):
 def test_worker_threads_sharing_each_model_match_in_process(case, reference, caplog):
     """``run_local.sh``'s default: two worker threads in one process (Beam's ``in_memory`` mode with two
     workers), each model loaded once and shared by both (torch one intra-op thread per worker); same tables
-    as one worker, in both execution modes."""
+    as one worker, in both execution modes; one "loaded" line per model and process."""
+    caplog.set_level(logging.DEBUG, logger="cascade.fused")
     for execution in ("fused", "staged"):
         output = case["folder"] / f"worker_threads_{execution}"
         cascade.run(cascade_argv(case, output, "--runner=FnApiRunner", "--direct_running_mode=in_memory",
                                  "--direct_num_workers=2", f"execution={execution}"))
         assert_same_tables(tables(output), reference)
-    setups = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage 1: loaded")]
-    assert len([m for m in setups if "fused" in m]) == 2, setups  # the fused step set up by both workers
+    loads = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage 1: loaded")]
+    assert len([m for m in loads if "fused" in m]) == 1, loads  # one process, one load, shared by the threads
+    setups = {r.getMessage() for r in caplog.records if r.getMessage().startswith("fused step set up in thread")}
+    assert len(setups) == 2, setups  # the fused step set up by both workers
 
 
 def test_multi_threading_whose_data_plane_can_lose_records_is_refused_before_any_work(case):

@@ -12,8 +12,10 @@ the same ``Exit``s and dead letters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -29,6 +31,7 @@ from transforms.records import Record
 from transforms.stage import EXITED, route, tagged
 
 log = logging.getLogger("cascade")
+setups = logging.getLogger("cascade.fused")  # debug: each worker thread's set-up of the shared models
 
 
 @dataclass
@@ -40,6 +43,13 @@ class Waiting:
     window: Any
     timestamp: Any
     pixels: Optional[Any] = None
+
+
+def _load(stage, classifier):
+    """A stage's model, loaded once per process (the worker threads that share it log nothing more)."""
+    model = classifier.load()
+    log.info("stage %d: loaded %s on %s (pid %d, fused)", stage.number, stage.key, model.device, os.getpid())
+    return model
 
 
 class FusedCascadeFn(beam.DoFn):
@@ -55,9 +65,9 @@ class FusedCascadeFn(beam.DoFn):
         self._classifiers = [stage.classifier() for stage in self.stages]
         self._models = []
         for stage, classifier, handle in zip(self.stages, self._classifiers, self._handles):
-            model = handle.acquire(classifier.load, tag=f"{self._tag}/{stage.number}")
-            log.info("stage %d: loaded %s on %s (pid %d, fused)", stage.number, stage.key, model.device, os.getpid())
-            self._models.append(model)
+            self._models.append(handle.acquire(functools.partial(_load, stage, classifier),
+                                               tag=f"{self._tag}/{stage.number}"))
+        setups.debug("fused step set up in thread %s (pid %d)", threading.current_thread().name, os.getpid())
 
     def start_bundle(self):
         self._buffers = [[] for _ in self.stages]
