@@ -11,6 +11,7 @@ import datetime
 import logging
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -18,14 +19,17 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from configs import schema
-from configs.plan import CascadePlan, build_plan
+from configs.plan import CascadePlan, TaskKind, build_plan
 from models.classifier import release_checked
 from pipelines import common, runners
 from pipelines.folder import RunFolder, new_run_id
-from transforms.io import check_source, extra_fields
+from transforms.io import check_source, count_inputs, extra_fields
+from transforms.progress import progress
 from transforms.stage import default_threads
 from transforms.tables import ALL_TABLE_NAMES
 from transforms.tasks import ImageTask, task_for
+
+log = logging.getLogger("cascade")
 
 
 @dataclass
@@ -135,6 +139,10 @@ def run(job: Job):
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: the embedding program handles its signals
         previous = {}
+    if runners.in_process(job.options):  # the workers are threads of this process: their progress is shown here
+        progress.start_run()
+        if job.plan.task is not TaskKind.VIDEO_FRAMES:  # (a video's frames are not counted before it is read)
+            threading.Thread(target=_count, args=(job.cfg.input,), name="cascade-count", daemon=True).start()
     try:
         result = job.pipeline.run()
         result.wait_until_finish()
@@ -146,8 +154,18 @@ def run(job: Job):
                               "--skip_done to keep them and do the rest") from None
         raise
     finally:
+        progress.finish_run()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _count(source: str) -> None:
+    """The inputs' total for the progress display, counted beside the run (footers of Parquet manifests, lines
+    of CSV ones, files of a glob), so that the first records never wait for a count."""
+    try:
+        progress.set_total(count_inputs(source)[0])
+    except (OSError, ValueError) as err:
+        log.debug("inputs not counted for the progress display: %s", err)
 
 
 def main(run_entry, argv: Sequence[str]) -> None:
