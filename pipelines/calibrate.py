@@ -236,6 +236,8 @@ def cascade_config(base: schema.CascadeConfig, choice: cal.Choice, kind, aggrega
                                   "aggregation": committee.Aggregation(aggregation), "overwrite": False,
                                   "calibration": calibration})
     schema.validate(cfg)
+    if calibration is not None:  # the figures describe this cascade and no other (--plan, the run report)
+        calibration.cascade = schema.signature(cfg)
     return cfg
 
 
