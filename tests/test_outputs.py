@@ -1,7 +1,8 @@
 """Outputs analysts can trust: one real run on labelled sample images with unreadable inputs and a Parquet
-manifest of its own columns, read back with DuckDB, Polars and pandas exactly as the README shows; the
-files' compression and metadata; the run report; the plan before the run; incomplete runs; the commands'
-help."""
+manifest of its own columns; a folder of that run and a --skip_done run over overlapping inputs beside an
+uncommitted run's files, read back with DuckDB, Polars and pandas exactly as docs/OUTPUTS.md and the README
+show; the files' compression and metadata; the run report; the plan before the run; incomplete runs; the
+commands' help."""
 
 from __future__ import annotations
 
