@@ -387,8 +387,8 @@ def build_report(run_output: str, run_id: Optional[str] = None,
     if incomplete:
         blocks.append(Alert(f"This folder also holds files of {len(incomplete)} run(s) that never committed "
                                f"({', '.join(sorted(incomplete))}): interrupted or still running. They are not "
-                               "part of this report; readers of the tables must skip them too (README, reading "
-                               "the outputs)."))
+                               "part of this report; readers of the tables must skip them too "
+                               "(docs/OUTPUTS.md)."))
 
     blocks.append(Heading("Counts"))
     total = run["predictions"] + run["dead_letters"]

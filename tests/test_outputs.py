@@ -1,10 +1,12 @@
 """Outputs analysts can trust: one real run on labelled sample images with unreadable inputs and a Parquet
-manifest of its own columns, read back with DuckDB, Polars and pandas exactly as the README shows; the
-files' compression and metadata; the run report; the plan before the run; incomplete runs; the commands'
-help."""
+manifest of its own columns; a folder of that run and a --skip_done run over overlapping inputs beside an
+uncommitted run's files, read back with DuckDB, Polars and pandas exactly as docs/OUTPUTS.md and the README
+show; the files' compression and metadata; the run report; the plan before the run; incomplete runs; the
+commands' help."""
 
 from __future__ import annotations
 
+import collections
 import datetime
 import re
 import shutil
@@ -14,12 +16,13 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines import cascade, folder, report, run_report
-from pipelines.folder import RunFolder
+from pipelines import cascade, report, run_report
+from pipelines.folder import MANIFEST, RUN_ID, RUNS, RunFolder
 from transforms.io import count_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,36 +66,175 @@ def run(tmp_path_factory, sample_subset):
     return {"tmp": tmp, "out": tmp / "out", "rows": rows, "manifest": manifest, "args": args}
 
 
-def readme_recipes(folder: Path) -> dict:
-    """Run the README's reading recipes (its python blocks under "Reading the outputs") on ``folder``."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### Reading the outputs", 1)[1].split("\n### ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 4, "the README shows committed runs, DuckDB, Polars and pandas"
-    namespace: dict = {}
+UNCOMMITTED = "20991231T235959Z-ffffff"  # a run id later than any real one, whose files never committed
+SKIP_DONE_THRESHOLD = 0.5  # the second run's stage-1 threshold: its config differs from the first's
+PREDICTION_COLUMNS = ("uri", "label", "pred_class", "exit_stage", "confidence", "gmacs")
+
+
+@pytest.fixture(scope="module")
+def folder(run, tmp_path_factory, sample_subset):
+    """One output folder of several runs: a copy of the module's run (A: 10 images, a missing file, a text
+    file, an empty uri), then a real ``--skip_done --retry_dead_letters`` run (B) over overlapping inputs with
+    another threshold (5 ids skipped, 3 new, the missing file now present, the text file again, one image
+    listed twice), then the files of a run that never committed (C: B's rows under a later run id, with
+    other classes): what a run killed before its commit leaves."""
+    tmp = tmp_path_factory.mktemp("folder")
+    out = tmp / "out"
+    shutil.copytree(run["out"], out)
+    rows = run["rows"]
+    missing, text = rows[10]["uri"], rows[11]["uri"]
+    shutil.copy(rows[0]["uri"], missing)  # the first run's not_found, present now: retried and classified
+    listed = [*sample_subset[5:13], {"uri": missing, "label": 1}, {"uri": text, "label": 2}, sample_subset[11]]
+    with open(tmp / "more.csv", "w") as fh:
+        fh.write("uri,label\n" + "".join(f"{r['uri']},{r['label']}\n" for r in listed))
+    second = cascade.run(["--config", str(run["tmp"] / "config.yaml"), "--input", str(tmp / "more.csv"),
+                          "--output", str(out), "--skip_done", "--retry_dead_letters", "--runner=FnApiRunner",
+                          f"stages.0.threshold={SKIP_DONE_THRESHOLD}"])
+    assert second["counts"]["inputs_skipped"] == 5 and second["invariant_holds"]
+    for table in ("predictions", "dead_letter", "exit_stats"):
+        written = pq.read_table(next((out / table).glob(f"{second['run_id']}-*.parquet")))
+        written = written.set_column(0, "run_id", pa.array([UNCOMMITTED] * len(written), pa.string()))
+        if table == "predictions":
+            other = pc.add(written["pred_class"], 1).cast(pa.int32())
+            written = written.set_column(written.schema.get_field_index("pred_class"), "pred_class", other)
+        pq.write_table(written, out / table / f"{UNCOMMITTED}-00000-of-00001.parquet")
+    return {"out": out, "first": run["manifest"], "second": second, "missing": missing, "text": text,
+            "first_ids": [r["uri"] for r in sample_subset[:10]], "new_ids": [r["uri"] for r in sample_subset[10:13]]}
+
+
+def committed_rows(out: Path, table: str) -> list[dict]:
+    """Every row of the committed runs' files, read without the package: a run is committed iff
+    runs/<run_id>.json exists, and its files are <table>/<run_id>-SSSSS-of-NNNNN.parquet."""
+    committed = {p.stem for p in (out / "runs").glob("*.json")}
+    return [row for f in sorted((out / table).glob("*.parquet")) if f.name.rsplit("-", 3)[0] in committed
+            for row in pq.read_table(f).to_pylist()]
+
+
+def expected_latest(out: Path) -> dict:
+    """id -> (outcome, row) by the latest view's rule, computed here in plain Python: per id, the latest
+    committed run with a row of it wins; in that run its prediction, else its first dead letter ordered by
+    (duplicate_id last, stage, uri, error)."""
+    predictions, dead = committed_rows(out, "predictions"), committed_rows(out, "dead_letter")
+    latest: dict = {}
+    for run_id in sorted({r["run_id"] for r in predictions + dead}):
+        order = sorted((r for r in dead if r["run_id"] == run_id), reverse=True,
+                       key=lambda r: (r["category"] == "duplicate_id", r["stage"], r["uri"], r["error"]))
+        latest.update({r["id"]: ("dead_letter", r) for r in order})  # the first in that order is set last
+        latest.update({r["id"]: ("prediction", r) for r in predictions if r["run_id"] == run_id})
+    return latest
+
+
+def sql_blocks(text: str) -> dict:
+    """The ```sql blocks of a markdown text, by their first line (a comment that names the recipe)."""
+    return {block.splitlines()[0]: block for block in re.findall(r"```sql\n(.*?)```", text, re.S)}
+
+
+def recipes_section() -> str:
+    return (ROOT / "docs" / "OUTPUTS.md").read_text().split("\n## Recipes", 1)[1].split("\n## ", 1)[0]
+
+
+def by_title(rows: dict, start: str):
+    (found,) = [value for title, value in rows.items() if title.startswith(f"-- {start}")]
+    return found
+
+
+def docs_recipes(folder: Path, chosen_run: str, chosen_id: str) -> tuple[dict, dict]:
+    """Run docs/OUTPUTS.md's recipes on ``folder`` as an analyst pastes them: its DuckDB blocks in order (the
+    views first; each query's rows by its first line) and its Python blocks (their variables)."""
+    import duckdb
+
+    con = duckdb.connect()
+    rows = {}
+    for title, block in sql_blocks(recipes_section()).items():
+        sql = (block.replace("out/mine", str(folder)).replace("20261128T101500Z-3fa2c1", chosen_run)
+               .replace("'cat'", f"'{chosen_id}'"))
+        rows[title] = con.execute(sql).fetchall()
+    namespace: dict = {"con": con}
+    blocks = re.findall(r"```python\n(.*?)```", recipes_section(), re.S)
+    assert len(blocks) == 3, "the docs show the committed files, Polars and pandas"
     for block in blocks:
-        exec(block.replace('DIR = "out/sample"', f"DIR = {str(folder)!r}"), namespace)
-    return namespace
+        exec(block.replace('DIR = "out/mine"', f"DIR = {str(folder)!r}"), namespace)
+    return rows, namespace
 
 
-def test_the_readme_recipes_agree_on_accuracy_exit_ratios_and_dead_letters(run):
-    got = readme_recipes(run["out"])
-    labelled = [r for r in RunFolder(str(run["out"])).read("predictions").to_pylist() if r["label"] is not None]
+def test_the_latest_view_has_one_row_per_id_from_the_latest_committed_run_that_has_it(folder):
+    """The docs' latest view on a folder of two committed runs (the second with --skip_done over overlapping
+    inputs) and an uncommitted one: ids the second run skipped keep the first run's rows, a dead letter the
+    second run classified becomes its prediction, an image listed twice is one row, and no row of the
+    uncommitted run is read; checked against the rule computed in Python and against what each run was given."""
+    first, second = folder["first"]["run_id"], folder["second"]["run_id"]
+    rows, recipes = docs_recipes(folder["out"], first, folder["text"])
+    con = recipes["con"]
+    got = {r["id"]: r for r in con.sql("SELECT * FROM latest").pl().to_dicts()}
+    assert len(got) == con.execute("SELECT count(*) FROM latest").fetchone()[0]  # one row per id
+    assert con.execute(f"SELECT count(*) FROM predictions WHERE run_id = '{UNCOMMITTED}'").fetchone() == (0,)
+    expected = expected_latest(folder["out"])
+    assert {i: (r["outcome"], r["run_id"]) for i, r in got.items()} == {
+        i: (outcome, row["run_id"]) for i, (outcome, row) in expected.items()}
+    for i, (outcome, row) in expected.items():  # the same row, column for column
+        columns = row.keys() if outcome == "dead_letter" else PREDICTION_COLUMNS
+        assert {k: got[i][k] for k in columns} == pytest.approx({k: row[k] for k in columns}), i
+    # what each run was given: 10 + 3 + 1 images classified, the text file dead in the second run too, the
+    # empty uri's dead letter from the first run (the second did not list it)
+    assert all(got[i]["outcome"] == "prediction" and got[i]["run_id"] == first for i in folder["first_ids"])
+    assert {i for i, r in got.items() if r["run_id"] == second} == {*folder["new_ids"], folder["missing"],
+                                                                    folder["text"]}
+    assert got[folder["missing"]]["outcome"] == "prediction" and got[folder["text"]]["category"] == "not_an_image"
+    assert [r["category"] for r in got.values() if r["run_id"] == first and r["outcome"] == "dead_letter"] == [
+        "bad_manifest_row"]
+    assert len(got) == 10 + 3 + 3
+    twice = folder["new_ids"][1]  # listed twice in the second run: its prediction, not its duplicate_id
+    assert got[twice]["outcome"] == "prediction"
+    assert con.execute(f"SELECT category FROM dead_letter WHERE id = '{twice}'").fetchall() == [("duplicate_id",)]
+    assert by_title(rows, "the dataset now") == [("dead_letter", 2, 2), ("prediction", 14, 2)]
+    stages = collections.Counter(r["exit_stage"] for outcome, r in expected.values() if outcome == "prediction")
+    assert [(s, n) for s, n, *_ in by_title(rows, "accuracy and cost by exit stage")] == sorted(stages.items())
+
+
+def test_the_docs_recipes_give_exit_ratios_counts_and_configs_per_run_and_over_the_folder(folder):
+    first, second = folder["first"]["run_id"], folder["second"]["run_id"]
+    rows, got = docs_recipes(folder["out"], first, folder["text"])
+    predictions, dead = committed_rows(folder["out"], "predictions"), committed_rows(folder["out"], "dead_letter")
+    assert len(predictions) == 14 and len(dead) == 5  # the uncommitted run's files lie beside them
+    per_run = by_title(rows, "exit ratios per run")
+    assert {r[0] for r in per_run} == {first, second}
+    for run_id in (first, second):  # each run's ratios sum to 1, and the folder's too (not to 2)
+        assert sum(r[7] for r in per_run if r[0] == run_id) == pytest.approx(1.0)
+    folder_ratios = by_title(rows, "exit ratios over the folder")
+    exited = collections.Counter(r["exit_stage"] for r in predictions)
+    assert {r[0]: r[4] for r in folder_ratios} == dict(exited)
+    assert {r[0]: r[6] for r in folder_ratios} == pytest.approx({s: n / 14 for s, n in exited.items()})
+    threshold = yaml.safe_load(CONFIG)["stages"][0]["threshold"]
+    assert folder_ratios[0][2] == pytest.approx(sorted([threshold, SKIP_DONE_THRESHOLD]))
+    assert got["exit_ratio_folder"]["exit_ratio"].sum() == pytest.approx(1.0)
+    assert dict(got["exit_ratio_folder"].select("stage", "records_exited").iter_rows()) == dict(exited)
+    counts = by_title(rows, "counts per run")
+    assert counts[-1] == ("all runs", 13 + 11, 5, 14, 5, True)
+    assert counts[1][0] == second and counts[1][2:5] == (5, 4, 2)
+    labelled = [r for r in predictions if r["label"] is not None]
     accuracy = sum(r["label"] == r["pred_class"] for r in labelled) / len(labelled)
-    assert got["accuracy_duckdb"] == pytest.approx(accuracy)
+    cost = by_title(rows, "cost and accuracy per run")
+    assert cost[-1][:2] == ("all runs", 14) and cost[-1][4] == pytest.approx(accuracy)
+    assert cost[-1][2] == pytest.approx(sum(r["gmacs"] for r in predictions) / 14)
     assert got["accuracy_polars"] == pytest.approx(accuracy)
     assert float(got["accuracy_pandas"]) == pytest.approx(accuracy)
-    assert got["exit_ratio_sum"] == pytest.approx(1.0)
-    assert sum(ratio for _, _, ratio in got["exit_ratios"]) == pytest.approx(1.0)
-    counts = run["manifest"]["counts"]
-    assert got["failed_all_stages"] == counts["dead_letters"] == 3  # reading (stage 0) included
-    assert {c: n for c, n, _ in got["dead_by_category"]} == {"not_found": 1, "not_an_image": 1,
-                                                              "bad_manifest_row": 1}
-    assert got["dead_pandas"].to_dict() == {"bad_manifest_row": 1, "not_an_image": 1, "not_found": 1}
-    assert yaml.safe_load(got["config"])["calibration"]["expected_exit_ratios"] == EXPECTED
-    assert set(got["top5"].columns) == {"id", "class", "name", "prob"} and len(got["top5"]) == 5 * 10
-    # the trap the README warns of: pandas' default turns the nullable label into float64 and counts
-    # every unlabelled row as wrong
+    (chosen,) = by_title(rows, "the config of a chosen run")
+    assert chosen[0] == first and yaml.safe_load(chosen[2])["stages"][0]["threshold"] == pytest.approx(threshold)
+    assert yaml.safe_load(chosen[2])["calibration"]["expected_exit_ratios"] == EXPECTED
+    ((_, outcome, run_id, config),) = by_title(rows, "the run and config behind one id")
+    assert (outcome, run_id) == ("dead_letter", second)
+    assert yaml.safe_load(config)["stages"][0]["threshold"] == SKIP_DONE_THRESHOLD
+    assert {c: n for c, n, _ in by_title(rows, "what still fails")} == {"not_an_image": 1, "bad_manifest_row": 1}
+    assert by_title(rows, "every run's dead letters") == [(5,)]
+    assert got["dead_pandas"].to_dict() == dict(collections.Counter(r["category"] for r in dead))
+    assert set(got["top5"].columns) == {"id", "class", "name", "prob"} and len(got["top5"]) == 5 * 14
+    latest = [r for outcome, r in expected_latest(folder["out"]).values() if outcome == "prediction"]
+    confusions = collections.Counter((r["label_name"], r["pred_name"]) for r in latest
+                                     if r["label"] is not None and r["label"] != r["pred_class"])
+    assert sorted(by_title(rows, "the top confusions"), key=lambda r: (-r[2], r[0], r[1])) == sorted(
+        ((a, b, n) for (a, b), n in confusions.items()), key=lambda r: (-r[2], r[0], r[1]))[:10]
+    # the trap the docs warn of: pandas' default turns the nullable label into float64 and counts every
+    # unlabelled row as wrong
     import pandas as pd
 
     naive = pd.concat([pd.read_parquet(f) for f in got["files"]["predictions"]])
@@ -100,9 +242,20 @@ def test_the_readme_recipes_agree_on_accuracy_exit_ratios_and_dead_letters(run):
     assert (naive.pred_class == naive.label).mean() < accuracy
 
 
+def test_the_readme_query_reads_the_committed_runs(folder):
+    """The README's one DuckDB query, on the folder of several runs: every committed prediction by exit
+    stage, none of the uncommitted run's."""
+    import duckdb
+
+    (query,) = sql_blocks((ROOT / "README.md").read_text()).values()
+    got = duckdb.connect().execute(query.replace("out/mine", str(folder["out"]))).fetchall()
+    exited = collections.Counter(r["exit_stage"] for r in committed_rows(folder["out"], "predictions"))
+    assert [(stage, n) for stage, n, *_ in got] == sorted(exited.items())
+
+
 def test_every_file_is_zstd_and_says_which_run_and_config_wrote_it(run):
     run_id = run["manifest"]["run_id"]
-    assert folder.RUN_ID.fullmatch(run_id)
+    assert RUN_ID.fullmatch(run_id)
     files = sorted(run["out"].glob("*/*.parquet"))
     assert {f.parent.name for f in files} == {"predictions", "exit_stats", "dead_letter"}
     for f in files:
@@ -114,7 +267,7 @@ def test_every_file_is_zstd_and_says_which_run_and_config_wrote_it(run):
         assert yaml.safe_load(kv["cascade.config"])["stages"][0]["threshold"] == pytest.approx(0.28364, abs=1e-5)
         assert "apache-beam" in kv["cascade.versions"] and kv["cascade.started_utc"] == run["manifest"]["started_utc"]
         assert set(pq.read_table(f, columns=["run_id"]).column("run_id").to_pylist()) == {run_id}
-    assert (run["out"] / folder.RUNS / f"{run_id}.json").exists() and (run["out"] / folder.MANIFEST).exists()
+    assert (run["out"] / RUNS / f"{run_id}.json").exists() and (run["out"] / MANIFEST).exists()
 
 
 def test_manifest_columns_are_carried_through_with_their_types(run):

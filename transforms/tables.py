@@ -1,7 +1,7 @@
 """The tables a run writes: each is a name, an explicit Parquet schema and the one way to build its rows
 (``Table.row``, which refuses a row whose columns are not exactly the schema's), so that a column cannot be
 added to a row without its schema, nor to the schema without its rows. No Beam here; the sink is
-``transforms.outputs.WriteTable``. The columns are documented for analysts in the README.
+``transforms.outputs.WriteTable``. The columns are documented for analysts in docs/OUTPUTS.md.
 """
 
 from __future__ import annotations
