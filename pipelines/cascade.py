@@ -262,7 +262,7 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan, task: 
                                  + ([] if cfg.retry_dead_letters else [DEAD_LETTER.name]))
     inputs = p | "ReadInputs" >> ReadInputs(cfg.input, decode.max_bytes, task.reader(plan),
                                             num_classes=plan.stages[0].spec.num_classes,
-                                            timeout_s=decode.read_timeout_s, done=done)
+                                            timeout_s=decode.read_timeout_s, done=done, read=cfg.read)
     records = inputs["records"]
     exited, dead, thresholds = [], [inputs[DEAD]], []
     if plan.execution is Execution.FUSED:

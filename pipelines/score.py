@@ -135,7 +135,7 @@ def build(p: beam.Pipeline, cfg: schema.CascadeConfig, plan: CascadePlan, run_id
     """Add the scoring job to ``p``; returns (key, gmacs per record) of each pool entry."""
     task = task_for(plan)
     inputs = p | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes, task.reader(plan),
-                                            timeout_s=cfg.decode.read_timeout_s)
+                                            timeout_s=cfg.decode.read_timeout_s, read=cfg.read)
     scored, dead = [], [inputs[DEAD]]
     for stage in plan.stages:
         out = inputs["records"] | f"Score_{stage.key}" >> ScoreEntry(stage, task)
