@@ -44,6 +44,7 @@ LOCAL = LocalFileSystem()
 HTTP = ("http://", "https://")
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_REDIRECTS = 10
+HTTP_GRACE_S = 1.0  # past an HTTP read's deadline, the time its coroutine has to end itself before it is cancelled
 CHUNK = 1 << 16
 FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -486,8 +487,9 @@ class Reads:
             deadline = time.monotonic() + self.policy.timeout_s
             future = _READERS.submit(lambda: self._blocking(uri, taken, deadline))
         ticket, self._next = self._next, self._next + 1
-        self._pending[ticket] = _Pending(key, time.monotonic() + self.policy.timeout_s, future, taken,
-                                         uri.startswith(HTTP))
+        http = uri.startswith(HTTP)  # a coroutine ends itself at its deadline: this one is a safety net
+        self._pending[ticket] = _Pending(key, time.monotonic() + self.policy.timeout_s + (HTTP_GRACE_S if http else 0),
+                                         future, taken, http)
         self.peak = max(self.peak, len(self._pending))
         future.add_done_callback(lambda _: self._done.put(ticket))
 
@@ -509,7 +511,7 @@ class Reads:
             try:
                 if must_wait:
                     earliest = min(p.deadline for p in self._pending.values())
-                    ticket = self._done.get(timeout=max(earliest - time.monotonic(), 0.0) + 0.05)
+                    ticket = self._done.get(timeout=max(earliest - time.monotonic(), 0.0) + 0.01)
                 else:
                     ticket = self._done.get_nowait()
             except queue.Empty:
