@@ -3,7 +3,7 @@ trivial model of ``benchmarks/data_path.py`` (so reading and decoding dominate),
 (b) from a static HTTP server on 127.0.0.1 that answers each request after an added latency.
 
     python -m benchmarks.remote_read [--records 4000] [--latency_ms 50] [--slow_latency_ms 200]
-                                     [--in_flight 8,64] [override ...]
+                                     [--in_flight 8,64] [--config CFG] [override ...]
 
 The server (started and stopped here, in its own process so that its CPU time is its own) serves the shared
 sample's real JPEGs (``../shared/data/imagenet-sample``) from memory with aiohttp: a request waits its latency
@@ -12,7 +12,8 @@ server's CPU seconds, since it shares the machine's cores with the job. The reco
 repeated under distinct ids, in a Parquet manifest; each run is a fresh process on FnApiRunner (in that
 process), its wall time and peak RSS measured as ``benchmarks/data_path.py`` measures them. Overrides
 (``read.in_flight=16``...) go to every run; ``--in_flight`` adds remote runs at other values of
-``read.in_flight`` (lines only, the ratio is of the configured value).
+``read.in_flight`` (lines only, the ratio is of the configured value). ``--config`` runs a real cascade
+instead of the trivial model (``benchmarks/gpu_check.sh`` does, on the GPU machine's loopback).
 
 The last lines: ``remote_vs_local_ratio`` (records/s over HTTP / records/s local, same run; goal >= 0.7 at
 50 ms), ``remote_records_per_s``, ``inflight_peak`` (the most requests the server had in flight at once), the
@@ -149,6 +150,7 @@ def main() -> None:
     parser.add_argument("--latency_ms", type=float, default=50.0, help="latency the server adds to each request")
     parser.add_argument("--slow_latency_ms", type=float, default=200.0, help="the latency of the second remote run")
     parser.add_argument("--in_flight", default="", help="extra remote runs at these read.in_flight values")
+    parser.add_argument("--config", help="a cascade config to run instead of the trivial model (e.g. on a GPU)")
     parser.add_argument("--sample", default=SAMPLE, help="a folder with labels.csv (its path column: the images)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port_file", help=argparse.SUPPRESS)
@@ -160,9 +162,11 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; load average {load}; {args.records} "
           f"records over {len(names)} JPEGs of {args.sample}; overrides: {' '.join(overrides) or 'none'}", flush=True)
     with tempfile.TemporaryDirectory() as tmp, Server(args.sample, args.latency_ms / 1000, tmp) as server:
-        weights, cfg = os.path.join(tmp, "tiny.pt"), os.path.join(tmp, "tiny.yaml")
-        tiny_model(weights)
-        config(cfg, weights, "fused")
+        cfg = args.config and os.path.abspath(args.config)
+        if not cfg:
+            weights, cfg = os.path.join(tmp, "tiny.pt"), os.path.join(tmp, "tiny.yaml")
+            tiny_model(weights)
+            config(cfg, weights, "fused")
         local = manifest(os.path.join(tmp, "local.parquet"), names, args.records, os.path.abspath(args.sample))
         remote = manifest(os.path.join(tmp, "remote.parquet"), names, args.records, f"{server.url}/img")
         results = {}

@@ -38,7 +38,7 @@ from configs.schema import Execution
 from models.classifier import release_checked
 from pipelines import common, runners
 from transforms.fused import FusedCascade
-from transforms.io import DEAD, ReadInputs, check_source, count_inputs, extra_fields
+from transforms.io import DEAD, ReadInputs, check_source, count_inputs, extra_fields, first_uri
 from transforms.outputs import ExitStats, WriteTable
 from transforms.progress import NAMESPACE
 from transforms.stage import CONTINUE, EXITED, THRESHOLD, CascadeStage, default_threads
@@ -237,7 +237,11 @@ def print_plan(cfg: schema.CascadeConfig, profile: Optional[str]) -> dict:
             raise SystemExit(f"invalid input: {err}") from None
     else:
         records, counted = len(demo_photos()), "photos inside scikit-image"
-    est, lines = plan_lines(cfg, profile, records, counted, estimate.load_figures())
+    figures = estimate.load_figures()
+    est, lines = plan_lines(cfg, profile, records, counted, figures)
+    # the read path (issue 23): its bound for remote inputs, from configs.estimate.read_lines
+    lines += ["", *estimate.read_lines(first_uri(cfg.input) if cfg.input else None, cfg.read.in_flight, est,
+                                       figures, cfg.decode.gpu)]
     lines.append("(nothing was run and no model was loaded)")
     print("\n".join(lines))
     return {"plan": True, "records": records, "stages": list(est.keys), "expected_exit_ratios":

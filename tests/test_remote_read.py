@@ -253,3 +253,15 @@ def test_a_job_over_a_misbehaving_server_classifies_the_rest_as_it_would_locally
     for name in bad:
         category, reason = FAILURES[name]
         assert dead[name]["category"] == category and re.search(reason, dead[name]["error"]), dead[name]
+
+
+def test_the_plan_bounds_remote_reads_by_reads_in_flight_over_latency():
+    from configs.estimate import Estimate, Machine, read_lines
+
+    gpu = Machine("gpu", "gpu", "one GPU", "today", 16, {"m": 10_000.0}, 1000.0)
+    est = Estimate(("m",), (None,), (0.4,), None, 1000)
+    remote = read_lines("gs://bucket/a.jpg", 64, est, {"gpu": gpu}, False)
+    assert "read.in_flight=64" in remote[0] and "1,280 records/s per thread; below the compute of gpu" in remote[1]
+    assert "above every machine's compute rate" in read_lines("https://h/a.jpg", 4096, est, {"gpu": gpu}, False)[1]
+    assert read_lines("/data/a.jpg", 64, est, {"gpu": gpu}, False)[0].startswith("read path: local files")
+    assert read_lines(None, 64, est, {}, False) == ["read path: not estimated (no input to look at)"]

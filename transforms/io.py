@@ -460,6 +460,14 @@ def list_source(source: str, num_classes: Optional[int] = None) -> Iterator[Reco
             yield entry
 
 
+def first_uri(source: str) -> Optional[str]:
+    """The URL of a source's first input (listing only; None if it lists none or cannot be listed from here)."""
+    try:
+        return next((entry.uri for entry in list_source(source) if isinstance(entry, Record)), None)
+    except (OSError, ValueError):
+        return None
+
+
 class SplitManifests(beam.PTransform):
     """A manifest or a glob of manifests -> its ``ManifestPart``s, spread over workers: the files are listed
     once, then each file's footer is read (and its parts read) wherever the runner puts it, so that no
