@@ -54,6 +54,9 @@ with open(".data/gpu.yaml", "w") as fh:
     fh.write(f"stages:\n  - {{model: l0, resolution: 224, batch_size: 256, threshold: {t1}}}\n"
              f"  - {{model: l1, resolution: 240, batch_size: 256, threshold: {t2}}}\n"
              "  - {model: l2, resolution: 260, batch_size: 256}\n")
+with open(".data/gpu_lite2.yaml", "w") as fh:
+    fh.write("models:\n  l2: {arch: 'efficientnet-lite:2', weights: '.data/weights/l2.pt', resolution: 260}\n"
+             "stages:\n  - {model: l2, resolution: 260, batch_size: 256}\n")
 print(open(".data/gpu.yaml").read())
 PY
 
@@ -62,3 +65,10 @@ PY
 python3 benchmarks/throughput.py --device cuda --config .data/gpu.yaml --sample .data/sample --records 12000 \
     --repeats 1 --memory_base 0 --workers 8 --variants pipeline_cascade,pipeline_staged,pipeline_lite2 \
     2>&1 | tee "$OUT/throughput.txt"
+
+# Issue 23: the same cascade and Lite2 alone over HTTP from benchmarks/remote_read.py's server on this machine's
+# loopback (50 ms per request, then 200 ms) against the same images read locally; needs aiohttp among the wheels.
+for cfg in gpu gpu_lite2; do
+    python3 -m benchmarks.remote_read --config .data/$cfg.yaml --sample .data/sample --records 4000 device=cuda \
+        2>&1 | tee "$OUT/remote_read_$cfg.txt"
+done

@@ -145,3 +145,37 @@ def estimate(plan: CascadePlan, expected_exit_ratios: Optional[Sequence[float]],
     return Estimate(tuple(s.key for s in plan.stages), tuple(s.threshold for s in plan.stages),
                     tuple(s.gmacs for s in plan.stages),
                     None if expected_exit_ratios is None else tuple(expected_exit_ratios), records)
+
+
+REMOTE_SCHEMES = ("http://", "https://", "gs://", "s3://", "az://", "abfs://", "hf://")
+READ_LATENCIES_S = (0.05, 0.2)  # typical object-store latencies per request (first byte), for the read bound
+
+
+def read_bound(in_flight: int, latency_s: float) -> float:
+    """Records/s one reader (a worker thread) can read at most: its reads in flight / the latency of one."""
+    return in_flight / latency_s
+
+
+def read_lines(first_uri: Optional[str], in_flight: int, est: Estimate, figures: dict[str, Machine],
+               gpu_decode: bool) -> list[str]:
+    """The --plan lines on the read path: for remote inputs (judged by the first input's URL), the bound
+    ``read.in_flight / latency`` per reader at typical latencies, against each machine's compute rate (records/s
+    of the cascade, ``est.cascade_compute``); local inputs are not bounded by it; without an input to look at,
+    it says that it does not know."""
+    computes = {name: est.cascade_compute(machine, gpu_decode) for name, machine in figures.items()}
+    compute_records_per_s = {name: 1 / c.seconds_per_record for name, c in computes.items() if c is not None}
+    if first_uri is None:
+        return ["read path: not estimated (no input to look at)"]
+    if not first_uri.startswith(REMOTE_SCHEMES):
+        return ["read path: local files (no latency bound estimated; a local read costs about 0.1 ms)"]
+    scheme = first_uri.split("://", 1)[0]
+    lines = [f"read path: {scheme}:// inputs, read.in_flight={in_flight} reads in flight per worker thread: "
+             "at most in_flight / latency records/s per thread (the latency is not known before the run):"]
+    for latency in READ_LATENCIES_S:
+        bound = read_bound(in_flight, latency)
+        slower = [name for name, rate in compute_records_per_s.items() if rate > bound]
+        lines.append(f"  at {latency * 1000:.0f} ms per request: {bound:,.0f} records/s per thread"
+                     + (f"; below the compute of {', '.join(slower)}: reads bound the run there unless "
+                        "workers run more threads or read.in_flight is raised" if slower else
+                        "; above every machine's compute rate: reads do not bound the run"))
+    return lines

@@ -129,6 +129,22 @@ class CalibrationInfo:
 
 
 @dataclass
+class ReadConfig:
+    """Reading inputs' bytes, many at a time per worker thread (docs/READING.md); each read is bounded by
+    decode.read_timeout_s and decode.max_bytes."""
+
+    in_flight: int = 64  # reads in flight at once per reader (worker thread); ~in_flight / latency records/s
+    bytes_in_flight: int = 64 * 1024 * 1024  # bytes those reads may hold at once (one larger input goes alone)
+    attempts: int = 3  # tries of an HTTP read failing transiently (429/500/502/503/504, reset); 1: no retry
+    backoff_s: float = 0.2  # wait before the second try, doubled before each next one (x0.5-1.5 jitter)
+    retry_after_max_s: float = 10.0  # the longest server Retry-After honoured (a longer one waits this long)
+
+
+READ_LIMITS = {"in_flight": (1, 4096), "bytes_in_flight": (1, 2**40), "attempts": (1, 20),
+               "backoff_s": (0.0, 60.0), "retry_after_max_s": (0.0, 3600.0)}
+
+
+@dataclass
 class CascadeConfig:
     input: str = ""  # glob of image URLs, or a manifest (.csv / .parquet); empty: the embedded demo set
     output: str = "out/cascade"  # output folder (local path or URL)
@@ -140,6 +156,7 @@ class CascadeConfig:
     aggregation: Aggregation = Aggregation.LOGITS
     models: dict[str, ModelDef] = field(default_factory=dict)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    read: ReadConfig = field(default_factory=ReadConfig)  # reads in flight, retries (docs/READING.md)
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     model_sharing: ModelSharing = ModelSharing.PROCESS
     torch_threads: int = 0  # intra-op threads (and batch-decoding threads) per worker process; 0: cores / processes
@@ -296,6 +313,13 @@ def sampling_plan(video: VideoConfig) -> SamplingPlan:
                         video.max_frames, video.min_coverage)
 
 
+def validate_read(read: ReadConfig) -> None:
+    for key, (low, high) in READ_LIMITS.items():
+        value = getattr(read, key)
+        if not low <= value <= high:  # NaN fails too
+            raise ConfigError(f"read.{key}: must be in [{low:g}, {high:g}], got {value}")
+
+
 def validate_video(video: VideoConfig) -> None:
     granularity, sampling = Granularity(video.granularity), Sampling(video.sampling)
     if granularity is Granularity.VIDEO and sampling is not Sampling.UNIFORM:
@@ -398,6 +422,7 @@ def validate(cfg: CascadeConfig) -> None:
         raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda, cuda:N (N a GPU index)")
     if not cfg.decode.read_timeout_s > 0:
         raise ConfigError(f"decode.read_timeout_s: must be > 0, got {cfg.decode.read_timeout_s}")
+    validate_read(cfg.read)
     if not cfg.output:
         raise ConfigError("output: an output folder is needed")
     if cfg.video is not None:

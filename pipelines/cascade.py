@@ -106,7 +106,8 @@ def build(run: job.Job) -> None:
                 for url in run.folder.file_urls(name)]
     inputs = run.pipeline | "ReadInputs" >> ReadInputs(cfg.input, decode.max_bytes, task.reader(plan),
                                                        num_classes=plan.stages[0].spec.num_classes,
-                                                       timeout_s=decode.read_timeout_s, done=done)
+                                                       timeout_s=decode.read_timeout_s, done=done,
+                                                       read=cfg.read)
     records = inputs["records"]
     exited, dead, thresholds = [], [inputs[DEAD]], []
     if plan.execution is Execution.FUSED:

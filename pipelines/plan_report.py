@@ -15,7 +15,7 @@ from typing import Optional
 from configs import estimate, schema
 from configs.plan import build_plan
 from pipelines import demo
-from transforms.io import count_inputs
+from transforms.io import count_inputs, first_uri
 
 
 def _hours(hours: float) -> str:
@@ -115,7 +115,11 @@ def print_plan(cfg: schema.CascadeConfig, profile: Optional[str]) -> dict:
             raise SystemExit(f"invalid input: {err}") from None
     else:
         records, counted = len(demo.photos()), "photos inside scikit-image"
-    est, lines = plan_lines(cfg, profile, records, counted, estimate.load_figures())
+    figures = estimate.load_figures()
+    est, lines = plan_lines(cfg, profile, records, counted, figures)
+    # the read path: its bound for remote inputs (requests in flight / latency)
+    lines += ["", *estimate.read_lines(first_uri(cfg.input) if cfg.input else None, cfg.read.in_flight, est,
+                                       figures, cfg.decode.gpu)]
     lines.append("(nothing was run and no model was loaded)")
     print("\n".join(lines))
     return {"plan": True, "records": records, "stages": list(est.keys), "calibration_applies":

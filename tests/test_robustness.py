@@ -48,6 +48,7 @@ from models.preprocess import BadInput, decode, load_image
 from pipelines import cascade, common, folder, job, summary
 from pipelines.folder import RunFolder
 from tests.conftest import scripted, torchscript_config
+from transforms.fetch import with_timeout
 from transforms.io import (
     DEAD,
     MAX_ROW_BYTES,
@@ -58,7 +59,6 @@ from transforms.io import (
     ReadInputs,
     check_source,
     manifest_entries,
-    with_timeout,
 )
 from transforms.outputs import WriteTable
 from transforms.records import CATEGORIES, DeadLetter, Record
@@ -790,8 +790,18 @@ def test_reading_any_input_fails_only_that_input(tmp_path, server):
     for uri, reason in [(f"{http_ok}/head-ok-get-500.jpg", "HTTP error 500"), (str(tmp_path / "fifo"),
                         "not a regular file: a FIFO"), (f"{http_closed}/x.jpg", "connection failed"),
                         ("s3://bucket/a.jpg", "could not read: ImportError: Install s3fs to access S3")]:
-        (out,) = ReadBytes.process(reader, Record(id="a", uri=uri))
+        (out,) = read_bytes(reader, [Record(id="a", uri=uri)])
         assert out.value.error.startswith(reason), out.value
+
+
+def read_bytes(reader: ReadBytes, records: list[Record]) -> list:
+    """A bundle of ``records`` through ``reader`` as a runner drives it: what it emits, while and after."""
+    reader.start_bundle()
+    out = [o for record in records for o in reader.process(record)]
+    for o in reader.finish_bundle():
+        out.append(beam.pvalue.TaggedOutput(o.tag, o.value.value) if isinstance(o, beam.pvalue.TaggedOutput)
+                   else o.value)
+    return out
 
 
 def test_the_read_timeout_holds_neither_the_job_nor_the_process():
@@ -999,10 +1009,10 @@ def read_inputs_in_process(source: str) -> tuple[int, list[DeadLetter], list[Rec
     kept = []
     for out in (o for group in groups.items() for o in FirstOfId().process(group)):
         (dead.append(out.value) if isinstance(out, beam.pvalue.TaggedOutput) else kept.append(out))
-    reader, records = ReadBytes(FUZZ_MAX_BYTES, timeout_s=5), []
-    for record in kept:
-        (out,) = reader.process(record)  # exactly one outcome per input
+    records = []
+    for out in read_bytes(ReadBytes(FUZZ_MAX_BYTES, timeout_s=5), kept):
         (dead.append(out.value) if isinstance(out, beam.pvalue.TaggedOutput) else records.append(out))
+    assert len(records) + len(dead) == len(listed)  # exactly one outcome per input
     return len(listed), dead, records
 
 

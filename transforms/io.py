@@ -24,13 +24,11 @@ import math
 import os
 import pickle
 import posixpath
-import queue
 import stat
-import threading
 import zlib
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import fsspec
@@ -41,6 +39,7 @@ from apache_beam.transforms.window import GlobalWindows
 from fsspec.implementations.local import LocalFileSystem
 
 from models.failures import Category
+from transforms.fetch import ReadPolicy, Reads, read_failure
 from transforms.progress import NAMESPACE, progress
 from transforms.records import READ_STAGE, DeadLetter, Record, record_id
 
@@ -52,16 +51,11 @@ MAX_ROW_BYTES = 128 * 1024  # the csv module's field limit: no field of a line t
 DEFAULT_READ_TIMEOUT_S = 300.0
 INT32 = 2**31
 GLOB_CHARS = "*?["
-LOCAL = LocalFileSystem()
 BOM = b"\xef\xbb\xbf"
 
 
 class BadRow(ValueError):
     """A manifest row that cannot become a record; the message is the dead letter's reason."""
-
-
-class InputError(OSError):
-    """An input that cannot be read, with the reason in words (``not a regular file``, ``too large``...)."""
 
 
 def is_manifest(source: str) -> bool:
@@ -466,6 +460,14 @@ def list_source(source: str, num_classes: Optional[int] = None) -> Iterator[Reco
             yield entry
 
 
+def first_uri(source: str) -> Optional[str]:
+    """The URL of a source's first input (listing only; None if it lists none or cannot be listed from here)."""
+    try:
+        return next((entry.uri for entry in list_source(source) if isinstance(entry, Record)), None)
+    except (OSError, ValueError):
+        return None
+
+
 class SplitManifests(beam.PTransform):
     """A manifest or a glob of manifests -> its ``ManifestPart``s, spread over workers: the files are listed
     once, then each file's footer is read (and its parts read) wherever the runner puts it, so that no
@@ -564,147 +566,33 @@ def done_ids(rows) -> tuple[str, tuple]:
     return rows["id"], DONE
 
 
-class _Readers:
-    """Daemon threads that run reads for ``with_timeout``, started once per process and reused: a thread per
-    read costs more than reading a small file. A thread stuck in a read that timed out is left behind (it is
-    a daemon: it never holds the process) and another takes its place."""
-
-    def __init__(self):
-        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0
-
-    def run(self, fn: Callable[[], Any], seconds: float, what: str) -> Any:
-        box: dict = {}
-        done = threading.Event()
-        with self._lock:
-            if self._idle == 0:
-                threading.Thread(target=self._serve, name="input reader", daemon=True).start()
-            else:
-                self._idle -= 1
-        self._tasks.put((fn, box, done))
-        if not done.wait(seconds):
-            raise TimeoutError(f"timeout: reading took longer than {seconds:g} s (decode.read_timeout_s)")
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
-
-    def _serve(self):
-        while True:
-            fn, box, done = self._tasks.get()
-            try:
-                box["value"] = fn()
-            except BaseException as err:  # handed to the caller
-                box["error"] = err
-            with self._lock:
-                self._idle += 1
-            done.set()
-
-
-_READERS = _Readers()
-
-
-def with_timeout(fn: Callable[[], Any], seconds: float, what: str) -> Any:
-    """``fn()``, or ``TimeoutError`` after ``seconds``. It runs in a daemon thread, which is left behind if it
-    blocks for good (a stalled server, a pipe nobody writes to): it never holds the job or the process."""
-    return _READERS.run(fn, seconds, what)
-
-
-FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
-def is_local_path(uri: str) -> bool:
-    """A plain local path (no protocol): read directly, without fsspec's URL parsing."""
-    return "://" not in uri and not uri.startswith(("file:", "memory:"))
-
-
-def open_input(uri: str):
-    """(filesystem, path) of one input; a local input must be a regular file (a FIFO or a device could block
-    or never end), else ``InputError``."""
-    fs, path = (LOCAL, uri) if is_local_path(uri) else fsspec.core.url_to_fs(uri)
-    if isinstance(fs, LocalFileSystem):
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            kind = next((k for test, k in FILE_KINDS if test(mode)), "not a file")
-            raise InputError(f"not a regular file: {kind}")
-    return fs, path
-
-
-def read_input(uri: str, max_bytes: int) -> bytes:
-    """The bytes of one input, at most ``max_bytes``; larger inputs are refused unread where their size is
-    known."""
-    fs, path = open_input(uri)
-    with fs.open(path, "rb") as fh:
-        size = getattr(fh, "size", None)
-        if size is not None and size > max_bytes:
-            raise InputError(f"too large: file of {size} bytes exceeds decode.max_bytes={max_bytes}")
-        data = fh.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise InputError(f"too large: file exceeds decode.max_bytes={max_bytes}")
-    return data
-
-
-def _causes(err: BaseException) -> Iterator[BaseException]:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def read_failure(err: BaseException) -> str:
-    """Why an input could not be read, in words whose start names the kind of failure (see
-    ``transforms.records.REASON_CATEGORIES``). fsspec reports any failed HTTP request for a file's size as
-    ``FileNotFoundError``; the HTTP status or connection error it wraps says what really happened."""
-    chain = list(_causes(err))
-    for cause in chain:
-        status = getattr(cause, "status", None)
-        if isinstance(status, int) and status >= 400:
-            message = getattr(cause, "message", "") or ""
-            if status == 404:
-                return f"file not found (HTTP 404 {message})".replace(" )", ")")
-            if status in (401, 403):
-                return f"permission denied (HTTP {status} {message})".replace(" )", ")")
-            return f"HTTP error {status} {message}".rstrip()
-        name = type(cause).__name__
-        if name in ("ClientPayloadError", "ContentLengthError", "TransferEncodingError"):
-            return f"HTTP error: the body ended early ({name}: {cause})"
-        if name.startswith("ClientConnect") or name == "ServerDisconnectedError" or isinstance(cause, ConnectionError):
-            return f"connection failed: {name}: {cause}"
-        if isinstance(cause, TimeoutError) and str(cause).startswith("timeout"):
-            return str(cause)
-    if isinstance(err, InputError):
-        return str(err)
-    if isinstance(err, TimeoutError):
-        return f"timeout: {type(err).__name__}: {err}"
-    if isinstance(err, FileNotFoundError):
-        return "file not found"
-    if isinstance(err, PermissionError):
-        return f"permission denied: {err.strerror or err}"
-    if isinstance(err, IsADirectoryError):
-        return "not a regular file: a folder"
-    return f"could not read: {type(err).__name__}: {err}"
-
-
 class ReadBytes(beam.DoFn):
-    """Fill in a Record's encoded bytes. Any failure to read one input (missing, refused, a server error,
-    a stall longer than ``timeout_s``, not a regular file, oversized) is that input's dead letter."""
+    """Fill in a Record's encoded bytes, many reads in flight at once (``transforms.fetch.Reads``): records
+    come out as their reads end, in any order, the last ones at the bundle's end. Any failure to read one
+    input (missing, refused, a server error, a stall longer than ``timeout_s``, not a regular file,
+    oversized) is that input's dead letter. ``read``: the config's ``read`` block (None: its defaults)."""
 
-    def __init__(self, max_bytes: int, timeout_s: float = DEFAULT_READ_TIMEOUT_S):
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
+    def __init__(self, max_bytes: int, timeout_s: float = DEFAULT_READ_TIMEOUT_S, read: Any = None):
+        self.policy = ReadPolicy.of(max_bytes, timeout_s, read)
+        self.peak = Metrics.distribution(NAMESPACE, "reads_in_flight_peak")
+
+    def start_bundle(self):
+        self._reads = Reads(self.policy)
 
     def process(self, record: Record):
-        try:
-            if is_local_path(record.uri):  # a regular local file (others are refused) is read here: handing
-                data = read_input(record.uri, self.max_bytes)  # each read to a thread cost more than the read
-            else:
-                data = with_timeout(lambda: read_input(record.uri, self.max_bytes), self.timeout_s, record.uri)
-        except Exception as err:  # one input's failure, whatever it is, is that input's dead letter
-            yield dead(record.id, record.uri, read_failure(err))
-            return
-        yield dataclasses.replace(record, data=data)
+        self._reads.submit(record, record.uri)
+        yield from self._outputs(self._reads.ready())
+
+    def finish_bundle(self):
+        for out in self._outputs(self._reads.ready(wait_all=True)):
+            yield (beam.pvalue.TaggedOutput(DEAD, GlobalWindows.windowed_value(out.value))
+                   if isinstance(out, beam.pvalue.TaggedOutput) else GlobalWindows.windowed_value(out))
+        self.peak.update(self._reads.peak)
+
+    @staticmethod
+    def _outputs(ended) -> Iterator:
+        for record, data, reason in ended:
+            yield dead(record.id, record.uri, reason) if data is None else dataclasses.replace(record, data=data)
 
 
 class ReadInputs(beam.PTransform):
@@ -712,12 +600,14 @@ class ReadInputs(beam.PTransform):
 
     ``reader`` replaces ``ReadBytes`` (a DoFn from a listed Record to records and dead letters), e.g. one
     that decodes videos into frame records. ``num_classes``: labels outside ``[0, num_classes)`` are dead
-    letters. ``done``: Parquet files of earlier runs (with an ``id`` column) whose ids this run skips."""
+    letters. ``done``: Parquet files of earlier runs (with an ``id`` column) whose ids this run skips. ``read``:
+    the config's ``read`` block (reads in flight, retries; None: its defaults)."""
 
     def __init__(self, source: str, max_bytes: int, reader: Optional[beam.DoFn] = None,
                  num_classes: Optional[int] = None, timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-                 done: Sequence[str] = ()):
+                 done: Sequence[str] = (), read: Any = None):
         super().__init__()
+        self.read = read
         self.done = tuple(done)
         self.source = source
         self.max_bytes = max_bytes
@@ -726,7 +616,7 @@ class ReadInputs(beam.PTransform):
         self.timeout_s = timeout_s
 
     def expand(self, pbegin):
-        reader = self.reader or ReadBytes(self.max_bytes, self.timeout_s)
+        reader = self.reader or ReadBytes(self.max_bytes, self.timeout_s, self.read)
         sources = pbegin | "Source" >> beam.Create([self.source])
         if is_manifest(self.source):
             sources = sources | "SplitManifests" >> SplitManifests()

@@ -23,7 +23,8 @@ from models import committee, registry
 from models.classifier import Failure
 from models.preprocess import BadInput, load_image
 from models.video import BadVideo, SamplingPlan, read_video
-from transforms.io import DEAD, dead, open_input, read_failure, with_timeout
+from transforms.fetch import open_input, read_failure, with_timeout
+from transforms.io import DEAD, dead
 from transforms.progress import NAMESPACE, progress
 from transforms.records import DeadLetter, Exit, FrameRecord, Record, VideoRecord
 from transforms.stage import ClassifierHandler
