@@ -21,7 +21,7 @@ import torch
 
 from configs import schema
 from pipelines import cascade
-from pipelines.common import read_table
+from pipelines.folder import RunFolder
 from tests.conftest import scripted, torchscript_config
 from transforms import fetch
 from transforms.fetch import ReadPolicy, Reads
@@ -243,12 +243,12 @@ def test_a_job_over_a_misbehaving_server_classifies_the_rest_as_it_would_locally
                                 f"decode.read_timeout_s={TIMEOUT_S}", f"decode.max_bytes={MAX_BYTES}",
                                 "read.backoff_s=0.01"])
         assert manifest["invariant_holds"] and manifest["counts"]["inputs_listed"] == len(rids)
-        runs[name] = {r["id"]: r for r in read_table(str(tmp_path / name), "predictions").to_pylist()}
+        runs[name] = {r["id"]: r for r in RunFolder(str(tmp_path / name)).read("predictions").to_pylist()}
     assert set(runs["remote"]) == set(runs["local"]) == set(ids)
     for rid in ids:  # row for row, the same prediction as the same bytes read locally
         local, remote = runs["local"][rid], runs["remote"][rid]
         assert (remote["pred_class"], remote["confidence"]) == (local["pred_class"], local["confidence"]), rid
-    dead = {d["id"]: d for d in read_table(str(tmp_path / "remote"), "dead_letter").to_pylist()}
+    dead = {d["id"]: d for d in RunFolder(str(tmp_path / "remote")).read("dead_letter").to_pylist()}
     assert set(dead) == set(bad)
     for name in bad:
         category, reason = FAILURES[name]
