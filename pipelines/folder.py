@@ -32,6 +32,7 @@ from typing import Iterator, Optional, Sequence
 import fsspec
 import fsspec.utils
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -431,23 +432,42 @@ class RunFolder:
     def latest(self, name: str = PREDICTIONS.name, columns: Optional[Sequence[str]] = None) -> pa.Table:
         """The latest view of ``predictions`` or ``dead_letter``: one row per id over every committed run.
 
-        An id's outcome is the one of the latest committed run that has the id in either table (a run that
-        skipped it keeps the earlier row; a retried dead letter that is now a prediction leaves the dead
-        letters), so an id is in exactly one of the two latest views. docs/OUTPUTS.md has the same view as
-        DuckDB SQL."""
+        An id's outcome is that of the latest committed run with a row of it in either table (a run that
+        skipped the id keeps the earlier row); in that run, its prediction if it has one (a duplicate's later
+        rows are dead letters of the same id), else its first dead letter by (``duplicate_id`` last, stage,
+        uri, error). So an id is in exactly one of the two views. docs/OUTPUTS.md has the same view in DuckDB
+        SQL, for folders too large to read here."""
         if name not in (PREDICTIONS.name, DEAD_LETTER.name):
             raise ValueError(f"the latest view is of {PREDICTIONS.name} or {DEAD_LETTER.name}, not {name!r}")
         tables = {t: self.read(t) if self.table_files(t) else None for t in (PREDICTIONS.name, DEAD_LETTER.name)}
+        predicted, dead = tables[PREDICTIONS.name], tables[DEAD_LETTER.name]
         if tables[name] is None:
             return (PREDICTIONS if name == PREDICTIONS.name else DEAD_LETTER).schema.empty_table()
         keys = pa.concat_tables([t.select(["id", "run_id"]) for t in tables.values() if t is not None])
         owner = keys.group_by("id").aggregate([("run_id", "max")]).rename_columns(["id", "run_id"])
-        table = tables[name]
-        rows = table.select(["id", "run_id"]).append_column("row", pa.array(range(table.num_rows), pa.int64()))
-        # a run holds an id once (its grouping by id): the rows left are one per id; ordered by id for readers
-        keep = rows.join(owner, ["id", "run_id"], join_type="inner").sort_by("id").column("row")
-        table = table.take(keep)
-        return table.select(list(columns)) if columns else table
+
+        def rows(table: pa.Table, extra: Sequence[str] = ()) -> pa.Table:
+            """(id, run_id, ``extra``..., row) of ``table``'s rows from their id's latest run."""
+            picked = table.select(["id", "run_id", *extra]).append_column(
+                "row", pa.array(range(table.num_rows), pa.int64()))
+            return picked.join(owner, ["id", "run_id"], join_type="inner")
+
+        if name == PREDICTIONS.name:
+            return _columns(predicted.take(rows(predicted).sort_by("id").column("row")), columns)
+        candidates = rows(dead, ["category", "stage", "uri", "error"])
+        if predicted is not None:  # the run predicted the id: its dead letters (later duplicates) are not its outcome
+            candidates = candidates.join(predicted.select(["id", "run_id"]), ["id", "run_id"], join_type="left anti")
+        candidates = candidates.append_column(
+            "duplicate", pc.equal(candidates.column("category"), "duplicate_id")).sort_by(
+            [("id", "ascending"), ("duplicate", "ascending"), ("stage", "ascending"), ("uri", "ascending"),
+             ("error", "ascending")])
+        ids = candidates.column("id").to_pylist()
+        first = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+        return _columns(dead.take(candidates.column("row").take(pa.array(first, pa.int64()))), columns)
+
+
+def _columns(table: pa.Table, columns: Optional[Sequence[str]]) -> pa.Table:
+    return table.select(list(columns)) if columns else table
 
 
 def _cat(fs, path: str) -> bytes:

@@ -214,6 +214,20 @@ def test_the_latest_view_has_one_row_per_id_from_the_latest_run_that_has_it(tmp_
     assert RunFolder(str(out)).read(PREDICTIONS.name).num_rows == 5  # every committed row, without the view
 
 
+def test_in_its_latest_run_an_id_is_its_prediction_else_its_first_dead_letter(tmp_path):
+    out = tmp_path / "out"
+    duplicate = {**dead("a"), "stage": 0, "category": "duplicate_id", "uri": "/d/0.jpg"}
+    committed(out, RUN_A, {"predictions": [prediction("a")], "dead_letter": [duplicate, dead("b")]})
+    committed(out, RUN_B, {"dead_letter": [{**dead("b"), "stage": 2, "category": "model_error"},
+                                           {**dead("b"), "category": "duplicate_id"}, {**dead("c"), "uri": "/z"},
+                                           {**dead("c"), "uri": "/y"}]})
+    folder_ = RunFolder(str(out))
+    assert folder_.latest().column("id").to_pylist() == ["a"]  # a's duplicate is not its outcome
+    latest_dead = folder_.latest(DEAD_LETTER.name).to_pylist()
+    assert [(r["id"], r["run_id"], r["category"], r["uri"]) for r in latest_dead] == [
+        ("b", RUN_B, "model_error", "/d/b.jpg"), ("c", RUN_B, "read_error", "/y")]
+
+
 # ---- Ctrl-C and SIGTERM -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

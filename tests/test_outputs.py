@@ -403,3 +403,14 @@ def test_help_lists_the_profiles_without_markup_or_the_apitools_warning():
                            text=True, timeout=120)
     assert shown.returncode == 0 and "apitools" not in shown.stderr, shown.stderr[-2000:]
     assert "report.md and report.html" in shown.stdout and "``" not in shown.stdout
+
+
+def test_the_packages_latest_view_is_the_docs_sql_view(folder):
+    """pipelines.folder.RunFolder.latest and the DuckDB recipe analysts paste give the same rows."""
+    _, recipes = docs_recipes(folder["out"], folder["first"]["run_id"], folder["text"])
+    con, mine = recipes["con"], RunFolder(str(folder["out"]))
+    for view, table, columns in (("latest_predictions", "predictions", "id, run_id, pred_class, exit_stage"),
+                                 ("latest_dead_letter", "dead_letter", "id, run_id, category, stage")):
+        sql = sorted(con.execute(f"SELECT {columns} FROM {view}").fetchall())
+        ours = mine.latest(table, [c.strip() for c in columns.split(",")]).to_pylist()
+        assert sorted(tuple(r.values()) for r in ours) == sql and sql
