@@ -59,12 +59,20 @@ def cache_dir() -> str:
     return os.path.join(root, "cascade-inference", "onnx")
 
 
-@functools.lru_cache(maxsize=None)
 def _file_sha256(url: str) -> str:
+    """The SHA-256 of a weights file, hashed once per process while its size and modification time hold."""
     import fsspec
 
+    fs, path = fsspec.core.url_to_fs(registry.resolve_weights(url))
+    info = fs.info(path)
+    stamp = (info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("updated") or ""))
+    return _hash(fs, path, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash(fs, path: str, stamp: tuple) -> str:
     digest = hashlib.sha256()
-    with fsspec.open(registry.resolve_weights(url), "rb") as fh:
+    with fs.open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
