@@ -23,7 +23,16 @@ on all of them alike:
 - ``pipeline_processes``: ``pipeline_cascade`` with W worker processes (``--direct_running_mode=
   multi_processing``), each loading the models;
 - ``pipeline_1proc``: ``pipeline_cascade`` with one worker (``--runner=FnApiRunner``, torch on every core):
-  what multiple workers gain.
+  what multiple workers gain;
+- ``old_cascade`` and ``old_lite2``: ``pipeline_cascade`` and ``pipeline_lite2`` on the old path
+  (``backend=torch decode.fast=false``: torch and Pillow, where the others run the default path: ONNX Runtime
+  on the CPU, JPEGs decoded by libjpeg-turbo); ``--no_old`` leaves them out. ``cpu_speedup`` is
+  ``old_cascade``'s time over ``pipeline_cascade``'s (the cascade's records/s on the default path over the
+  old path's), ``lite2_speedup`` the same for Lite2 alone; the agreement lines say how many records got
+  the same class at the same stage on both paths.
+
+The plain loop and ``models_alone`` load the models as the pipeline does (``Classifier.load``: the same
+backend), so ``beam_overhead_ratio`` compares Beam with a loop on the same path.
 
 Times are wall-clock seconds of the whole process (imports, model loading, reading, writing Parquet
 included: what a user waits for). It prints the medians, checks that the plain loop and the pipelines
