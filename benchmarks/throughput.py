@@ -23,7 +23,16 @@ on all of them alike:
 - ``pipeline_processes``: ``pipeline_cascade`` with W worker processes (``--direct_running_mode=
   multi_processing``), each loading the models;
 - ``pipeline_1proc``: ``pipeline_cascade`` with one worker (``--runner=FnApiRunner``, torch on every core):
-  what multiple workers gain.
+  what multiple workers gain;
+- ``old_cascade`` and ``old_lite2``: ``pipeline_cascade`` and ``pipeline_lite2`` on the old path
+  (``backend=torch decode.fast=false``: torch and Pillow, where the others run the default path: ONNX Runtime
+  on the CPU, JPEGs decoded by libjpeg-turbo); ``--no_old`` leaves them out. ``cpu_speedup`` is
+  ``old_cascade``'s time over ``pipeline_cascade``'s (the cascade's records/s on the default path over the
+  old path's), ``lite2_speedup`` the same for Lite2 alone; the agreement lines say how many records got
+  the same class at the same stage on both paths.
+
+The plain loop and ``models_alone`` load the models as the pipeline does (``Classifier.load``: the same
+backend), so ``beam_overhead_ratio`` compares Beam with a loop on the same path.
 
 Times are wall-clock seconds of the whole process (imports, model loading, reading, writing Parquet
 included: what a user waits for). It prints the medians, checks that the plain loop and the pipelines
@@ -62,7 +71,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(os.path.dirname(ROOT), "shared", "data", "imagenet-sample")
 DEFAULT_PROFILE = "lite_cascade"
 VARIANTS = ("pipeline_cascade", "pipeline_staged", "plain_loop", "pipeline_lite2", "pipeline_processes",
-            "pipeline_1proc")
+            "pipeline_1proc", "old_cascade", "old_lite2")
+# the old path: forward passes in torch, JPEGs decoded by Pillow (the default: ONNX Runtime on the CPU, libjpeg-turbo)
+OLD_PATH = ("backend=torch", "decode.fast=false")
 
 
 def write_manifest(path: str, sample: str, records: int) -> None:
@@ -106,8 +117,10 @@ def command(variant: str, manifest: str, output: str, device: str, profile: str,
     if variant == "plain_loop":
         return [sys.executable, os.path.abspath(__file__), "--_plain", manifest, "--_output", output,
                 "--device", device, "--config", profile, "--workers", str(workers)]
-    config = lite2_yaml if variant == "pipeline_lite2" else profile
+    config = lite2_yaml if variant in ("pipeline_lite2", "old_lite2") else profile
     overrides = device_overrides(device, stage_count(config))
+    if variant.startswith("old_"):
+        overrides += OLD_PATH
     if variant == "pipeline_staged":
         overrides.append("execution=staged")
     runner = ["--runner=FnApiRunner"]
@@ -153,19 +166,18 @@ def plain_shard(manifest: str, output: str, device: str, profile: str, shard: in
     import pyarrow.parquet as pq
     import torch
 
-    from configs import schema
-    from models import committee, inference
+    from configs import plan, schema
+    from models import committee
     from models.preprocess import BadInput, crop, decode_images, decode_pool, decode_target
 
     cfg = schema.load(profile, device_overrides(device, stage_count(profile)))
     specs = schema.stage_specs(cfg)
-    dev = inference.resolve_device(cfg.device)
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // shards)
     torch.set_num_threads(threads)
     pool = decode_pool(threads) if threads > 1 else None  # the pipeline's decoding threads
     target = decode_target([spec.input for spec in specs]) if cfg.decode.draft else None
-    models = [inference.load(spec, dev, channels_last=stage.channels_last, compile=stage.compile)
-              for stage, spec in zip(cfg.stages, specs)]
+    # the models as the pipeline loads them, on the same backend (models.classifier.LoadedModel)
+    models = [stage.classifier().load() for stage in plan.build_plan(cfg, torch_threads=threads).stages]
     with open(manifest) as fh:
         records = list(csv.DictReader(fh))[shard::shards]
     rows, dead = [], 0
@@ -179,15 +191,14 @@ def plain_shard(manifest: str, output: str, device: str, profile: str, shard: in
                 with fsspec.open(record["uri"], "rb") as data:
                     record["data"] = data.read()
             images = decode_images([r.pop("data") for r in batch], target=target, max_pixels=cfg.decode.max_pixels,
-                                   pool=pool)
+                                   pool=pool, fast=cfg.decode.fast)
             dead += sum(isinstance(im, BadInput) for im in images)
             batch = [(r, im) for r, im in zip(batch, images) if not isinstance(im, BadInput)]
         if not batch:
             return
         crops = list(pool.map(lambda item: crop(item[1], spec.input), batch) if pool else
                      (crop(im, spec.input) for _, im in batch))
-        logits = inference.forward(models[k], spec, crops, channels_last=stage.channels_last,
-                                   precision=stage.precision, device=dev)
+        logits = models[k](crops)
         for (record, image), row in zip(batch, logits):
             scores = committee.member_scores(row, cfg.aggregation).astype(np.float64)
             record["sum"] = scores if "sum" not in record else record["sum"] + scores
@@ -225,25 +236,20 @@ def models_alone(device: str, profile: str, workers: int, rounds: int = 3, batch
     import numpy as np
     import torch
 
-    from configs import schema
-    from models import inference
+    from configs import plan, schema
 
     cfg = schema.load(profile, device_overrides(device, stage_count(profile)))
     specs = schema.stage_specs(cfg)
-    dev = inference.resolve_device(cfg.device)
     torch.set_num_threads(cfg.torch_threads or 1)
-    models = [inference.load(spec, dev, channels_last=stage.channels_last, compile=stage.compile)
-              for stage, spec in zip(cfg.stages, specs)]
+    models = [stage.classifier().load() for stage in plan.build_plan(cfg, torch_threads=1).stages]
     rng = np.random.default_rng(0)
     crops = [[rng.integers(0, 256, (spec.input.resolution,) * 2 + (3,), dtype=np.uint8)
               for _ in range(stage.batch_size)] for stage, spec in zip(cfg.stages, specs)]
     times: dict[str, list[float]] = {spec.key: [] for spec in specs}
 
     def work(k: int) -> None:
-        stage = cfg.stages[k]
         for _ in range(batches):
-            inference.forward(models[k], specs[k], crops[k], channels_last=stage.channels_last,
-                              precision=stage.precision, device=dev)
+            models[k](crops[k])
 
     for k in range(len(specs)):
         work(k)  # warm
@@ -274,7 +280,7 @@ def agreement(outputs: dict[str, str]) -> list[str]:
     exits = [sum(v[1] == s for v in ref.values()) for s in range(1, max(v[1] for v in ref.values()) + 1)]
     lines = [f"pipeline_cascade: {len(ref)} rows; exits per stage {'/'.join(map(str, exits))}"]
     for variant, output in outputs.items():
-        if variant in ("pipeline_cascade", "pipeline_lite2"):
+        if variant in ("pipeline_cascade", "pipeline_lite2", "old_lite2"):
             continue
         other = table(output)
         same = sum(ref.get(k) == v for k, v in other.items())
@@ -323,6 +329,8 @@ def main() -> None:
                         "always runs; the ratios need plain_loop and pipeline_lite2)")
     parser.add_argument("--startup_records", type=int, default=16, help="records of the start-up runs of the "
                         "cascade and Lite2 alone (each repeat), for their cost per record beyond start-up; 0 skips")
+    parser.add_argument("--no_old", action="store_true", help="skip the old path's runs (old_cascade, old_lite2: "
+                        f"{' '.join(OLD_PATH)}), and with them cpu_speedup")
     parser.add_argument("--_models", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_plain", help=argparse.SUPPRESS)
     parser.add_argument("--_output", help=argparse.SUPPRESS)
@@ -337,6 +345,8 @@ def main() -> None:
         return print(json.dumps(models_alone(args.device, args.config, args.workers)))
 
     variants = ["pipeline_cascade"] + [v for v in args.variants.split(",") if v in VARIANTS and v != "pipeline_cascade"]
+    if args.no_old:
+        variants = [v for v in variants if not v.startswith("old_")]
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, device {args.device}; "
           f"{args.records} records from {args.sample}; {args.workers} worker processes; load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -384,6 +394,11 @@ def main() -> None:
         print(f"processes_vs_threads_ratio={medians['pipeline_processes'] / cascade:.3f}")
     if "pipeline_1proc" in medians:
         print(f"one_process_vs_workers_ratio={medians['pipeline_1proc'] / cascade:.3f}")
+    if "old_cascade" in medians:
+        print(f"cpu_speedup={medians['old_cascade'] / cascade:.3f}")
+    if "old_lite2" in medians and "pipeline_lite2" in medians:
+        print(f"lite2_speedup={medians['old_lite2'] / medians['pipeline_lite2']:.3f}")
+        print(f"old_path_cascade_vs_solitary_ratio={medians['old_cascade'] / medians['old_lite2']:.3f}")
     if "plain_loop" in medians:
         print(f"beam_overhead_ratio={cascade / medians['plain_loop']:.3f}")
     if "pipeline_lite2" in medians:

@@ -21,12 +21,13 @@ from configs.schema import (
     ModelSharing,
     execution_of,
     sampling_plan,
+    stage_backend,
     stage_specs,
 )
 from models import registry
 from models.classifier import Classifier
 from models.committee import Aggregation, Confidence
-from models.inference import Precision
+from models.inference import Backend, Precision
 from models.preprocess import DecodeConfig, decode_target
 from models.video import SamplingPlan
 
@@ -65,6 +66,7 @@ class StagePlan:
     settings: RunSettings
     escalate: Optional[float] = None  # set: the threshold is the run's quantile of this share (a budget)
     resources: tuple[tuple[str, str], ...] = ()  # Beam resource hints of the stage's step
+    backend: Backend = Backend.AUTO  # what runs its forward passes (models.inference.resolve_backend)
 
     @property
     def resource_hints(self) -> dict[str, str]:
@@ -87,7 +89,7 @@ class StagePlan:
         s = self.settings
         return Classifier(self.spec, decode=s.decode, device=s.device, precision=self.precision,
                           channels_last=self.channels_last, compile=self.compile, threads=s.torch_threads,
-                          target=s.decode_target, batch_size=self.batch_size)
+                          target=s.decode_target, batch_size=self.batch_size, backend=self.backend)
 
     def summary(self) -> dict:
         """The stage as the run manifest records it."""
@@ -138,13 +140,15 @@ def build_plan(cfg: CascadeConfig, *, torch_threads: Optional[int] = None, check
         planned = StagePlan(i + 1, spec, None if last else stage.threshold, 0.0,
                             stage.batch_size, Precision(stage.precision), stage.channels_last, stage.compile,
                             settings, None if last else stage.escalate,
-                            tuple(sorted((k, str(v)) for k, v in stage.resources.items())))
+                            tuple(sorted((k, str(v)) for k, v in stage.resources.items())),
+                            stage_backend(cfg, stage))
         if check_models:
             try:
                 if keep_models:
                     planned.classifier().check(keep=True)
                 else:
                     registry.check_output(spec, registry.build(spec))
+                    planned.classifier().check_backend()  # exported and checked once, for the workers
             except Exception as err:  # any way a model fails to build or run once is the config's, found before work
                 raise ConfigError(f"stages.{i}.model: {err or type(err).__name__}") from None
         stages.append(replace(planned, gmacs=registry.gmacs(spec) * views))  # measured once the model is known good

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from models import registry
 from models.committee import Aggregation, Confidence
-from models.inference import Precision
+from models.inference import Backend, Precision
 from models.preprocess import INTERPOLATIONS, DecodeConfig
 from models.video import Sampling, SamplingPlan
 
@@ -69,6 +69,7 @@ class StageConfig:
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU and GPU)
     compile: bool = False  # torch.compile the model once per process
     resources: dict[str, str] = field(default_factory=dict)  # Beam resource hints of the stage's step (staged)
+    backend: Optional[Backend] = None  # auto | torch | onnxruntime for this stage; unset: the run's `backend`
 
 
 @dataclass
@@ -160,6 +161,9 @@ class CascadeConfig:
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     model_sharing: ModelSharing = ModelSharing.PROCESS
     torch_threads: int = 0  # intra-op threads (and batch-decoding threads) per worker process; 0: cores / processes
+    # what runs the forward passes: auto (ONNX Runtime on the CPU where the model exports and matches torch,
+    # torch on CUDA), torch, or onnxruntime (CPU only, fp32; a model that cannot runs on torch, said at the start)
+    backend: Backend = Backend.AUTO
     output_shards: int = 0  # Parquet files per table; 0: let the runner decide
     video: Optional[VideoConfig] = None  # set: the inputs are videos, sampled and classified as it says
     calibration: Optional[CalibrationInfo] = None  # held-out figures of pipelines.calibrate (ignored by routing)
@@ -359,6 +363,28 @@ def execution_of(cfg: CascadeConfig) -> Execution:
     return Execution.STAGED if staged_needs(cfg) else Execution.FUSED
 
 
+def stage_backend(cfg: CascadeConfig, stage: StageConfig) -> Backend:
+    """The backend a stage asks for: its own ``backend``, else the run's."""
+    return Backend(stage.backend if stage.backend is not None else cfg.backend)
+
+
+def _backend_problem(cfg: CascadeConfig, stage: StageConfig) -> str:
+    """Why an explicit ``onnxruntime`` cannot run the stage ("" where it can, and always for auto/torch)."""
+    if stage_backend(cfg, stage) is not Backend.ONNXRUNTIME:
+        return ""
+    if cfg.device not in ("auto", "cpu"):
+        return f"onnxruntime runs on the CPU; device is {cfg.device} (use backend: torch or auto there)"
+    if Precision(stage.precision) is not Precision.FP32:
+        return f"onnxruntime runs in fp32; the stage's precision is {Precision(stage.precision).value}"
+    if stage.compile:
+        return "onnxruntime runs an exported graph; compile: true is torch's (set one of them)"
+    from models import onnxrt
+
+    if not onnxrt.available():
+        return "onnxruntime (or onnx) is not installed: pip install onnxruntime onnx, or use backend: auto"
+    return ""
+
+
 def validate(cfg: CascadeConfig) -> None:
     """Cross-field rules, each failing with the key it concerns."""
     if not cfg.stages:
@@ -407,6 +433,10 @@ def validate(cfg: CascadeConfig) -> None:
                 "the stages of a cascade must share one label space"
             )
         classes = spec.num_classes
+        backend_problem = _backend_problem(cfg, stage)
+        if backend_problem:
+            raise ConfigError(f"{key}.backend: {backend_problem}" if stage.backend is not None
+                              else f"backend: {backend_problem} (stage {i})")
         for hint, value in stage.resources.items():
             if hint not in RESOURCE_HINTS:
                 raise ConfigError(f"{key}.resources.{hint}: not a resource hint; known: {', '.join(RESOURCE_HINTS)}")

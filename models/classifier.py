@@ -15,6 +15,7 @@ input is the same whether it decodes the bytes itself (staged) or crops an image
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -22,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from models import inference, registry
+from models import inference, onnxrt, registry
 from models.failures import Category
 from models.preprocess import (
     BadInput,
@@ -36,6 +37,8 @@ from models.preprocess import (
     load_batch,
     load_images,
 )
+
+log = logging.getLogger("cascade")
 
 
 @dataclass(frozen=True)
@@ -66,16 +69,28 @@ class LoadedModel:
     returns ``(N, C)`` float32 logits. ``target``: the draft target of the CPU fallback decode."""
 
     def __init__(self, module: torch.nn.Module, device: torch.device, spec: registry.ModelSpec, *,
-                 channels_last: bool, precision: inference.Precision, target: Optional[int] = None):
+                 channels_last: bool, precision: inference.Precision, target: Optional[int] = None,
+                 session: Optional[onnxrt.OrtModel] = None):
         self.module = module
         self.device = device
         self.spec = spec
         self.channels_last = channels_last
         self.precision = precision
         self.target = target
+        self.session = session  # set: the forward passes run in ONNX Runtime (checked against ``module``)
+
+    @property
+    def backend(self) -> inference.Backend:
+        return inference.Backend.TORCH if self.session is None else inference.Backend.ONNXRUNTIME
 
     def __call__(self, batch: Sequence[Example]) -> np.ndarray:
         """Raises the ``BadInput`` of an encoded image that cannot be decoded, even on the CPU."""
+        if self.session is not None and all(isinstance(x, np.ndarray) for x in batch):
+            out = self.session(np.stack(batch))
+            if out.shape != (len(batch), self.spec.num_classes):
+                raise ValueError(f"model returned shape {tuple(out.shape)}, expected ({len(batch)}, "
+                                 f"{self.spec.num_classes})")
+            return out
         if not all(isinstance(x, np.ndarray) for x in batch):
             crops = iter(load_batch([x.data for x in batch if isinstance(x, EncodedImage)], self.spec.input,
                                     self.device, self.target))
@@ -99,6 +114,15 @@ def failure_reason(err: Exception, limit: int = 300) -> str:
     else:
         text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_REFUSED: dict[str, str] = {}  # model key -> why it runs on torch where ONNX Runtime was chosen (logged once)
+
+
+def _refused(key: str, why: str) -> None:
+    if _REFUSED.get(key) != why:
+        _REFUSED[key] = why
+        log.warning("model %s runs on torch, not ONNX Runtime: %s", key, why)
 
 
 _CHECKED: dict[str, LoadedModel] = {}  # repr(Classifier) -> its model, checked and kept for its first load()
@@ -132,6 +156,7 @@ class Classifier:
     threads: int = 0
     target: Optional[int] = None
     batch_size: int = 0
+    backend: inference.Backend = inference.Backend.AUTO
 
     def load(self) -> LoadedModel:
         """The model on its device; the one ``check(keep=True)`` loaded in this process, if any (once)."""
@@ -142,8 +167,31 @@ class Classifier:
             return kept
         device = inference.resolve_device(self.device)
         module = inference.load(self.spec, device, channels_last=self.channels_last, compile=self.compile)
+        session = None
+        if self._backend(device) is inference.Backend.ONNXRUNTIME:
+            session = self._session(module)
         return LoadedModel(module, device, self.spec, channels_last=self.channels_last, precision=self.precision,
-                           target=self.target)
+                           target=self.target, session=session)
+
+    def _backend(self, device: torch.device) -> inference.Backend:
+        return inference.resolve_backend(self.backend, device, self.precision, self.compile)
+
+    def _session(self, module: Optional[torch.nn.Module]) -> Optional[onnxrt.OrtModel]:
+        """ONNX Runtime's session of this model, or None (logged once per process and model: why it runs on
+        torch instead) where it cannot run there as it runs on torch."""
+        session, why = onnxrt.session_for(self.spec, module, self.threads or os.cpu_count() or 1,
+                                          build=lambda: inference.load(self.spec, "cpu", channels_last=False))
+        if session is None:
+            _refused(self.spec.key, why)
+        return session
+
+    def check_backend(self) -> Optional[str]:
+        """Export and check the model for ONNX Runtime where this stage runs there (without loading it for
+        the run): the reason it runs on torch instead, or None. Done once per model; the workers then find
+        the checked export in the cache."""
+        if self._backend(self._device()) is not inference.Backend.ONNXRUNTIME:
+            return None
+        return None if self._session(None) is not None else _REFUSED.get(self.spec.key)
 
     def check(self, keep: bool = False) -> None:
         """Load the model as ``load`` does and run it once on a blank input (``registry.check_output``).
@@ -188,7 +236,7 @@ class Classifier:
             items[i] = image if image is not None else items[i]  # rejected by nvJPEG: PIL decodes it below
         cpu = [i for i, x in enumerate(items) if isinstance(x, bytes)]
         images = decode_images([items[i] for i in cpu], target=self._target(), max_pixels=self.decode.max_pixels,
-                               pool=self._pool())
+                               pool=self._pool(), fast=self.decode.fast)
         for i, image in zip(cpu, images):
             items[i] = image
         return items
@@ -211,7 +259,7 @@ class Classifier:
         cpu = [i for i, x in enumerate(items) if isinstance(x, EncodedImage)
                and not (self._on_gpu() and gpu_decodable(x.data, self.decode.max_pixels))]
         crops = load_images([items[i].data for i in cpu], self.spec.input, max_pixels=self.decode.max_pixels,
-                            draft=self.decode.draft, pool=self._pool(), target=self.target)
+                            draft=self.decode.draft, pool=self._pool(), target=self.target, fast=self.decode.fast)
         for i, crop_ in zip(cpu, crops):
             items[i] = crop_
         return items

@@ -25,6 +25,27 @@ class Precision(str, enum.Enum):
     FP16 = "fp16"
 
 
+class Backend(str, enum.Enum):
+    """What runs a stage's forward passes (docs/SCALING.md, "Inference backends")."""
+
+    AUTO = "auto"  # ONNX Runtime on the CPU (where the model exports and matches torch), torch on CUDA
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"  # ONNX Runtime's CPU execution provider; a model that cannot, runs on torch
+
+
+def resolve_backend(backend: Backend | str, device: torch.device, precision: Precision | str = Precision.FP32,
+                    compile: bool = False) -> Backend:
+    """The backend a stage runs on: ``auto`` is ONNX Runtime on the CPU in fp32 without ``compile`` (faster
+    there for the same decisions: benchmarks/README.md), torch elsewhere; ONNX Runtime runs on the CPU only,
+    so a stage whose device is CUDA runs on torch whatever was asked (``validate`` refuses the explicit case)."""
+    backend = Backend(backend)
+    if backend is Backend.TORCH or device.type != "cpu":
+        return Backend.TORCH
+    if backend is Backend.AUTO and (Precision(precision) is not Precision.FP32 or compile):
+        return Backend.TORCH
+    return Backend.ONNXRUNTIME
+
+
 _AUTOCAST = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 log = logging.getLogger("cascade")
 
