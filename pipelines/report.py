@@ -3,7 +3,8 @@
   python -m pipelines.report --run out/cascade          # writes out/cascade/report/report.md and report.html
   python -m pipelines.report --scores scores/ --output plots/
 
---run: the report of the folder's latest committed run (--run_id another): counts and the count invariant,
+--run: the report of the folder's committed runs together (--run_id one of them): the runs, counts and the
+count invariant over the folder,
 per stage the records in, the exit ratio (the share of all predictions exiting there), the accuracy of the
 records exiting there and the cumulative cost; GMACs against the last model alone; confidence per stage
 with its threshold; accuracy vs confidence; top confusions by class name; dead letters by category; and,
@@ -289,7 +290,8 @@ def run(argv: Sequence[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(prog="python -m pipelines.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default=None, help="output folder of pipelines.cascade: write its run report")
-    parser.add_argument("--run_id", default=None, help="with --run: the committed run to report (default: the latest)")
+    parser.add_argument("--run_id", default=None,
+                        help="with --run: the one committed run to report (default: every committed run together)")
     parser.add_argument("--drift_margin", type=float, default=run_report.DRIFT_MARGIN,
                         help="with --run: warn when a stage's exit ratio differs from the calibration's by more "
                              "than this (absolute share; default %(default)s)")

@@ -1,6 +1,7 @@
-"""The report of one committed run of pipelines.cascade, for a person: ``report.md`` and the same as one
-self-contained ``report.html`` (images inlined), with its plots beside them. Called by
-``python -m pipelines.report --run DIR``.
+"""The report of an output folder of pipelines.cascade, for a person: every committed run together (the folder
+as one dataset: a table of its runs, the counts and the invariant over all of them, their stages combined when
+they share one cascade) or one run (``--run_id``). ``report.md`` and the same as one self-contained
+``report.html`` (images inlined), with its plots beside them. Called by ``python -m pipelines.report --run DIR``.
 
 The report is a list of blocks (headings, paragraphs, tables, images, warnings) rendered twice, so that the
 Markdown and the HTML say the same. Figures come from the run's committed tables only
@@ -13,6 +14,7 @@ import base64
 import collections
 import html
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -26,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from pipelines.folder import RunFolder
+from configs import schema
+from pipelines.folder import REPORT, REPORT_FILES, RunFolder
 
 DRIFT_MARGIN = 0.05  # exit ratios further than this from the calibration's (absolute) are flagged
 TOP_CONFUSIONS = 10
@@ -237,10 +240,11 @@ class Tallies:
         return [(a, b, n) for (a, b), n in self.pairs.most_common(top)]
 
 
-def tally_predictions(run_output: str, run_id: str) -> Tallies:
+def tally_predictions(run_output: str, run_ids: str | Sequence[str]) -> Tallies:
     tallies = Tallies()
     columns = ["label", "label_name", "pred_class", "pred_name", "confidence", "exit_stage"]
-    for batch in RunFolder(run_output).batches("predictions", columns, REPORT_BATCH_ROWS, [run_id]):
+    run_ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
+    for batch in RunFolder(run_output).batches("predictions", columns, REPORT_BATCH_ROWS, run_ids):
         tallies.add(batch)
     return tallies
 
@@ -347,11 +351,11 @@ class DeadLetterTally:
     examples: list = field(default_factory=list)
 
 
-def tally_dead_letters(run_output: str, run_id: str) -> dict[str, DeadLetterTally]:
-    """The run's dead letters by category, read a batch at a time."""
+def tally_dead_letters(run_output: str, run_ids: Sequence[str]) -> dict[str, DeadLetterTally]:
+    """The runs' dead letters by category, read a batch at a time."""
     out: dict[str, DeadLetterTally] = {}
     columns = ["category", "stage", "uri", "error"]
-    for batch in RunFolder(run_output).batches("dead_letter", columns, REPORT_BATCH_ROWS, [run_id]):
+    for batch in RunFolder(run_output).batches("dead_letter", columns, REPORT_BATCH_ROWS, list(run_ids)):
         for d in batch.to_pylist():
             tally = out.setdefault(d["category"], DeadLetterTally())
             tally.records += 1
@@ -363,60 +367,96 @@ def tally_dead_letters(run_output: str, run_id: str) -> dict[str, DeadLetterTall
 
 # ---- the report --------------------------------------------------------------------------------------------
 
-def build_report(run_output: str, run_id: Optional[str] = None,
-                 margin: float = DRIFT_MARGIN) -> tuple[list, dict[str, bytes], dict]:
-    """(blocks, PNGs by name, figures) of a committed run; FileNotFoundError for a folder without one."""
-    folder = RunFolder(run_output)
-    manifest = folder.record(run_id)
-    run_id = manifest["run_id"]
-    stats = sorted(folder.read("exit_stats", [run_id]).to_pylist(), key=lambda s: s["stage"])
-    tallies = tally_predictions(run_output, run_id)
-    dead = tally_dead_letters(run_output, run_id)
-    config = yaml.safe_load(manifest["config"]) or {}
-    cal = calibration_block(manifest)
-    expected = cal.get("expected_exit_ratios")
-    run = stats[0]
-    counts = manifest["counts"]
-    images: dict[str, bytes] = {}
-    blocks: list = [Heading(f"Run {run_id}", 1)]
-    blocks.append(Para(f"Output folder `{run_output}`; started {manifest.get('started_utc', '?')}, finished "
-                       f"{manifest.get('finished_utc', '?')} ({manifest['wall_seconds']:.0f} s); config "
-                       f"`{manifest.get('profile')}` over `{config.get('input', '?')}`; runner flags "
-                       f"`{' '.join(manifest.get('beam_args') or []) or '(none)'}`."))
-    incomplete = folder.incomplete_runs()
-    if incomplete:
-        blocks.append(Alert(f"This folder also holds files of {len(incomplete)} run(s) that never committed "
-                               f"({', '.join(sorted(incomplete))}): interrupted or still running. They are not "
-                               "part of this report; readers of the tables must skip them too "
-                               "(docs/OUTPUTS.md)."))
+def combine(runs: Sequence[Sequence[dict]]) -> list[dict]:
+    """The exit_stats rows of several runs of one cascade as one run's: counts added, ratios and averages
+    computed again from them (a threshold that differs between runs is None, with ``threshold_varies``)."""
+    if len(runs) == 1:
+        return [dict(s, threshold_varies=False) for s in sorted(runs[0], key=lambda s: s["stage"])]
+    by_stage = collections.defaultdict(list)
+    for stats in runs:
+        for s in stats:
+            by_stage[s["stage"]].append(s)
+    predictions = sum(stats[0]["predictions"] for stats in runs)
+    dead = sum(stats[0]["dead_letters"] for stats in runs)
+    labelled = sum(s["labelled_exited"] for stats in runs for s in stats)
+    correct = sum((s["accuracy_exited"] or 0.0) * s["labelled_exited"] for stats in runs for s in stats)
+    exited_cost = sum(s["records_exited"] * s["cumulative_gmacs"] for stats in runs for s in stats if s["stage"] >= 1)
+    out = []
+    for stage, rows in sorted(by_stage.items()):
+        first = rows[0]
+        thresholds = {r["threshold"] for r in rows}
+        exited = sum(r["records_exited"] for r in rows)
+        reached = sum(r["records_in"] - r["records_failed"] for r in rows)
+        labelled_here = sum(r["labelled_exited"] for r in rows)
+        out.append({**first, "threshold": first["threshold"] if len(thresholds) == 1 else None,
+                    "threshold_varies": len(thresholds) > 1,
+                    "records_in": sum(r["records_in"] for r in rows), "records_exited": exited,
+                    "records_failed": sum(r["records_failed"] for r in rows),
+                    "exit_ratio": exited / predictions if predictions and stage >= 1 else None,
+                    "exit_ratio_of_reached": exited / reached if reached and stage >= 1 else None,
+                    "labelled_exited": labelled_here,
+                    "accuracy_exited": (sum((r["accuracy_exited"] or 0.0) * r["labelled_exited"] for r in rows)
+                                        / labelled_here) if labelled_here else None,
+                    "total_inputs": sum(r["total_inputs"] for r in rows), "predictions": predictions,
+                    "dead_letters": dead, "avg_gmacs": exited_cost / predictions if predictions else None,
+                    "accuracy": correct / labelled if labelled else None})
+    return out
 
-    blocks.append(Heading("Counts"))
-    total = run["predictions"] + run["dead_letters"]
-    holds = manifest.get("invariant_holds")
-    blocks.append(Para(
-        f"**{counts.get('inputs_listed', '?')}** inputs listed → **{run['predictions']}** predictions + "
-        f"**{run['dead_letters']}** dead letters = {total}. The count invariant (every input ends in exactly one "
-        f"of the two tables, counted from the listing, the Parquet footers and exit_stats) "
-        + ("**holds**." if holds else "**is violated**: see the run's manifest.")))
-    sum_ratios = sum(s["exit_ratio"] or 0.0 for s in stats)
-    blocks.append(Heading("Stages"))
-    blocks.append(Para("Exit ratio is the paper's: the share of all predictions that exit at the stage (it sums "
-                       f"to 100 % over the stages; here {pct(sum_ratios)}). Stage 0 is reading the inputs."))
+
+def calibration_mismatch(record: dict) -> Optional[str]:
+    """Why the calibration block of a run's config does not describe the run (None when it does)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
+        fh.write(record.get("config") or "")
+        fh.flush()
+        try:
+            return schema.calibration_mismatch(schema.load(fh.name))
+        except schema.ConfigError as err:
+            return f"its config no longer loads ({err})"
+
+
+def _cascade_of(stats: Sequence[dict]) -> tuple:
+    return tuple((s["stage"], s["model"]) for s in stats)
+
+
+def _runs_table(records: Sequence[dict], by_run: dict[str, list[dict]], applies: dict[str, Optional[str]]
+                ) -> TableBlock:
+    rows = []
+    for record in records:
+        counts, run = record.get("counts") or {}, by_run[record["run_id"]][0]
+        rows.append([f"`{record['run_id']}`", record.get("started_utc") or "?", str(record.get("profile")),
+                     str(counts.get("inputs_listed", "?")), str(counts.get("inputs_skipped") or 0),
+                     str(run["predictions"]), str(run["dead_letters"]),
+                     "yes" if record.get("invariant_holds") else "**NO**",
+                     "-" if run["avg_gmacs"] is None else f"{run['avg_gmacs']:.3f}",
+                     "yes" if applies[record["run_id"]] is None else "no"])
+    return TableBlock(["run", "started (UTC)", "config", "inputs listed", "skipped", "predictions", "dead letters",
+                       "invariant", "average GMACs", "calibration applies"], rows, "lllrrrrlrl")
+
+
+def stage_blocks(stats: Sequence[dict], sum_ratios: float) -> list:
+    """The stages table (exit_stats rows, one run's or several runs' combined)."""
     rows = []
     for s in stats:
         if s["stage"] == 0:
             rows.append(["0", "read inputs", "-", str(s["records_in"]), str(s["records_failed"]), "-", "-", "-", "-",
                          "-"])
             continue
-        rows.append([str(s["stage"]), s["model"], "-" if s["threshold"] is None else f"{s['threshold']:.4f}",
-                     str(s["records_in"]), str(s["records_failed"]), str(s["records_exited"]), pct(s["exit_ratio"]),
-                     pct(s["exit_ratio_of_reached"]), pct(s["accuracy_exited"]) +
-                     (f" of {s['labelled_exited']}" if s["labelled_exited"] else ""), f"{s['cumulative_gmacs']:.3f}"])
-    blocks.append(TableBlock(["stage", "model", "threshold", "records in", "failed", "exited", "exit ratio",
-                              "exited of those classified here", "accuracy of exited (labelled)",
-                              "cumulative GMACs"], rows, "lllrrrrrrr"))
+        threshold = "varies by run" if s.get("threshold_varies") else (
+            "-" if s["threshold"] is None else f"{s['threshold']:.4f}")
+        rows.append([str(s["stage"]), s["model"], threshold, str(s["records_in"]), str(s["records_failed"]),
+                     str(s["records_exited"]), pct(s["exit_ratio"]), pct(s["exit_ratio_of_reached"]),
+                     pct(s["accuracy_exited"]) + (f" of {s['labelled_exited']}" if s["labelled_exited"] else ""),
+                     f"{s['cumulative_gmacs']:.3f}"])
+    return [Heading("Stages"),
+            Para("Exit ratio is the paper's: the share of all predictions that exit at the stage (it sums to 100 % "
+                 f"over the stages; here {pct(sum_ratios)}). Stage 0 is reading the inputs."),
+            TableBlock(["stage", "model", "threshold", "records in", "failed", "exited", "exit ratio",
+                        "exited of those classified here", "accuracy of exited (labelled)", "cumulative GMACs"],
+                       rows, "lllrrrrrrr")]
 
-    blocks.append(Heading("Cost and accuracy"))
+
+def cost_blocks(stats: Sequence[dict]) -> list:
+    run = stats[0]
     last = run["last_model_gmacs"]
     cost = ("no prediction" if run["avg_gmacs"] is None else
             f"average **{run['avg_gmacs']:.3f}** GMACs per record ({run['avg_gmacs'] / last:.0%} of the last model "
@@ -424,40 +464,137 @@ def build_report(run_output: str, run_id: Optional[str] = None,
     labelled = sum(s["labelled_exited"] for s in stats)
     acc = ("no labelled record" if run["accuracy"] is None
            else f"accuracy **{pct(run['accuracy'], 2)}** on the {labelled} labelled predictions")
-    blocks.append(Para(f"GMACs are multiply-adds × 10⁹: {cost}. {acc[0].upper()}{acc[1:]}."))
+    return [Heading("Cost and accuracy"), Para(f"GMACs are multiply-adds × 10⁹: {cost}. {acc[0].upper()}{acc[1:]}.")]
 
+
+def calibration_blocks(blocks: list, records: Sequence[dict], by_run: dict[str, list[dict]],
+                       applies: dict[str, Optional[str]], cal: dict, margin: float, single: bool) -> list[dict]:
+    """The run(s) against the calibration block, over the runs whose config is the calibrated cascade (a run
+    with other stages or thresholds is named: the block's figures do not apply to it); returns the drift."""
     blocks.append(Heading("Against the calibration"))
-    rows_drift = drift(stats, expected, margin)
-    if not rows_drift:
+    expected = cal.get("expected_exit_ratios")
+    if not expected:
         blocks.append(Para("The config has no `calibration:` block with `expected_exit_ratios`, so there is "
                            "nothing to compare with (a config written by `pipelines.calibrate` has one)."))
-    else:
-        blocks.append(Para(f"Calibrated for `{cal.get('target')}` on {cal.get('data') or 'unrecorded data'}"
-                           + (f" ({cal['heldout_records']} held-out records)" if cal.get("heldout_records") else "")
-                           + f". Drift margin: {100 * margin:.0f} points of exit ratio per stage."))
-        table = [[f"exit ratio, stage {d['stage']} {d['model']}", pct(d["expected"]),
-                  f"within {100 * margin:.0f} points", pct(d["run"]),
-                  f"{100 * ((d['run'] or 0) - d['expected']):+.1f}", "**NO**" if d["drifts"] else "yes"]
-                 for d in rows_drift]
-        table += [[p["figure"], p["calibrated"], p["promised"], p["run"], p["difference"], p["holds"]]
-                  for p in promises(cal, run)]
-        blocks.append(TableBlock(["figure", "calibration (held out)", "promised on data alike", "this run",
-                                  "difference (points)", "holds"], table))
-        drifted = [d for d in rows_drift if d["drifts"]]
-        if drifted:
-            worst = max(drifted, key=lambda d: abs((d["run"] or 0) - d["expected"]))
-            blocks.append(Alert(
-                f"The exit ratios of this run drift from the calibration's by more than {100 * margin:.0f} points "
-                f"(stage {worst['stage']}: {pct(worst['run'])} here, {pct(worst['expected'])} expected). The data "
-                "is not like the calibration data, so the accuracy and cost the calibration promised may not "
-                "hold: calibrate on labelled records like these (docs/CALIBRATION.md)."))
+        return []
+    others = {rid: why for rid, why in applies.items() if why is not None}
+    if others:
+        blocks.append(Alert("The calibration figures do not apply to " + ("this run" if single else "run(s) "
+                            + ", ".join(sorted(others))) + ": " + next(iter(others.values()))
+                            + ". Its exit ratios, accuracy and cost were measured for another cascade."))
+    matching = [r["run_id"] for r in records if applies[r["run_id"]] is None
+                and by_run[r["run_id"]][0]["predictions"] > 0]
+    if not matching:
+        if not others:
+            blocks.append(Para("Nothing was classified by a run of the calibrated cascade: nothing to compare."))
+        return []
+    stats = combine([by_run[rid] for rid in matching])
+    run = stats[0]
+    blocks.append(Para(f"Calibrated for `{cal.get('target')}` on {cal.get('data') or 'unrecorded data'}"
+                       + (f" ({cal['heldout_records']} held-out records)" if cal.get("heldout_records") else "")
+                       + ("" if single and not others else f"; compared with the {run['predictions']} predictions of "
+                          f"run(s) {', '.join(matching)}")
+                       + f". Drift margin: {100 * margin:.0f} points of exit ratio per stage."))
+    rows_drift = drift(stats, expected, margin)
+    table = [[f"exit ratio, stage {d['stage']} {d['model']}", pct(d["expected"]), f"within {100 * margin:.0f} points",
+              pct(d["run"]), f"{100 * ((d['run'] or 0) - d['expected']):+.1f}", "**NO**" if d["drifts"] else "yes"]
+             for d in rows_drift]
+    table += [[p["figure"], p["calibrated"], p["promised"], p["run"], p["difference"], p["holds"]]
+              for p in promises(cal, run)]
+    blocks.append(TableBlock(["figure", "calibration (held out)", "promised on data alike", "this run" if single
+                              else "these runs", "difference (points)", "holds"], table))
+    drifted = [d for d in rows_drift if d["drifts"]]
+    if drifted:
+        worst = max(drifted, key=lambda d: abs((d["run"] or 0) - d["expected"]))
+        blocks.append(Alert(
+            f"The exit ratios of {'this run' if single else 'these runs'} drift from the calibration's by more than "
+            f"{100 * margin:.0f} points (stage {worst['stage']}: {pct(worst['run'])} here, {pct(worst['expected'])} "
+            "expected). The data is not like the calibration data, so the accuracy and cost the calibration "
+            "promised may not hold: calibrate on labelled records like these (docs/CALIBRATION.md)."))
+    return rows_drift
 
-    blocks.append(Heading("Plots"))
-    images["exit_ratios.png"] = plot_exit_ratios(stats, expected)
-    blocks.append(Image("exit_ratios.png", "exit ratio per stage"))
-    if tallies.rows:
-        images["confidence_by_stage.png"] = plot_confidence(stats, tallies, str(config.get("confidence", "")).lower())
-        blocks.append(Image("confidence_by_stage.png", "confidence of the records exiting at each stage"))
+
+def build_report(run_output: str, run_id: Optional[str] = None,
+                 margin: float = DRIFT_MARGIN) -> tuple[list, dict[str, bytes], dict]:
+    """(blocks, PNGs by name, figures) of the folder's committed runs together, or of run ``run_id``;
+    FileNotFoundError for a folder without a committed run."""
+    folder = RunFolder(run_output)
+    records = [folder.record(run_id)] if run_id else (folder.records() or [folder.record()])
+    run_ids = [r["run_id"] for r in records]
+    by_run: dict[str, list[dict]] = collections.defaultdict(list)
+    for row in folder.read("exit_stats", run_ids).to_pylist():
+        by_run[row["run_id"]].append(row)
+    by_run = {rid: sorted(rows, key=lambda s: s["stage"]) for rid, rows in by_run.items()}
+    latest = records[-1]
+    config = yaml.safe_load(latest["config"]) or {}
+    cal = calibration_block(latest)
+    applies = {r["run_id"]: calibration_mismatch(r) for r in records}
+    one_cascade = len({_cascade_of(by_run[rid]) for rid in run_ids}) == 1
+    stats = combine([by_run[rid] for rid in run_ids]) if one_cascade else []
+    tallies = tally_predictions(run_output, run_ids)
+    dead = tally_dead_letters(run_output, run_ids)
+    counts = [r.get("counts") or {} for r in records]
+    listed = sum(c.get("inputs_listed") or 0 for c in counts)
+    skipped = sum(c.get("inputs_skipped") or 0 for c in counts)
+    predictions = sum(by_run[rid][0]["predictions"] for rid in run_ids)
+    dead_letters = sum(by_run[rid][0]["dead_letters"] for rid in run_ids)
+    images: dict[str, bytes] = {}
+    single = len(records) == 1
+    title = f"Run {run_ids[0]}" if single else f"Output folder: {len(records)} committed runs"
+    blocks: list = [Heading(title, 1)]
+    if single:
+        blocks.append(Para(f"Output folder `{run_output}`; started {latest.get('started_utc', '?')}, finished "
+                           f"{latest.get('finished_utc', '?')} ({latest.get('wall_seconds', 0):.0f} s); config "
+                           f"`{latest.get('profile')}` over `{config.get('input', '?')}`; runner flags "
+                           f"`{' '.join(latest.get('beam_args') or []) or '(none)'}`."))
+    else:
+        blocks.append(Para(f"Output folder `{run_output}`: every committed run together, from {run_ids[0]} to "
+                           f"{run_ids[-1]} (`--run_id` reports one). Each id was classified by one run (`--skip_done`"
+                           " skips the ids earlier runs have), so the runs add up to one dataset."))
+        blocks.append(_runs_table(records, by_run, applies))
+    incomplete = folder.incomplete_runs()
+    if incomplete:
+        blocks.append(Alert(f"This folder also holds files of {len(incomplete)} run(s) that never committed "
+                               f"({', '.join(sorted(incomplete))}): interrupted or still running. They are not "
+                               "part of this report; readers of the tables must skip them too (docs/OUTPUTS.md)."))
+
+    blocks.append(Heading("Counts"))
+    holds = all(r.get("invariant_holds") for r in records) and listed == skipped + predictions + dead_letters
+    blocks.append(Para(
+        f"**{listed}** inputs listed → " + (f"**{skipped}** skipped (an earlier run has their ids) + " if skipped
+                                            else "")
+        + f"**{predictions}** predictions + **{dead_letters}** dead letters = {skipped + predictions + dead_letters}."
+        " The count invariant (every input ends skipped or in exactly one of the two tables, counted from the "
+        "listing, the Parquet footers and exit_stats) " + ("**holds**." if holds else "**is violated**: see the run "
+                                                           "records (`runs/<run_id>.json`).")))
+    nothing = [rid for rid in run_ids if by_run[rid][0]["predictions"] == 0]
+    if predictions == 0:
+        blocks.append(Alert(f"{'This run' if single else 'No run of this folder'} classified nothing: "
+                            f"{skipped} input(s) skipped and {dead_letters} dead-lettered. There are no exit "
+                            "ratios, cost or accuracy to report, and nothing to hold against the calibration."))
+    elif nothing:
+        blocks.append(Para(f"Run(s) {', '.join(nothing)} classified nothing (their inputs were skipped or "
+                           "dead-lettered); the figures below come from the others."))
+    sum_ratios = sum(s["exit_ratio"] or 0.0 for s in stats)
+    rows_drift: list[dict] = []
+    if predictions and not one_cascade:
+        blocks.append(Heading("Stages"))
+        blocks.append(Para("The runs of this folder do not share one cascade (their stages differ): their stages "
+                           "cannot be added up. Report each with `--run_id`; the table of runs above has each one's "
+                           "counts and cost."))
+    elif predictions:
+        blocks += stage_blocks(stats, sum_ratios)
+        blocks += cost_blocks(stats)
+        rows_drift = calibration_blocks(blocks, records, by_run, applies, cal, margin, single)
+    if predictions and one_cascade:
+        expected = cal.get("expected_exit_ratios") if all(v is None for v in applies.values()) else None
+        blocks.append(Heading("Plots"))
+        images["exit_ratios.png"] = plot_exit_ratios(stats, expected)
+        blocks.append(Image("exit_ratios.png", "exit ratio per stage"))
+        if tallies.rows:
+            images["confidence_by_stage.png"] = plot_confidence(stats, tallies,
+                                                                str(config.get("confidence", "")).lower())
+            blocks.append(Image("confidence_by_stage.png", "confidence of the records exiting at each stage"))
     if tallies.labelled:
         table = tallies.reliability()
         images["reliability.png"] = plot_reliability(table)
@@ -468,7 +605,7 @@ def build_report(run_output: str, run_id: Optional[str] = None,
         top = tallies.confusions()
         blocks.append(TableBlock(["true class", "predicted class", "records"], [[a, b, str(n)] for a, b, n in top],
                                  "llr") if top else Para("No labelled record was misclassified."))
-    else:
+    elif predictions:
         blocks.append(Para("No labelled record: no accuracy, reliability or confusions."))
 
     blocks.append(Heading("Dead letters"))
@@ -481,20 +618,25 @@ def build_report(run_output: str, run_id: Optional[str] = None,
                          "; ".join(f"`{d['uri']}`: {d['error']}" for d in tally.examples)])
         blocks.append(TableBlock(["category", "records", "stage(s)", f"examples (up to {EXAMPLES_PER_CATEGORY})"],
                                  rows, "lrll"))
-    figures = {"run_id": run_id, "sum_exit_ratios": sum_ratios, "drift": rows_drift,
+    figures = {"run_id": run_ids[-1], "run_ids": run_ids, "title": title, "sum_exit_ratios": sum_ratios,
+               "drift": rows_drift, "calibration_applies": {rid: why is None for rid, why in applies.items()},
                "dead_letters_by_category": {category: tally.records for category, tally in dead.items()}}
     return blocks, images, figures
 
 
 def write_report(run_output: str, output: Optional[str] = None, run_id: Optional[str] = None,
                  margin: float = DRIFT_MARGIN) -> dict:
-    """Write report.md, report.html and the PNGs into ``output`` (default ``<run_output>/report``)."""
-    output = (output or f"{run_output.rstrip('/')}/report").rstrip("/")
+    """Write report.md, report.html and the PNGs into ``output`` (default ``<run_output>/report``, whose names
+    the output folder knows as the project's own: ``--overwrite`` replaces them, and nothing else there)."""
+    output = (output or f"{run_output.rstrip('/')}/{REPORT}").rstrip("/")
     blocks, images, figures = build_report(run_output, run_id, margin)
+    files = {**images, "report.md": to_markdown(blocks).encode(),
+             "report.html": to_html(blocks, figures["title"], images).encode()}
+    unknown = sorted(set(files) - set(REPORT_FILES))
+    if unknown:
+        raise AssertionError(f"report files {unknown} are not in pipelines.folder.REPORT_FILES")
     fs, path = fsspec.core.url_to_fs(output)
     fs.makedirs(path, exist_ok=True)
-    for name, data in images.items():
+    for name, data in files.items():
         fs.pipe_file(f"{path}/{name}", data)
-    fs.pipe_file(f"{path}/report.md", to_markdown(blocks).encode())
-    fs.pipe_file(f"{path}/report.html", to_html(blocks, f"Run {figures['run_id']}", images).encode())
     return {**figures, "output": output, "files": ["report.md", "report.html", *images]}

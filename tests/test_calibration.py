@@ -412,6 +412,7 @@ def test_the_run_report_holds_a_run_against_its_calibrations_promises(tmp_path):
     cfg = schema.load("lite_cascade", ["stages=[{model: lite0}, {model: lite1}]", "calibration.heldout_accuracy=0.45",
                                        "calibration.margin=0.1", "calibration.heldout_gmacs=0.55",
                                        "calibration.gmacs_margin=0.02", "calibration.expected_exit_ratios=[0.6,0.4]"])
+    cfg.calibration.cascade = schema.signature(cfg)  # the block was measured for this very cascade
     RunFolder(str(run_dir)).commit({"run_id": run_id, "config": schema.to_yaml(cfg), "wall_seconds": 1.0,
                                      "counts": {"inputs_listed": 10}, "invariant_holds": True})
     report.run(["--run", str(run_dir), "--output", str(tmp_path / "plots")])
@@ -419,6 +420,14 @@ def test_the_run_report_holds_a_run_against_its_calibrations_promises(tmp_path):
     assert "| accuracy | 45.00% | >= 35.00% | 40.00% | -5.0 | yes |" in md  # the run's 40 % is within the margin
     assert "| average GMACs | 0.550 | <= 0.570 | 0.600 | +0.050 GMACs | **NO** |" in md
     assert "| exit ratio, stage 2 lite0 | 40.0% | within 5 points | 50.0% | +10.0 | **NO** |" in md
+    # the same run with another threshold than the calibrated one: the block's figures are not held against it
+    cfg.stages[0].threshold = 0.9
+    RunFolder(str(run_dir)).commit({"run_id": run_id, "config": schema.to_yaml(cfg), "wall_seconds": 1.0,
+                                     "counts": {"inputs_listed": 10}, "invariant_holds": True})
+    report.run(["--run", str(run_dir), "--output", str(tmp_path / "plots")])
+    md = (tmp_path / "plots" / "report.md").read_text()
+    assert "The calibration figures do not apply to this run: this config's cascade (lite0@224 >= 0.900000" in md
+    assert "| accuracy | 45.00%" not in md and "holds" not in md.split("## Against the calibration")[1]
 
 
 CALIBRATED = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")

@@ -414,3 +414,42 @@ def test_the_packages_latest_view_is_the_docs_sql_view(folder):
         sql = sorted(con.execute(f"SELECT {columns} FROM {view}").fetchall())
         ours = mine.latest(table, [c.strip() for c in columns.split(",")]).to_pylist()
         assert sorted(tuple(r.values()) for r in ours) == sql and sql
+
+
+def test_the_report_of_a_folder_adds_up_its_committed_runs(folder, tmp_path):
+    """pipelines.report --run DIR over a folder of two committed runs (the second with --skip_done and another
+    threshold) and an uncommitted one: a table of the runs, counts and the invariant over the folder, the
+    stages combined, and the calibration held only against the run of the calibrated cascade."""
+    first, second = folder["first"], folder["second"]
+    written = report.run(["--run", str(folder["out"]), "--output", str(tmp_path / "all")])
+    md = (tmp_path / "all" / "report.md").read_text()
+    assert md.startswith("# Output folder: 2 committed runs")
+    assert f"`{first['run_id']}`" in md and f"`{second['run_id']}`" in md and UNCOMMITTED in md
+    listed = first["counts"]["inputs_listed"] + second["counts"]["inputs_listed"]
+    predictions = first["counts"]["predictions"] + second["counts"]["predictions"]
+    dead = first["counts"]["dead_letters"] + second["counts"]["dead_letters"]
+    assert (f"**{listed}** inputs listed → **5** skipped (an earlier run has their ids) + **{predictions}** "
+            f"predictions + **{dead}** dead letters = {listed}.") in md
+    assert "**holds**" in md and "varies by run" in md
+    stats = {(s["run_id"], s["stage"]): s for s in RunFolder(str(folder["out"])).read("exit_stats").to_pylist()}
+    exited = sum(stats[(r["run_id"], 1)]["records_exited"] for r in (first, second))
+    assert f"| {exited / predictions:.1%} |" in md  # stage 1's exit ratio over the folder, not a sum of ratios
+    assert f"The calibration figures do not apply to run(s) {second['run_id']}: this config's cascade" in md
+    assert f"compared with the {first['counts']['predictions']} predictions of run(s) {first['run_id']}" in md
+    assert len(written) == 5
+    report.run(["--run", str(folder["out"]), "--run_id", first["run_id"], "--output", str(tmp_path / "one")])
+    assert (tmp_path / "one" / "report.md").read_text().startswith(f"# Run {first['run_id']}")
+
+
+def test_a_run_that_classified_nothing_says_so_and_holds_nothing_against_the_calibration(tmp_path, run):
+    """A --skip_done run with nothing new: its report says that it classified nothing, never 'holds' over it."""
+    out = tmp_path / "out"
+    shutil.copytree(run["out"], out)
+    again = cascade.run([*run["args"][:-2], "--output", str(out), "--skip_done", "--runner=FnApiRunner"])
+    assert again["counts"]["predictions"] == 0 and again["invariant_holds"]
+    report.run(["--run", str(out), "--run_id", again["run_id"], "--output", str(tmp_path / "r")])
+    md = (tmp_path / "r" / "report.md").read_text()
+    listed = again["counts"]["inputs_listed"]
+    assert f"**{listed}** inputs listed → **{again['counts']['inputs_skipped']}** skipped" in md
+    assert "This run classified nothing" in md and "## Against the calibration" not in md
+    assert "| yes |" not in md and "## Stages" not in md
