@@ -38,7 +38,8 @@ from configs.schema import Execution
 from models.classifier import release_checked
 from pipelines import common, runners
 from transforms.fused import FusedCascade
-from transforms.io import DEAD, ReadInputs, check_source, count_inputs, extra_fields
+from transforms.io import DEAD, ReadInputs
+from transforms.manifests import check_source, count_inputs, extra_fields
 from transforms.outputs import ExitStats, WriteTable
 from transforms.progress import NAMESPACE
 from transforms.stage import CONTINUE, EXITED, THRESHOLD, CascadeStage, default_threads
@@ -328,6 +329,10 @@ def summarize(cfg: schema.CascadeConfig, listed: Optional[int], run_id: str) -> 
                      f"{run['worst_case_gmacs']:.3f}; last model alone {run['last_model_gmacs']:.3f}{share}")
     if run["accuracy"] is not None:
         lines.append(f"accuracy on labelled records: {run['accuracy']:.2%}")
+    label_errors = sum(s["label_errors"] for s in stats)
+    if label_errors:
+        lines.append(f"labels: {label_errors} predictions unlabelled because their label cell is not a class index "
+                     "(predictions.label_error says why)")
     counts = {"inputs_listed": listed, "predictions": predictions, "dead_letters": dead,
               "exit_stats_predictions": run["predictions"], "exit_stats_dead_letters": run["dead_letters"]}
     return counts, lines

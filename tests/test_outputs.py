@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from pipelines import cascade, common, report, run_report
-from transforms.io import count_inputs
+from transforms.manifests import count_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = [0.5, 0.25, 0.25]  # far from what clean images do: the report must warn

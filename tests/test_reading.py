@@ -11,8 +11,9 @@ from apache_beam.metrics import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import io
-from transforms.io import DEAD, ReadInputs, manifest_parts
+from transforms import manifests
+from transforms.io import DEAD, ReadInputs
+from transforms.manifests import manifest_parts
 
 
 def write_parquet(path, ids, uris, row_group_size):
@@ -31,11 +32,11 @@ def test_a_glob_of_manifests_is_read_in_parts_with_the_first_listed_id_kept(tmp_
                   ["img/c.jpg", "img/d.jpg", "img/e.jpg", "img/missing.jpg", "img/f.jpg"], 2)
     write_parquet(tmp_path / "m3.parquet", ["w", "v"], ["img/g.jpg", "img/h.jpg"], 1)
     (tmp_path / "m4.csv").write_text("id,uri\nx,img/a.jpg\n")  # not matched by the glob
-    monkeypatch.setattr(io, "PART_ROWS", 2)
+    monkeypatch.setattr(manifests, "PART_ROWS", 2)
     assert [p.row_groups for p in manifest_parts(1, str(tmp_path / "m2.parquet"))] == [(0, 1), (1, 2), (2, 3)]
 
     source = str(tmp_path / "m*.parquet")
-    io.check_source(source)
+    manifests.check_source(source)
     with TestPipeline(runner="FnApiRunner") as p:
         out = p | ReadInputs(source, max_bytes=100)
         kept = out["records"] | "Kept" >> beam.Map(lambda r: (r.id, r.uri.rsplit("/", 1)[-1], r.data))
