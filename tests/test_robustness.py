@@ -991,6 +991,39 @@ def test_a_manifest_without_rows_fails_the_run_without_a_manifest(tmp_path, flat
     assert not (tmp_path / "out" / common.MANIFEST).exists() and not (tmp_path / "out" / common.RUNNING).exists()
 
 
+def test_a_file_name_that_is_not_utf8_is_classified_under_an_escaped_uri_and_id(tmp_path, sample_subset, flat_model):
+    (tmp_path / "img").mkdir()
+    shutil.copy(sample_subset[0]["uri"], tmp_path / "img" / "ok.jpg")
+    shutil.copy(sample_subset[1]["uri"], os.path.join(os.fsencode(tmp_path), b"img", b"caf\xe9.jpg"))
+    with open(os.path.join(os.fsencode(tmp_path), b"img", b"not an image \xff.jpg"), "wb") as fh:
+        fh.write(b"text")
+    manifest = run(tmp_path, tmp_path / "out", str(tmp_path / "img" / "*.jpg"), config=tiny_config(flat_model))
+    assert manifest["invariant_holds"] and manifest["counts"]["predictions"] == 2
+    rows = read_table(str(tmp_path / "out"), "predictions").to_pylist()
+    assert sorted((r["id"], r["uri"]) for r in rows) == [(f"{tmp_path}/img/caf\\xe9.jpg",) * 2,
+                                                          (f"{tmp_path}/img/ok.jpg",) * 2]
+    (dead,) = read_table(str(tmp_path / "out"), "dead_letter").to_pylist()
+    assert dead["uri"] == dead["id"] == f"{tmp_path}/img/not an image \\xff.jpg" and dead["stage"] == 1
+
+
+def test_skip_done_skips_every_row_an_earlier_run_has_whatever_its_verdict(tmp_path, sample_subset, flat_model):
+    """Day 1 lists a bad label, a duplicate id, a broken line, a missing file and a file name spelt two ways;
+    day 2 runs the same manifest, reached by another spelling of its path, with --skip_done: every row is
+    skipped (the ids, uri-derived ones included, are the same), nothing is written twice."""
+    shutil.copy(sample_subset[0]["uri"], tmp_path / "a.jpg")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "m.csv").write_text('id,uri,label\n1,a.jpg,-1\n2,a.jpg,99\n2,a.jpg,1\n"broken,a.jpg\n'
+                                    '3,missing.jpg,1\n,a.jpg,1\n,./d/../a.jpg,2\n', newline="")
+    first = run(tmp_path, tmp_path / "out", str(tmp_path / "m.csv"), config=tiny_config(flat_model))
+    assert first["counts"]["predictions"] == 3 and first["counts"]["dead_letters"] == 4
+    categories = sorted(read_table(str(tmp_path / "out"), "dead_letter").column("category").to_pylist())
+    assert categories == ["bad_manifest_row", "duplicate_id", "duplicate_id", "not_found"]
+    second = run(tmp_path, tmp_path / "out", str(tmp_path / "d" / ".." / "m.csv"), "--skip_done",
+                 config=tiny_config(flat_model))
+    assert second["counts"]["inputs_skipped"] == second["counts"]["inputs_listed"] == 7 and second["invariant_holds"]
+    assert second["counts"]["predictions"] == second["counts"]["dead_letters"] == 0
+
+
 def test_pkg_weights_never_import_the_module_a_config_names(tmp_path, monkeypatch):
     marker = tmp_path / "imported"
     (tmp_path / "sneaky_weights_mod.py").write_text(f"open({str(marker)!r}, 'w').write('code ran')\n")

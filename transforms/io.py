@@ -80,9 +80,10 @@ class ExpandSource(beam.DoFn):
         for position, entry in self._entries(source):
             self.listed.inc()
             if isinstance(entry, DeadLetter):
-                yield entry.id, (position, entry.uri, None, None, None, (entry.error, Category(entry.category).value))
+                yield entry.id, (position, wire(entry.uri), None, None, None,
+                                 (entry.error, Category(entry.category).value))
             else:
-                yield entry.id, (position, entry.uri, entry.label, entry.label_error, entry.extras, None)
+                yield entry.id, (position, wire(entry.uri), entry.label, entry.label_error, entry.extras, None)
 
     def _entries(self, source: str | ManifestPart) -> Iterator[tuple[tuple[int, int, int], Record | DeadLetter]]:
         if isinstance(source, str) and is_manifest(source):  # read whole, in this worker (tests, small inputs)
@@ -114,6 +115,20 @@ class SplitManifests(beam.PTransform):
             | "Parts" >> beam.FlatMapTuple(manifest_parts)
             | "SpreadParts" >> beam.Reshuffle()
         )
+
+
+def wire(uri: str) -> str | bytes:
+    """A uri as Beam's coders can carry it: a local file name that is not UTF-8 (decoded by the OS with
+    surrogateescape) as its bytes; ``unwire`` gives it back."""
+    try:
+        uri.encode("utf-8")
+        return uri
+    except UnicodeEncodeError:
+        return uri.encode("utf-8", "surrogateescape")
+
+
+def unwire(uri: str | bytes) -> str:
+    return uri.decode("utf-8", "surrogateescape") if isinstance(uri, bytes) else uri
 
 
 ID_BUCKETS = 2048  # keys of the shuffle by id: ids are grouped by a hash, and by id within a group
@@ -191,8 +206,9 @@ class FirstOfId(beam.DoFn):
                 self.skipped.inc(len(listed) - listed.count(DONE))
                 continue
             (_, uri, label, label_error, extras, problem), *others = sorted(listed, key=lambda item: item[0])
+            uri = unwire(uri)
             for _, other, *_ in others:
-                yield dead(rid, other, f"duplicate id {rid!r}: an earlier input has it ({uri}) and is the one "
+                yield dead(rid, unwire(other), f"duplicate id {rid!r}: an earlier input has it ({uri}) and is the one "
                                        "kept; give each input its own id", Category.DUPLICATE_ID)
             if problem is not None:
                 yield dead(rid, uri, *problem)
