@@ -104,6 +104,8 @@ def normalise_uri(uri: str) -> str:
     if uri.startswith("file://"):
         uri = uri[len("file://"):] or "/"
     if _is_local(uri):
+        if uri.startswith("/") and "/." not in uri and "//" not in uri and not uri.endswith("/"):
+            return uri  # already absolute and normal (the common case: a manifest entry joined to its folder)
         return os.path.abspath(uri) + ("/" if uri.endswith("/") and uri != "/" else "")
     if "://" not in uri:  # memory:path, file:path: as fsspec reads them
         return uri
