@@ -90,7 +90,7 @@ def check_run(output: str, n_images: int, threads: int) -> list[float]:
     from omegaconf import OmegaConf
 
     from pipelines.folder import RunFolder
-    from transforms.io import list_source
+    from transforms.manifests import list_source
 
     stats = sorted((r for r in RunFolder(output).read("exit_stats").to_pylist() if r["stage"] >= 1),
                    key=lambda r: r["stage"])

@@ -18,5 +18,5 @@ class Category(str, enum.Enum):
     DECODE_ERROR = "decode_error"  # an identified format whose data is corrupt or truncated
     MODEL_ERROR = "model_error"  # the model raised on the record alone, or returned NaN or inf
     BAD_MANIFEST_ROW = "bad_manifest_row"  # a manifest line or row that cannot be read as one (an empty uri, ...)
-    BAD_LABEL = "bad_label"  # a label that is not a class index of the models
-    DUPLICATE_ID = "duplicate_id"  # another input listed earlier has the same id
+    BAD_LABEL = "bad_label"  # earlier runs only: a label that is no class index is now predictions.label_error
+    DUPLICATE_ID = "duplicate_id"  # a later row of an id: another input listed earlier has it

@@ -179,7 +179,7 @@ def parse(argv: Sequence[str] | None):
 
 def manifest_rows(manifest: str) -> dict[str, dict]:
     """Manifest rows by record id, as ReadInputs lists them (rows it cannot list are left out)."""
-    from transforms.io import manifest_entries
+    from transforms.manifests import manifest_entries
     from transforms.records import Record
 
     return {entry.id: row for row, entry in manifest_entries(manifest) if isinstance(entry, Record)}

@@ -23,7 +23,7 @@ from configs.plan import CascadePlan, TaskKind, build_plan
 from models.classifier import release_checked
 from pipelines import common, runners
 from pipelines.folder import RunFolder, new_run_id
-from transforms.io import check_source, count_inputs, extra_fields
+from transforms.manifests import check_source, count_inputs, extra_fields
 from transforms.progress import progress
 from transforms.stage import default_threads
 from transforms.tables import ALL_TABLE_NAMES

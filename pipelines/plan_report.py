@@ -15,7 +15,7 @@ from typing import Optional
 from configs import estimate, schema
 from configs.plan import build_plan
 from pipelines import demo
-from transforms.io import count_inputs, first_uri
+from transforms.manifests import count_inputs, first_uri
 
 
 def _hours(hours: float) -> str:

@@ -403,7 +403,8 @@ def test_the_run_report_holds_a_run_against_its_calibrations_promises(tmp_path):
               else 224, "threshold": 0.5 if s == 1 else None, "stage_gmacs": 0.4 * (s > 0),
               "cumulative_gmacs": 0.4 * s, "records_in": 10 if s < 2 else 5, "records_exited": 5 * (s > 0),
               "records_failed": 0, "exit_ratio": 0.5 * (s > 0), "exit_ratio_of_reached": None if s == 0 else 0.5 * s,
-              "labelled_exited": 5 * (s > 0), "accuracy_exited": 0.4, "total_inputs": 10, "predictions": 10,
+              "labelled_exited": 5 * (s > 0), "label_errors": 0, "accuracy_exited": 0.4, "total_inputs": 10,
+              "predictions": 10,
               "dead_letters": 0, "avg_gmacs": 0.6, "worst_case_gmacs": 0.8, "last_model_gmacs": 0.4,
               "accuracy": 0.4} for s in (0, 1, 2)]
     for name, rows, sch in (("predictions", preds, PREDICTIONS.schema), ("exit_stats", stats, EXIT_STATS.schema)):

@@ -23,7 +23,7 @@ import yaml
 
 from pipelines import cascade, report, run_report
 from pipelines.folder import MANIFEST, RUN_ID, RUNS, RunFolder
-from transforms.io import count_inputs
+from transforms.manifests import count_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = [0.5, 0.25, 0.25]  # far from what clean images do: the report must warn

@@ -11,8 +11,9 @@ from apache_beam.metrics import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import io
-from transforms.io import DEAD, ReadInputs, manifest_parts
+from transforms import manifests
+from transforms.io import DEAD, ReadInputs
+from transforms.manifests import manifest_parts
 
 
 def write_parquet(path, ids, uris, row_group_size):
@@ -31,11 +32,11 @@ def test_a_glob_of_manifests_is_read_in_parts_with_the_first_listed_id_kept(tmp_
                   ["img/c.jpg", "img/d.jpg", "img/e.jpg", "img/missing.jpg", "img/f.jpg"], 2)
     write_parquet(tmp_path / "m3.parquet", ["w", "v"], ["img/g.jpg", "img/h.jpg"], 1)
     (tmp_path / "m4.csv").write_text("id,uri\nx,img/a.jpg\n")  # not matched by the glob
-    monkeypatch.setattr(io, "PART_ROWS", 2)
+    monkeypatch.setattr(manifests, "PART_ROWS", 2)
     assert [p.row_groups for p in manifest_parts(1, str(tmp_path / "m2.parquet"))] == [(0, 1), (1, 2), (2, 3)]
 
     source = str(tmp_path / "m*.parquet")
-    io.check_source(source)
+    manifests.check_source(source)
     with TestPipeline(runner="FnApiRunner") as p:
         out = p | ReadInputs(source, max_bytes=100)
         kept = out["records"] | "Kept" >> beam.Map(lambda r: (r.id, r.uri.rsplit("/", 1)[-1], r.data))
@@ -66,3 +67,26 @@ def test_ids_of_earlier_runs_are_skipped_through_the_grouping_by_id(tmp_path):
     counters = {c.key.metric.name: c.committed for c in p.result.metrics().query(MetricsFilter())["counters"]
                 if c.key.metric.name in ("inputs_listed", "inputs_skipped")}
     assert counters == {"inputs_listed": 5, "inputs_skipped": 2}  # 5 = 2 skipped + 2 records + 1 dead letter
+
+
+def test_skip_done_skips_every_row_of_a_done_id_before_any_verdict_on_it(tmp_path):
+    """Rows an earlier run has the ids of are skipped whatever happened to them while listing: a row without a
+    uri, a label that is no class index, a duplicate; a row that cannot be parsed is keyed MANIFEST#LINE and
+    skipped by that key. The other ids: the first row decides, later rows are ``duplicate_id``."""
+    for name in "ab":
+        (tmp_path / f"{name}.jpg").write_bytes(name.encode())
+    manifest = tmp_path / "m.csv"
+    manifest.write_text('id,uri,label\nx,,1\ny,a.jpg,99\nx,b.jpg,1\n"broken,a.jpg,1\nz,a.jpg,1\nz,b.jpg,2\n'
+                        'w,,1\nw,a.jpg,1\n', newline="")
+    broken = f"{manifest}#5"
+    pq.write_table(pa.table({"id": ["x", "y", broken]}), tmp_path / "done.parquet")
+    with TestPipeline(runner="FnApiRunner") as p:
+        out = p | ReadInputs(str(manifest), max_bytes=100, num_classes=10, done=[str(tmp_path / "done.parquet")])
+        kept = out["records"] | "Kept" >> beam.Map(lambda r: (r.id, r.uri.rsplit("/", 1)[-1], r.label))
+        dead = out[DEAD] | "Dead" >> beam.Map(lambda d: (d.id, d.uri.rsplit("/", 1)[-1], d.category.value))
+        assert_that(kept, equal_to([("z", "a.jpg", 1)]), label="kept")
+        assert_that(dead, equal_to([("z", "b.jpg", "duplicate_id"), ("w", "m.csv#8", "bad_manifest_row"),
+                                    ("w", "a.jpg", "duplicate_id")]), label="dead")
+    counters = {c.key.metric.name: c.committed for c in p.result.metrics().query(MetricsFilter())["counters"]
+                if c.key.metric.name in ("inputs_listed", "inputs_skipped")}
+    assert counters == {"inputs_listed": 8, "inputs_skipped": 4}  # 8 = 4 skipped + 1 record + 3 dead letters

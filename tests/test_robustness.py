@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import transforms.io as io_module
+import transforms.manifests as manifests
 from configs import schema
 from models import registry
 from models.classifier import Classifier, Failure
@@ -51,15 +52,13 @@ from tests.conftest import scripted, torchscript_config
 from transforms.fetch import with_timeout
 from transforms.io import (
     DEAD,
-    MAX_ROW_BYTES,
     ExpandSource,
     FirstOfId,
     PackById,
     ReadBytes,
     ReadInputs,
-    check_source,
-    manifest_entries,
 )
+from transforms.manifests import check_source, manifest_entries
 from transforms.outputs import WriteTable
 from transforms.records import CATEGORIES, DeadLetter, Record
 from transforms.tables import ALL_TABLE_NAMES, DEAD_LETTER
@@ -201,7 +200,7 @@ def test_every_input_ends_in_exactly_one_table(runs):
                                        "dead_letters": len(dead), "exit_stats_predictions": len(predictions),
                                        "exit_stats_dead_letters": len(dead)}
     assert runs["mixed"]["invariant_holds"]
-    resolved = collections.Counter(r["uri"] if "://" in r["uri"] else os.path.join(runs["tmp"], r["uri"]) for r in rows)
+    resolved = collections.Counter(manifests.join_uri(str(runs["tmp"]), r["uri"]) for r in rows)  # normalised
     assert collections.Counter(r["uri"] for r in predictions + dead) == resolved
     assert len({r["id"] for r in predictions}) == len(predictions)  # ids are keys
 
@@ -234,7 +233,7 @@ def test_decodable_inputs_are_classified(runs):
             assert 0 < predictions[name]["confidence"] <= 1, name
     # the EXIF-rotated copy of good0 is rotated upright before inference: same class as the photo itself
     assert predictions["exif-rotated.jpg"]["pred_class"] == predictions["café photo ü.jpg"]["pred_class"]
-    assert predictions["file-url"]["uri"] == f"file://{runs['tmp'] / 'café photo ü.jpg'}"
+    assert predictions["file-url"]["uri"] == str(runs["tmp"] / "café photo ü.jpg")  # a file:// URL is its path
     assert predictions["file-url"]["pred_class"] == predictions["café photo ü.jpg"]["pred_class"]
 
 
@@ -255,7 +254,7 @@ def test_listing_in_batches_and_packs_keeps_every_row_and_the_first_of_each_id(t
     """Row groups read in several batches, inputs packed in several flushes: every row is listed once, row
     numbers follow the file, and a duplicate id whose copies fall in different batches and packs keeps the
     first listed."""
-    monkeypatch.setattr(io_module, "MANIFEST_BATCH_ROWS", 4)
+    monkeypatch.setattr(manifests, "MANIFEST_BATCH_ROWS", 4)
     monkeypatch.setattr(io_module, "PACK_INPUTS", 5)
     ids = [f"r{i}" for i in range(23)] + ["r3", "r17"]  # r3 and r17 again, in later batches and packs
     uris = [str(tmp_path / f"{i}.jpg") for i in range(len(ids))]
@@ -269,7 +268,7 @@ def test_listing_in_batches_and_packs_keeps_every_row_and_the_first_of_each_id(t
     kept = {r.id: r.uri for r in records}
     assert kept["r3"] == uris[3] and kept["r17"] == uris[17]
     assert sorted(d.uri for d in dead) == sorted([uris[23], uris[24]])
-    rows = [n for n, _, _ in io_module.manifest_rows(path, ["id", "uri"], (1, 3))]
+    rows = [n for n, _, _, _ in manifests.manifest_rows(path, ["id", "uri"], (1, 3))]
     assert rows == list(range(11, 26))  # row groups 1-2 numbered as in the whole file
 
 
@@ -656,11 +655,11 @@ AWKWARD = {
     "after-quote-2": CLASSIFIED,
     "trailing-space": CLASSIFIED,  # "space.jpg " exists: the space is part of the name
     "without-the-space": ("not_found", r"^file not found$"),
-    "beyond-int32": ("bad_label", r"^bad label: line \d+: 3000000000 is outside the model's classes 0\.\.9$"),
-    "out-of-range": ("bad_label", r"^bad label: line \d+: 10 is outside the model's classes 0\.\.9$"),
-    "negative": ("bad_label", r"^bad label: line \d+: -1 is outside"),
-    "fractional": ("bad_label", r"^bad label: line \d+: 2\.7 is not an integer$"),
-    "boolean": ("bad_label", r"^bad label: line \d+: 'true' is not an integer$"),
+    "beyond-int32": CLASSIFIED,  # a label that is no class index: unlabelled, the reason in label_error
+    "out-of-range": CLASSIFIED,
+    "negative": CLASSIFIED,
+    "fractional": CLASSIFIED,
+    "boolean": CLASSIFIED,
     "fifo": ("not_a_regular_file", r"^not a regular file: a FIFO \(named pipe\)$"),
     "folder": ("not_a_regular_file", r"^not a regular file: a folder$"),
     "http-ok": CLASSIFIED,
@@ -671,11 +670,21 @@ AWKWARD = {
     "http-refused": ("http_error", r"^connection failed: ClientConnectorError: Cannot connect to host"),
     "http-stall": ("timeout", rf"^timeout: reading took longer than {READ_TIMEOUT_S} s \(decode\.read_timeout_s\)$"),
 }
+# id -> the label_error of its prediction (None: no problem; -1 is the usual "unlabelled" marker)
+LABEL_ERRORS = {
+    "good": None, "no-label": None, "integral-float-label": None, "negative": None,
+    "beyond-int32": r"^3000000000 is outside the model's classes 0\.\.9$",
+    "out-of-range": r"^10 is outside the model's classes 0\.\.9$",
+    "fractional": r"^2\.7 is not an integer$",
+    "boolean": r"^'true' is not an integer$",
+}
 # rows without a usable id: their dead letters are keyed by manifest#line
 BROKEN_LINES = {
-    "unbalanced quote": r"^bad manifest row: line \d+: malformed CSV \(unexpected end of data\)",
+    "unbalanced quote": r"^bad manifest row: line \d+: malformed CSV: a quoted field that opens on this line does "
+                        r"not close properly \(not UTF-8 text",
     "not UTF-8 after 120 KB": r"^bad manifest row: line \d+: not UTF-8 text \(byte 0xff at byte 4\)$",
-    "longer than the csv field limit": r"^bad manifest row: line \d+: longer than 131072 bytes$",
+    "longer than the csv field limit": r"^bad manifest row: line \d+: malformed CSV \(field larger than field limit "
+                                       r"\(131072\)\)$",
     "more fields than the header": r"^bad manifest row: line \d+: 4 fields but the header has 3",
 }
 
@@ -735,6 +744,12 @@ def test_awkward_rows_end_as_one_prediction_or_one_dead_letter_each(awkward):
         assert re.search(reason, by_id[rid]["error"]), (rid, by_id[rid]["error"])
         assert DeadLetter(rid, by_id[rid]["uri"], 0, by_id[rid]["error"]).category == category, rid
     assert predictions["integral-float-label"]["label"] == 2 and predictions["no-label"]["label"] is None
+    for rid, label_error in LABEL_ERRORS.items():
+        row = predictions[rid]
+        assert (row["label_error"] is None) == (label_error is None), (rid, row["label_error"])
+        assert label_error is None or (re.search(label_error, row["label_error"]) and row["label"] is None), rid
+    stats = RunFolder(str(out)).read("exit_stats").to_pylist()
+    assert sum(s["label_errors"] for s in stats) == sum(e is not None for e in LABEL_ERRORS.values())
     assert predictions["trailing-space"]["uri"].endswith("space.jpg ")
     broken = [d["error"] for d in dead if d["id"].startswith(str(awkward["tmp"] / "awkward.csv#"))]
     for what, reason in BROKEN_LINES.items():
@@ -756,18 +771,16 @@ def test_a_model_of_zero_counted_gmacs_completes_with_its_manifest(awkward):
     (pa.array([True, False]), [None, None], [r"True is a boolean, not a class index", r"False is a boolean"]),
     (pa.array([2**40, 7], pa.int64()), [None, 7], [r"1099511627776 is outside the model's classes", None]),
 ], ids=["floats", "lists", "structs", "booleans", "int64"])
-def test_parquet_labels_of_any_type_are_validated_row_by_row(tmp_path, column, values, reasons):
+def test_parquet_labels_of_any_type_are_checked_row_by_row_and_never_cost_the_row(tmp_path, column, values, reasons):
     ids = [f"r{i}" for i in range(len(column))]
     pq.write_table(pa.table({"id": ids, "uri": [f"{i}.jpg" for i in ids], "label": column}), tmp_path / "m.parquet",
                    row_group_size=1)
     out = [e for _, e in manifest_entries(str(tmp_path / "m.parquet"), 10)]
     for entry, value, reason in zip(out, values, reasons):
-        if reason is None:
-            assert isinstance(entry, Record) and entry.label == value, entry
-        else:
-            assert isinstance(entry, DeadLetter) and entry.category == "bad_label", entry
-            assert re.search(rf"^bad label: row \d: {reason}", entry.error), entry.error
-            assert entry.id == entry.uri.rsplit("/", 1)[-1].removesuffix(".jpg")  # the manifest's own id
+        assert isinstance(entry, Record) and entry.label == value, entry  # a label never costs the row
+        assert entry.id == entry.uri.rsplit("/", 1)[-1].removesuffix(".jpg")  # the manifest's own id
+        assert (entry.label_error is None) == (reason is None), entry
+        assert reason is None or re.search(rf"^{reason}", entry.label_error), entry.label_error
 
 
 def test_a_corrupt_parquet_row_group_is_one_dead_letter_per_row(tmp_path):
@@ -922,7 +935,7 @@ def test_a_run_into_a_folder_another_run_holds_is_refused(tmp_path, sample_subse
     ("absent.jpg", r"absent\.jpg: no such file$"),
     ("absent.csv", r"absent\.csv: no such file$"),
     ("fifo.csv", r"fifo\.csv: not a regular file$"),
-    ("utf16.csv", r"utf16\.csv: header: not UTF-8 text"),
+    ("utf16.csv", r"utf16\.csv: header \(line 1\): not UTF-8 text"),
 ], ids=["glob-matching-nothing", "folder", "missing-file", "missing-manifest", "fifo-manifest", "utf16-manifest"])
 def test_an_input_that_cannot_list_anything_is_refused_before_any_work(tmp_path, source, message):
     (tmp_path / "empty").mkdir()
@@ -938,6 +951,39 @@ def test_a_manifest_without_rows_fails_the_run_without_a_manifest(tmp_path, flat
     with pytest.raises(SystemExit, match=r"^no inputs: .*m\.csv listed nothing"):
         run(tmp_path, tmp_path / "out", str(tmp_path / "m.csv"), config=tiny_config(flat_model))
     assert not (tmp_path / "out" / folder.MANIFEST).exists() and not (tmp_path / "out" / folder.RUNNING).exists()
+
+
+def test_a_file_name_that_is_not_utf8_is_classified_under_an_escaped_uri_and_id(tmp_path, sample_subset, flat_model):
+    (tmp_path / "img").mkdir()
+    shutil.copy(sample_subset[0]["uri"], tmp_path / "img" / "ok.jpg")
+    shutil.copy(sample_subset[1]["uri"], os.path.join(os.fsencode(tmp_path), b"img", b"caf\xe9.jpg"))
+    with open(os.path.join(os.fsencode(tmp_path), b"img", b"not an image \xff.jpg"), "wb") as fh:
+        fh.write(b"text")
+    manifest = run(tmp_path, tmp_path / "out", str(tmp_path / "img" / "*.jpg"), config=tiny_config(flat_model))
+    assert manifest["invariant_holds"] and manifest["counts"]["predictions"] == 2
+    rows = RunFolder(str(tmp_path / "out")).read("predictions").to_pylist()
+    assert sorted((r["id"], r["uri"]) for r in rows) == [(f"{tmp_path}/img/caf\\xe9.jpg",) * 2,
+                                                          (f"{tmp_path}/img/ok.jpg",) * 2]
+    (dead,) = RunFolder(str(tmp_path / "out")).read("dead_letter").to_pylist()
+    assert dead["uri"] == dead["id"] == f"{tmp_path}/img/not an image \\xff.jpg" and dead["stage"] == 1
+
+
+def test_skip_done_skips_every_row_an_earlier_run_has_whatever_its_verdict(tmp_path, sample_subset, flat_model):
+    """Day 1 lists a bad label, a duplicate id, a broken line, a missing file and a file name spelt two ways;
+    day 2 runs the same manifest, reached by another spelling of its path, with --skip_done: every row is
+    skipped (the ids, uri-derived ones included, are the same), nothing is written twice."""
+    shutil.copy(sample_subset[0]["uri"], tmp_path / "a.jpg")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "m.csv").write_text('id,uri,label\n1,a.jpg,-1\n2,a.jpg,99\n2,a.jpg,1\n"broken,a.jpg\n'
+                                    '3,missing.jpg,1\n,a.jpg,1\n,./d/../a.jpg,2\n', newline="")
+    first = run(tmp_path, tmp_path / "out", str(tmp_path / "m.csv"), config=tiny_config(flat_model))
+    assert first["counts"]["predictions"] == 3 and first["counts"]["dead_letters"] == 4
+    categories = sorted(RunFolder(str(tmp_path / "out")).read("dead_letter").column("category").to_pylist())
+    assert categories == ["bad_manifest_row", "duplicate_id", "duplicate_id", "not_found"]
+    second = run(tmp_path, tmp_path / "out", str(tmp_path / "d" / ".." / "m.csv"), "--skip_done",
+                 config=tiny_config(flat_model))
+    assert second["counts"]["inputs_skipped"] == second["counts"]["inputs_listed"] == 7 and second["invariant_holds"]
+    assert second["counts"]["predictions"] == second["counts"]["dead_letters"] == 0
 
 
 def test_pkg_weights_never_import_the_module_a_config_names(tmp_path, monkeypatch):
@@ -984,16 +1030,17 @@ def fuzz_dir(tmp_path_factory) -> Path:
     return d
 
 
-def physical_csv_rows(data: bytes) -> int:
-    """Rows of a CSV manifest counted without any CSV parser: non-empty physical lines after the header."""
-    lines = data.split(b"\n")
-    return sum(1 for line in lines[1:] if line not in (b"", b"\r"))
-
-
 def physical_rows(source: str) -> int:
+    """Rows of a manifest: a Parquet file's from its footer; a CSV's counted by Python's csv module where it
+    reads the file (records after the header), else by the rule that every non-empty physical line is part
+    of exactly one record or dead letter (``tests.test_manifests`` checks both)."""
     if source.endswith(".parquet"):
         return pq.ParquetFile(source).metadata.num_rows
-    return physical_csv_rows(Path(source).read_bytes())
+    try:
+        with open(source, newline="", encoding="utf-8-sig") as fh:
+            return max(sum(1 for fields in csv.reader(fh, strict=True) if fields) - 1, 0)
+    except (csv.Error, UnicodeDecodeError):
+        return manifests.count_inputs(source)[0]
 
 
 def read_inputs_in_process(source: str) -> tuple[int, list[DeadLetter], list[Record]]:
@@ -1028,10 +1075,11 @@ def check_invariant_on(source: str) -> str:
     assert listed == physical_rows(source) == len(dead) + len(records)
     for letter in dead:
         assert letter.stage == 0 and letter.error and letter.category in CATEGORIES, letter
-        if letter.category in ("bad_manifest_row", "bad_label"):
-            assert re.match(r"^bad (manifest row|label): (line|row) \d+: ", letter.error), letter
+        if letter.category == "bad_manifest_row":
+            assert re.match(r"^bad manifest row: (lines? \d+(-\d+)?|row \d+): ", letter.error), letter
     for record in records:
         assert record.label is None or (type(record.label) is int and 0 <= record.label < 10), record
+        assert record.label_error is None or record.label is None, record
         assert len(record.data) <= FUZZ_MAX_BYTES  # an empty file is read; decoding dead-letters it
     return "listed"
 
@@ -1067,7 +1115,8 @@ def csv_manifests(draw) -> bytes:
         elif kind == "bytes":
             lines.append(draw(st.binary(max_size=60)))
         elif kind == "long":
-            lines.append(b"good.jpg," + b"7" * draw(st.integers(MAX_ROW_BYTES - 12, MAX_ROW_BYTES + 3)))
+            limit = csv.field_size_limit()
+            lines.append(b"good.jpg," + b"7" * draw(st.integers(limit - 12, limit + 3)))
         else:
             lines.append(b"")
     head = ",".join(header).encode(encoding)
@@ -1153,7 +1202,7 @@ def test_fuzzed_manifests_through_read_inputs_in_a_real_pipeline(fuzz_dir, tmp_p
             check_source(str(path))
         except ValueError:
             return
-        if len(sources) < PIPELINE_CASES and physical_csv_rows(data):
+        if len(sources) < PIPELINE_CASES and physical_rows(str(path)):
             sources.append(str(path))
 
     collect()

@@ -33,7 +33,7 @@ class ExitStatsFn(beam.CombineFn):
         # had each GMACs value, summed in one order at the end: a float sum in arrival order would differ in
         # its last digits from one bundling (or execution mode) to another
         return {"exited": [0] * (self.n + 1), "failed": [0] * (self.n + 1), "labelled": [0] * (self.n + 1),
-                "correct": [0] * (self.n + 1), "gmacs": {}}
+                "correct": [0] * (self.n + 1), "label_errors": [0] * (self.n + 1), "gmacs": {}}
 
     def add_input(self, acc, element):
         if isinstance(element, DeadLetter):
@@ -42,6 +42,7 @@ class ExitStatsFn(beam.CombineFn):
         stage = element["exit_stage"]
         acc["exited"][stage] += 1
         acc["gmacs"][element["gmacs"]] = acc["gmacs"].get(element["gmacs"], 0) + 1
+        acc["label_errors"][stage] += element["label_error"] is not None
         if element["label"] is not None:
             acc["labelled"][stage] += 1
             acc["correct"][stage] += int(element["label"] == element["pred_class"])
@@ -51,7 +52,7 @@ class ExitStatsFn(beam.CombineFn):
         accs = list(accs)
         out = self.create_accumulator()
         for acc in accs:
-            for key in ("exited", "failed", "labelled", "correct"):
+            for key in ("exited", "failed", "labelled", "correct", "label_errors"):
                 out[key] = [a + b for a, b in zip(out[key], acc[key])]
             for value, count in acc["gmacs"].items():
                 out["gmacs"][value] = out["gmacs"].get(value, 0) + count
@@ -96,6 +97,7 @@ def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], run_id: str,
             exit_ratio=_ratio(exited[k], predictions),
             exit_ratio_of_reached=_ratio(exited[k], records_in - failed[k]) if s else None,
             labelled_exited=acc["labelled"][k],
+            label_errors=acc["label_errors"][k],
             accuracy_exited=_ratio(acc["correct"][k], acc["labelled"][k]),
             total_inputs=predictions + dead,
             predictions=predictions,

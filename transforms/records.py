@@ -36,7 +36,6 @@ REASON_CATEGORIES = (
     ("model ", Category.MODEL_ERROR),
     ("bad manifest row", Category.BAD_MANIFEST_ROW),
     ("manifest row", Category.BAD_MANIFEST_ROW),
-    ("bad label", Category.BAD_LABEL),
     ("duplicate id", Category.DUPLICATE_ID),
     ("could not read", Category.READ_ERROR),
 )
@@ -48,9 +47,17 @@ def category_of(reason: str) -> Category:
     return next((c for prefix, c in REASON_CATEGORIES if reason.startswith(prefix)), Category.DECODE_ERROR)
 
 
-def record_id(given: Optional[str], uri: str) -> str:
-    """The id rule: a record's id is its manifest's ``id`` where it has one, else its uri."""
-    return given or uri
+def utf8_text(text: str) -> str:
+    """``text`` as valid UTF-8 for a table: a byte that is not UTF-8 (a file name decoded with
+    surrogateescape) as ``\\xNN``, any other lone surrogate as ``\\uNNNN``; valid text unchanged."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join(c if not 0xD800 <= ord(c) <= 0xDFFF else f"\\x{ord(c) - 0xDC00:02x}"
+                       if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}" for c in text)
 
 
 @dataclass
@@ -63,7 +70,8 @@ class Record:
 
     id: str
     uri: str
-    label: Optional[int] = None
+    label: Optional[int] = None  # a class index; None: unlabelled
+    label_error: Optional[str] = None  # why the manifest's label cell is not a class index (the record is unlabelled)
     data: bytes = b""
     score_sum: Optional[np.ndarray] = None  # float64 (C,), sum over the stages applied so far
     stages_run: int = 0
@@ -111,5 +119,5 @@ class DeadLetter:
         object.__setattr__(self, "category", Category(self.category) if self.category else category_of(self.error))
 
     def as_row(self, run_id: str) -> dict:
-        return DEAD_LETTER.row(run_id=run_id, id=self.id, uri=self.uri, stage=self.stage,
-                               category=Category(self.category).value, error=self.error)
+        return DEAD_LETTER.row(run_id=run_id, id=utf8_text(self.id), uri=utf8_text(self.uri), stage=self.stage,
+                               category=Category(self.category).value, error=utf8_text(self.error))

@@ -63,6 +63,7 @@ _LABEL_AND_PREDICTION = [
 _PREDICTION_FIELDS = [
     *_keyed("id"),
     *_LABEL_AND_PREDICTION,
+    pa.field("label_error", pa.string()),  # why the manifest's label cell is not a class index; null when fine
     pa.field("exit_stage", pa.int32(), nullable=False),
     pa.field("gmacs", pa.float64(), nullable=False),
     pa.field("top5", pa.list_(TOP_K_ENTRY)),
@@ -107,6 +108,7 @@ EXIT_STATS = Table("exit_stats", pa.schema([
     pa.field("exit_ratio", pa.float64()),  # the paper's: exited here / all predictions (sums to 1 over stages)
     pa.field("exit_ratio_of_reached", pa.float64()),  # exited here / records classified at this stage
     pa.field("labelled_exited", pa.int64(), nullable=False),
+    pa.field("label_errors", pa.int64(), nullable=False),  # predictions exited here with a label_error
     pa.field("accuracy_exited", pa.float64()),
     pa.field("total_inputs", pa.int64(), nullable=False),
     pa.field("predictions", pa.int64(), nullable=False),

@@ -22,7 +22,7 @@ import pyarrow as pa
 from configs.plan import CascadePlan, StagePlan, TaskKind
 from configs.schema import Granularity
 from models import committee
-from transforms.records import Exit
+from transforms.records import Exit, utf8_text
 from transforms.stage import classify_images
 from transforms.tables import FRAME_PREDICTIONS, PREDICTIONS, VIDEO_PREDICTIONS, Table
 from transforms.video import DecodeVideos, VideoPredictions, classify_views
@@ -41,9 +41,10 @@ def prediction_columns(exit: Exit, plan: CascadePlan) -> dict:
     return {
         "run_id": plan.run_id,
         "id": record.id,
-        "uri": record.uri,
+        "uri": utf8_text(record.uri),
         "label": record.label,
         "label_name": spec.label_name(record.label),
+        "label_error": record.label_error,
         "pred_class": top[0],
         "pred_name": spec.class_name(top[0]),
         "confidence": float(exit.confidence),

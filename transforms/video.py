@@ -26,7 +26,7 @@ from models.video import BadVideo, SamplingPlan, read_video
 from transforms.fetch import open_input, read_failure, with_timeout
 from transforms.io import DEAD, dead
 from transforms.progress import NAMESPACE, progress
-from transforms.records import DeadLetter, Exit, FrameRecord, Record, VideoRecord
+from transforms.records import DeadLetter, Exit, FrameRecord, Record, VideoRecord, utf8_text
 from transforms.stage import ClassifierHandler
 from transforms.tables import VIDEO_PREDICTIONS
 
@@ -65,13 +65,13 @@ class DecodeVideos(beam.DoFn):
         self.videos.inc()
         self.frames.inc(len(frames))
         if self.granularity is Granularity.VIDEO:
-            yield VideoRecord(id=record.id, uri=record.uri, label=record.label, extras=record.extras,
-                              views=tuple(view for frame in frames for view in frame.views))
+            yield VideoRecord(id=record.id, uri=record.uri, label=record.label, label_error=record.label_error,
+                              extras=record.extras, views=tuple(view for frame in frames for view in frame.views))
             return
         for frame in frames:
             yield FrameRecord(id=f"{record.id}#{frame.index}", uri=record.uri, label=record.label,
-                              extras=record.extras, data=frame.views[0], video_id=record.id, frame_index=frame.index,
-                              timestamp_s=frame.timestamp_s)
+                              label_error=record.label_error, extras=record.extras, data=frame.views[0],
+                              video_id=record.id, frame_index=frame.index, timestamp_s=frame.timestamp_s)
 
 
 class SplitViews(beam.DoFn):
@@ -153,7 +153,7 @@ def video_row(element, spec: registry.ModelSpec, kind: committee.Confidence, run
     (video_id, uri), (total, frames, gmacs, label) = element
     mean = total / frames
     pred = int(np.argmax(mean))
-    return VIDEO_PREDICTIONS.row(run_id=run_id, video_id=video_id, uri=uri, label=label,
+    return VIDEO_PREDICTIONS.row(run_id=run_id, video_id=video_id, uri=utf8_text(uri), label=label,
                                  label_name=spec.label_name(label), pred_class=pred, pred_name=spec.class_name(pred),
                                  confidence=float(committee.confidence(mean, kind)), frames=frames, gmacs=gmacs)
 
