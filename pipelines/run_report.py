@@ -567,6 +567,11 @@ def build_report(run_output: str, run_id: Optional[str] = None,
         " The count invariant (every input ends skipped or in exactly one of the two tables, counted from the "
         "listing, the Parquet footers and exit_stats) " + ("**holds**." if holds else "**is violated**: see the run "
                                                            "records (`runs/<run_id>.json`).")))
+    label_errors = sum(s.get("label_errors") or 0 for rid in run_ids for s in by_run[rid])
+    if label_errors:
+        blocks.append(Para(f"{label_errors} predictions are unlabelled because their label could not be used "
+                           "(not a class index, out of range): the images were classified all the same; the "
+                           "`label_error` column of `predictions` says why for each."))
     nothing = [rid for rid in run_ids if by_run[rid][0]["predictions"] == 0]
     if predictions == 0:
         blocks.append(Alert(f"{'This run' if single else 'No run of this folder'} classified nothing: "

@@ -43,6 +43,7 @@ class RunCounts:
     videos_listed: Optional[int] = None  # frame granularity: videos listed, sampled, and per-video rows written
     videos_sampled: Optional[int] = None
     video_predictions: Optional[int] = None
+    label_errors: int = 0  # predictions whose label could not be used (classified unlabelled; label_error set)
 
     @property
     def written(self) -> int:
@@ -118,6 +119,10 @@ def count_run(result, folder: RunFolder, run_id: str, *, frames: bool, skip_done
                      f"{run['worst_case_gmacs']:.3f}; last model alone {run['last_model_gmacs']:.3f}{share}")
     if run["accuracy"] is not None:
         lines.append(f"accuracy on labelled records: {run['accuracy']:.2%}")
+    counts.label_errors = sum(s.get("label_errors") or 0 for s in stats)
+    if counts.label_errors:
+        lines.append(f"labels: {counts.label_errors} predictions are unlabelled because their label could not be used "
+                     "(the label_error column says why)")
     if frames:
         rows = []
         if folder.count_rows(VIDEO_PREDICTIONS.name, [run_id]):
