@@ -30,11 +30,13 @@ import time
 from typing import Optional, Sequence
 
 import apache_beam as beam
+import pyarrow.dataset as ds
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from configs import estimate, schema
 from configs.plan import CascadePlan, TaskKind, build_plan
 from configs.schema import Execution
+from models import failures
 from models.classifier import release_checked
 from pipelines import common, runners
 from transforms.fused import FusedCascade
@@ -350,6 +352,24 @@ def check_invariant(counts: dict) -> Optional[str]:
     return None
 
 
+def systemic_failure(cfg: schema.CascadeConfig, run_id: str) -> Optional[str]:
+    """The circuit breaker's rule (``models.failures.judge``) over each stage of the finished run, from its
+    exit_stats and dead_letter tables: the message when one category failed (nearly) every record of a stage."""
+    if not common.count_rows(cfg.output, DEAD_LETTER.name, [run_id]):
+        return None
+    dead = common.table_dataset(cfg.output, DEAD_LETTER.name, [run_id])
+    tally = dead.to_table(columns=["stage", "category"]).group_by(["stage", "category"]).aggregate([([], "count_all")])
+    for s in common.read_table(cfg.output, EXIT_STATS.name, [run_id]).to_pylist():
+        counts = {row["category"]: row["count_all"] for row in tally.to_pylist() if row["stage"] == s["stage"]}
+        what = "reading the inputs" if s["stage"] == 0 else f"stage {s['stage']} ({s['model']})"
+        if failures.judge(what, s["records_in"], counts, "", cfg.circuit_breaker):
+            category = max(counts, key=counts.get)
+            last = dead.to_table(columns=["error"], filter=(ds.field("stage") == s["stage"])
+                                 & (ds.field("category") == category)).column("error")[-1].as_py()
+            return failures.judge(what, s["records_in"], counts, last, cfg.circuit_breaker)
+    return None
+
+
 def frame_summary(cfg: schema.CascadeConfig, counts: dict, videos_listed: Optional[int],
                   videos_sampled: Optional[int], run_id: str) -> list[str]:
     """At frame granularity: the per-video table's counts (added to ``counts``) and summary lines."""
@@ -428,13 +448,20 @@ def _run(cfg, beam_args, profile, test_pipeline) -> dict:
 def _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc) -> dict:
     build(p, cfg, run_plan, task, table_metadata(cfg, run_plan, started_utc, profile))
     started = time.time()
-    result = p.run()
+    try:
+        result = p.run()
+        if not dry_run:
+            result.wait_until_finish()
+    except Exception as err:  # a stage's circuit breaker stopped the job: its one line, not the runner's traceback
+        cause = failures.systemic_cause(err)
+        if cause is None:
+            raise
+        raise SystemExit(cause) from None
     if dry_run:
         job = runners.dataflow_job(result)
         print("\n".join(runners.summarize_dataflow_job(job)))
         return {"dry_run": True, "config": schema.to_yaml(cfg), "profile": profile, "beam_args": list(beam_args),
                 "dataflow_job": job}
-    result.wait_until_finish()
     elapsed = time.time() - started
     listed = listed_inputs(result)
     frames = run_plan.task is TaskKind.VIDEO_FRAMES
@@ -452,6 +479,10 @@ def _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc) -
     if frames:
         lines += frame_summary(cfg, counts, videos_listed, videos_sampled, run_plan.run_id)
     problem = check_invariant(counts)
+    stop = systemic_failure(cfg, run_plan.run_id)
+    if stop:  # before the commit: a run whose records (nearly) all failed one way is a failed run
+        print("\n".join(lines))
+        raise SystemExit(stop)
     manifest = {
         "run_id": run_plan.run_id,
         "started_utc": started_utc,
