@@ -11,9 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import scripted, torchscript_config, write_manifest
-from models.failures import BreakerConfig, Category, CircuitBreaker, SystemicFailure, judge, systemic_cause
+
+from models.failures import (
+    SYSTEMIC_CAUSES,
+    BreakerConfig,
+    Category,
+    CircuitBreaker,
+    SystemicFailure,
+    judge,
+    systemic_cause,
+)
 from pipelines import cascade
 
 # --- the rule, Beam-free --------------------------------------------------------------------------------------
@@ -81,7 +89,7 @@ def test_its_line_is_found_in_a_runners_wrapped_error():
 
 
 def test_every_category_has_a_cause():
-    assert set(Category) <= set(__import__("models.failures", fromlist=["x"]).SYSTEMIC_CAUSES)
+    assert set(Category) <= set(SYSTEMIC_CAUSES)
 
 
 # --- real runs: the job stops, exits non-zero with the line, and commits nothing -------------------------------
