@@ -479,7 +479,7 @@ def _execute(p, cfg, run_plan, task, beam_args, profile, dry_run, started_utc) -
     if frames:
         lines += frame_summary(cfg, counts, videos_listed, videos_sampled, run_plan.run_id)
     problem = check_invariant(counts)
-    stop = systemic_failure(cfg, run_plan.run_id)
+    stop = None if problem else systemic_failure(cfg, run_plan.run_id)
     if stop:  # before the commit: a run whose records (nearly) all failed one way is a failed run
         print("\n".join(lines))
         raise SystemExit(stop)

@@ -140,9 +140,7 @@ class Route(beam.DoFn):
 
     def __init__(self, plan: StagePlan):
         self.plan = plan
-
-    def setup(self):
-        self._breaker = breaker(self.plan)
+        self._breaker = None  # made on the worker (it holds a lock, which does not pickle)
 
     def confidence(self, element):
         """(record, result) -> the confidence ``process`` will route it by (none for a record it dead-letters)."""
@@ -156,6 +154,7 @@ class Route(beam.DoFn):
     def process(self, element, threshold=None):
         record, result = element
         routed = route(record, result.inference, self.plan, threshold)
+        self._breaker = self._breaker or breaker(self.plan)
         watch(self._breaker, routed)
         yield tagged(routed)
 
