@@ -27,6 +27,7 @@ from configs.schema import (
 from models import registry
 from models.classifier import Classifier
 from models.committee import Aggregation, Confidence
+from models.failures import BreakerConfig
 from models.inference import Backend, Precision
 from models.preprocess import DecodeConfig, decode_target
 from models.video import SamplingPlan
@@ -51,6 +52,7 @@ class RunSettings:
     model_sharing: ModelSharing = ModelSharing.PROCESS
     torch_threads: int = 0  # 0: as many as the process has cores
     decode_target: Optional[int] = None  # the shorter side every stage decodes for: the largest stage's resize_to
+    circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)  # when a stage's failures stop the job
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def build_plan(cfg: CascadeConfig, *, torch_threads: Optional[int] = None, check
     settings = RunSettings(Confidence(cfg.confidence), Aggregation(cfg.aggregation), cfg.decode, cfg.device,
                            ModelSharing(cfg.model_sharing),
                            cfg.torch_threads if torch_threads is None else torch_threads,
-                           decode_target([spec.input for spec in specs]))
+                           decode_target([spec.input for spec in specs]), cfg.circuit_breaker)
     kind = task_kind(cfg)
     video = None if cfg.video is None else sampling_plan(cfg.video)
     views = video.views if kind is TaskKind.VIDEO_CLIPS else 1

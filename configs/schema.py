@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from models import registry
 from models.committee import Aggregation, Confidence
+from models.failures import BreakerConfig
 from models.inference import Backend, Precision
 from models.preprocess import INTERPOLATIONS, DecodeConfig
 from models.video import Sampling, SamplingPlan
@@ -51,6 +52,95 @@ RESOURCE_HINTS = {
 }
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A numeric key's range: outside it the key cannot work (it overflows, divides by zero, or exhausts the
+    memory or storage of a machine), so it is refused when the config loads, with ``why``. ``key`` is dotted;
+    ``*`` stands for every stage (``stages.*``) or every user model (``models.*``); a key whose value is
+    None (unset) is not checked."""
+
+    key: str
+    low: float
+    high: float
+    why: str
+    low_open: bool = False  # the range is (low, high], not [low, high]
+
+    def allows(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return (self.low < value if self.low_open else self.low <= value) and value <= self.high  # NaN: False
+
+    def range_text(self) -> str:
+        return f"{'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}]"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+MAX_BATCH = 4096  # images per forward pass: 4096 x 3 x 260^2 float32 inputs are 3.3 GB before any activation
+MAX_TIMEOUT_S = 86_400.0  # one day; timers take no inf (OverflowError), and a read stalled longer is a dead one
+# Every numeric key of the schema that a run reads, with the range in which it can work (docs/ROBUSTNESS.md,
+# "Settings that cannot work"); a test checks that each is refused just outside its range, at inf and at NaN,
+# and that every numeric key of the schema has a row here (CalibrationInfo's figures excepted: reports only).
+BOUNDS: tuple[Bound, ...] = (
+    Bound("stages.*.batch_size", 1, MAX_BATCH, "a partial batch is padded to it, so it is memory spent on "
+          "every batch"),
+    Bound("stages.*.resolution", 16, 4096, "the model's input side in pixels"),
+    Bound("stages.*.threshold", 0, 1, "a confidence is in [0, 1]"),
+    Bound("stages.*.escalate", 0, 1, "a share of the stage's records"),
+    Bound("models.*.resolution", 16, 4096, "the model's input side in pixels"),
+    Bound("models.*.crop_pct", 0, 1, "the share of the image's shorter side the crop keeps", low_open=True),
+    Bound("models.*.num_classes", 1, 1_000_000, "logits per image"),
+    Bound("decode.max_pixels", 1, 2**31, "pixels of one decoded image; 2^31 RGB pixels are 6.4 GB"),
+    Bound("decode.max_bytes", 1, 2**36, "bytes of one input read into memory (64 GiB)"),
+    Bound("decode.read_timeout_s", 0.01, MAX_TIMEOUT_S, "seconds one read may take; finite"),
+    Bound("torch_threads", 0, 1024, "intra-op threads per worker process"),
+    Bound("output_shards", 0, 10_000, "Parquet files per table; each shard is a file, and a temporary file per "
+          "bundle, on the output's storage"),
+    Bound("video.every_n", 1, 1_000_000, "frames between two sampled frames"),
+    Bound("video.fps", 0.001, 1000, "sampled frames per second of video time; finite, and at least one frame "
+          "per 1,000 s"),
+    Bound("video.clips", 1, 1000, "views per video, all in one record"),
+    Bound("video.crops", 1, 16, "crops per clip, all in one record"),
+    Bound("video.max_frames", 1, 1_000_000, "frames kept per video while it decodes"),
+    Bound("video.min_coverage", 0, 1, "a share of the video's declared length"),
+    Bound("circuit_breaker.window", 0, 1_000_000, "records per stage and worker the breaker looks back over; "
+          "0: off"),
+    Bound("circuit_breaker.share", 0.5, 1, "the share of the window failing with one category that stops the "
+          "job", low_open=True),
+    Bound("read.in_flight", 1, 4096, "reads in flight at once per worker thread"),
+    Bound("read.bytes_in_flight", 1, 2**40, "bytes those reads may hold at once"),
+    Bound("read.attempts", 1, 20, "tries of an HTTP read failing transiently"),
+    Bound("read.backoff_s", 0, 60, "seconds before the second try; finite"),
+    Bound("read.retry_after_max_s", 0, 3600, "the longest Retry-After honoured, in seconds; finite"),
+)
+
+
+def _bound_values(cfg, parts: list[str], prefix: str = ""):
+    """(dotted key, value) of every value ``parts`` names in ``cfg`` (``*``: every list item or dict key)."""
+    if not parts:
+        yield prefix, cfg
+        return
+    head, rest = parts[0], parts[1:]
+    if cfg is None:
+        return
+    if head == "*":
+        items = cfg.items() if isinstance(cfg, dict) else enumerate(cfg)
+        for name, item in items:
+            yield from _bound_values(item, rest, f"{prefix}{name}.")
+    else:
+        yield from _bound_values(getattr(cfg, head), rest, f"{prefix}{head}." if rest else f"{prefix}{head}")
+
+
+def check_bounds(cfg: "CascadeConfig") -> None:
+    """Every ``BOUNDS`` row over ``cfg``: the first value outside its range fails, naming its key."""
+    for bound in BOUNDS:
+        for key, value in _bound_values(cfg, bound.key.split(".")):
+            if value is not None and not bound.allows(value):
+                raise ConfigError(f"{key}: must be in {bound.range_text()}, got {value} ({bound.why})")
+
+
 class ModelSharing(str, enum.Enum):
     PROCESS = "process"  # one model per worker process (Beam's default)
     MACHINE = "machine"  # one model per machine, shared by its processes (Beam's large_model)
@@ -59,9 +149,9 @@ class ModelSharing(str, enum.Enum):
 @dataclass
 class StageConfig:
     model: str = MISSING  # registered model name (see models.registry) or a key of `models`
-    resolution: Optional[int] = None  # input resolution; default: the model's own (another one = self-cascade)
-    batch_size: int = 32  # images per inference batch; every batch but a bundle's last is full
-    threshold: float = 1.0  # exit when confidence >= threshold; 1 never exits; ignored on the last stage
+    resolution: Optional[int] = None  # input resolution, 16..4096; default: the model's own (another = self-cascade)
+    batch_size: int = 32  # images per inference batch, 1..4096; every batch but a bundle's last is full
+    threshold: float = 1.0  # in [0, 1]: exit when confidence >= threshold; 1 never exits; ignored on the last stage
     # a compute budget instead of a threshold: the share of the records reaching this stage to send on; the
     # threshold is then the run's quantile of this stage's confidences (Beam's approximate quantiles)
     escalate: Optional[float] = None
@@ -80,12 +170,12 @@ class ModelDef:
 
     arch: str = MISSING  # "torchvision:<builder>", "timm:<name>", "efficientnet-lite:<0-4>" or "torchscript"
     weights: str = MISSING  # state dict (or TorchScript file) URL read through fsspec, or a local path
-    resolution: Optional[int] = None  # default: the architecture's (timm), else 224
-    crop_pct: Optional[float] = None  # default: the architecture's, else 0.875
+    resolution: Optional[int] = None  # 16..4096; default: the architecture's (timm), else 224
+    crop_pct: Optional[float] = None  # in (0, 1]; default: the architecture's, else 0.875
     interpolation: Optional[str] = None  # default: the architecture's, else bicubic
     mean: Optional[list[float]] = None  # on the 0..255 scale; default: the architecture's, else 127
     std: Optional[list[float]] = None  # on the 0..255 scale; default: the architecture's, else 128
-    num_classes: int = 1000
+    num_classes: int = 1000  # 1..1,000,000
     class_names: Optional[str] = None  # URL of a text file, one name per line; default: ImageNet's if 1000
 
 
@@ -100,12 +190,12 @@ class VideoConfig:
 
     granularity: Granularity = Granularity.FRAME
     sampling: Sampling = Sampling.EVERY_N  # every_n | fps | uniform (uniform only, at video granularity)
-    every_n: int = 30  # every_n: frames 0, n, 2n, ... of the decoded stream
-    fps: float = 1.0  # fps: frames per second of video time
-    clips: int = 10  # uniform: K temporal positions, the centres of K equal segments
-    crops: int = 1  # uniform: S square crops along the longer side per position (video granularity)
-    max_frames: int = 5000  # sampled frames kept per video while it decodes; more -> dead letter
-    min_coverage: float = 0.9  # decoded frames must cover this share of the declared length, else truncated
+    every_n: int = 30  # every_n: frames 0, n, 2n, ... of the decoded stream; 1..1,000,000
+    fps: float = 1.0  # fps: frames per second of video time; 0.001..1000
+    clips: int = 10  # uniform: K temporal positions, the centres of K equal segments; 1..1000
+    crops: int = 1  # uniform: S square crops along the longer side per position (video granularity); 1..16
+    max_frames: int = 5000  # sampled frames kept per video while it decodes, 1..1,000,000; more -> dead letter
+    min_coverage: float = 0.9  # in [0, 1]: decoded frames must cover this share of the declared length
 
 
 @dataclass
@@ -141,10 +231,6 @@ class ReadConfig:
     retry_after_max_s: float = 10.0  # the longest server Retry-After honoured (a longer one waits this long)
 
 
-READ_LIMITS = {"in_flight": (1, 4096), "bytes_in_flight": (1, 2**40), "attempts": (1, 20),
-               "backoff_s": (0.0, 60.0), "retry_after_max_s": (0.0, 3600.0)}
-
-
 @dataclass
 class CascadeConfig:
     input: str = ""  # glob of image URLs, or a manifest (.csv / .parquet); empty: the embedded demo set
@@ -160,11 +246,13 @@ class CascadeConfig:
     read: ReadConfig = field(default_factory=ReadConfig)  # reads in flight, retries (docs/READING.md)
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     model_sharing: ModelSharing = ModelSharing.PROCESS
-    torch_threads: int = 0  # intra-op threads (and batch-decoding threads) per worker process; 0: cores / processes
+    torch_threads: int = 0  # intra-op (and batch-decoding) threads per worker process, 0..1024; 0: cores / processes
     # what runs the forward passes: auto (ONNX Runtime on the CPU where the model exports and matches torch,
     # torch on CUDA), torch, or onnxruntime (CPU only, fp32; a model that cannot runs on torch, said at the start)
     backend: Backend = Backend.AUTO
-    output_shards: int = 0  # Parquet files per table; 0: let the runner decide
+    output_shards: int = 0  # Parquet files per table, 0..10,000; 0: let the runner decide
+    # a stage whose records (nearly) all fail with one category stops the job, uncommitted (BreakerConfig)
+    circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
     video: Optional[VideoConfig] = None  # set: the inputs are videos, sampled and classified as it says
     calibration: Optional[CalibrationInfo] = None  # held-out figures of pipelines.calibrate (ignored by routing)
     # fused: all stages in one step, decode once; staged: a step per stage. Unset: fused where it can run, staged
@@ -317,13 +405,6 @@ def sampling_plan(video: VideoConfig) -> SamplingPlan:
                         video.max_frames, video.min_coverage)
 
 
-def validate_read(read: ReadConfig) -> None:
-    for key, (low, high) in READ_LIMITS.items():
-        value = getattr(read, key)
-        if not low <= value <= high:  # NaN fails too
-            raise ConfigError(f"read.{key}: must be in [{low:g}, {high:g}], got {value}")
-
-
 def validate_video(video: VideoConfig) -> None:
     granularity, sampling = Granularity(video.granularity), Sampling(video.sampling)
     if granularity is Granularity.VIDEO and sampling is not Sampling.UNIFORM:
@@ -331,13 +412,6 @@ def validate_video(video: VideoConfig) -> None:
                           f"per video, clips x crops), got {sampling.value}")
     if granularity is Granularity.FRAME and video.crops != 1:
         raise ConfigError(f"video.crops: spatial crops are views of a video (granularity video); got {video.crops}")
-    for key in ("every_n", "clips", "crops", "max_frames"):
-        if getattr(video, key) < 1:
-            raise ConfigError(f"video.{key}: must be >= 1, got {getattr(video, key)}")
-    if not video.fps > 0:
-        raise ConfigError(f"video.fps: must be > 0, got {video.fps}")
-    if not 0 <= video.min_coverage <= 1:
-        raise ConfigError(f"video.min_coverage: must be in [0, 1], got {video.min_coverage}")
 
 
 def staged_needs(cfg: CascadeConfig) -> list[str]:
@@ -389,35 +463,21 @@ def validate(cfg: CascadeConfig) -> None:
     """Cross-field rules, each failing with the key it concerns."""
     if not cfg.stages:
         raise ConfigError("stages: at least one stage is needed")
+    check_bounds(cfg)
     for name, mdef in cfg.models.items():
         if mdef.interpolation is not None and mdef.interpolation not in INTERPOLATIONS:
             raise ConfigError(
                 f"models.{name}.interpolation: {mdef.interpolation!r} is not one of {sorted(INTERPOLATIONS)}"
             )
-        if mdef.crop_pct is not None and not 0 < mdef.crop_pct <= 1:
-            raise ConfigError(f"models.{name}.crop_pct: must be in (0, 1], got {mdef.crop_pct}")
         if (mdef.mean is not None and len(mdef.mean) != 3) or (mdef.std is not None and (
                 len(mdef.std) != 3 or min(mdef.std) <= 0)):
             raise ConfigError(f"models.{name}.mean/std: need 3 values each, std > 0")
-        if mdef.num_classes < 1:
-            raise ConfigError(f"models.{name}.num_classes: must be >= 1, got {mdef.num_classes}")
-        if mdef.resolution is not None and not 16 <= mdef.resolution <= 4096:
-            raise ConfigError(f"models.{name}.resolution: must be in [16, 4096], got {mdef.resolution}")
         user_spec(name, mdef)
     classes = None
     for i, stage in enumerate(cfg.stages):
         key = f"stages.{i}"
         spec = stage_spec(cfg, i)
-        if stage.resolution is not None and not 16 <= stage.resolution <= 4096:
-            raise ConfigError(f"{key}.resolution: must be in [16, 4096], got {stage.resolution}")
-        if stage.batch_size < 1:
-            raise ConfigError(f"{key}.batch_size: must be > 0, got {stage.batch_size}")
-        if not 0.0 <= stage.threshold <= 1.0:
-            raise ConfigError(f"{key}.threshold: must be in [0, 1], got {stage.threshold}")
         if stage.escalate is not None:
-            if not 0.0 <= stage.escalate <= 1.0:
-                raise ConfigError(f"{key}.escalate: must be in [0, 1] (a share of the stage's records), "
-                                  f"got {stage.escalate}")
             if i == len(cfg.stages) - 1:
                 raise ConfigError(f"{key}.escalate: the last stage escalates nothing (every record exits there)")
             if stage.threshold != 1.0:  # a budget given on a calibrated profile: the budget decides
@@ -442,17 +502,8 @@ def validate(cfg: CascadeConfig) -> None:
                 raise ConfigError(f"{key}.resources.{hint}: not a resource hint; known: {', '.join(RESOURCE_HINTS)}")
             if not re.fullmatch(RESOURCE_HINTS[hint], str(value).strip()):
                 raise ConfigError(f"{key}.resources.{hint}: {value!r} is not a valid value")
-    if cfg.decode.max_pixels < 1 or cfg.decode.max_bytes < 1:
-        raise ConfigError("decode.max_pixels / decode.max_bytes: must be > 0")
-    if cfg.torch_threads < 0:
-        raise ConfigError(f"torch_threads: must be >= 0, got {cfg.torch_threads}")
-    if cfg.output_shards < 0:
-        raise ConfigError(f"output_shards: must be >= 0, got {cfg.output_shards}")
     if not DEVICE.fullmatch(cfg.device):
         raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda, cuda:N (N a GPU index)")
-    if not cfg.decode.read_timeout_s > 0:
-        raise ConfigError(f"decode.read_timeout_s: must be > 0, got {cfg.decode.read_timeout_s}")
-    validate_read(cfg.read)
     if not cfg.output:
         raise ConfigError("output: an output folder is needed")
     if cfg.video is not None:

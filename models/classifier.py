@@ -141,11 +141,13 @@ class Classifier:
     can take are left to the model's device (``LoadedModel``); the others are decoded by PIL in a pool of
     ``threads`` threads (all cores when 0). An example that does not decode gets a ``Failure`` with the
     reason. If the model raises on a batch, the batch is retried split in halves down to single examples,
-    so only the examples that fail alone get a ``Failure``; their neighbours are still classified.
+    each level at half the size of the last, so only the examples that fail alone get a ``Failure``; their
+    neighbours are still classified, at the batch size again once the culprits are set aside (``_infer``).
     Non-finite logits fail their example too. ``target``: the shorter side images are decoded for (the
     run's ``decode_target``; None: this model's own ``resize_to``). ``batch_size``: a smaller batch is padded
     to it (with copies of its first example), because an example's logits depend, in their last bits, on how
-    many examples share its batch: padded, they do not depend on where bundles end or on the execution mode."""
+    many examples share its batch: padded, they do not depend on where bundles end or on the execution mode.
+    It is bounded (``configs.schema.BOUNDS``), so padding never costs more than a full batch does."""
 
     spec: registry.ModelSpec
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -264,21 +266,68 @@ class Classifier:
             items[i] = crop_
         return items
 
-    def _forward(self, model, batch: Sequence[Example]) -> np.ndarray:
+    def _size(self, n: int, depth: int) -> int:
+        """The size a pass over ``n`` examples runs at, ``depth`` halvings into a failing batch's bisection:
+        the stage's batch size halved ``depth`` times (rounded up; never below ``n``). So a partial batch runs
+        at the batch size, as a full one does, and each bisection level really is half the size of the last."""
+        return max(n, -(-self.batch_size // (1 << depth))) if self.batch_size else n
+
+    def _forward(self, model, batch: Sequence[Example], size: int) -> np.ndarray:
         n = len(batch)
-        if n < self.batch_size:
-            batch = [*batch, *[batch[0]] * (self.batch_size - n)]
+        if n < size:
+            batch = [*batch, *[batch[0]] * (size - n)]
         return model(batch)[:n]
 
     def _infer(self, model, batch: Sequence[Example]) -> list[np.ndarray | Failure]:
+        """Logits (or a Failure) per example of ``batch``; a batch the model raises on is bisected (``_bisect``).
+        When bisection set records aside, the others run again at the batch size, in one pass: a poison
+        record's neighbours get the logits they get in any other batch. If that pass fails too, the failure
+        depends on the batch's size (memory): the logits of the smaller passes stand, and a warning says so."""
         try:
-            logits = self._forward(model, batch)
+            logits = self._forward(model, batch, self._size(len(batch), 0))
         except Exception as err:  # a bad batch must not fail the job: bisect down to the culprit
-            if len(batch) == 1:
-                if isinstance(err, BadInput):  # an encoded image that no decoder could read
-                    return [Failure(str(err), err.category)]
-                return [Failure(f"model {self.spec.key} failed: {failure_reason(err)}")]
-            half = len(batch) // 2
-            return self._infer(model, batch[:half]) + self._infer(model, batch[half:])
+            results = self._bisect(model, batch, err, 0)
+            kept = [i for i, r in enumerate(results) if not isinstance(r, Failure)]
+            if 0 < len(kept) < len(batch):
+                try:
+                    for i, row in zip(kept, self._checked(self._forward(model, [batch[i] for i in kept],
+                                                                        self._size(len(kept), 0)))):
+                        results[i] = row
+                    return results
+                except Exception:
+                    pass
+            if kept:
+                _warn_smaller(self.spec.key, self.batch_size, err)
+            return results
+        return self._checked(logits)
+
+    def _bisect(self, model, batch: Sequence[Example], err: Exception, depth: int) -> list[np.ndarray | Failure]:
+        """``batch`` failed with ``err`` at ``depth``: its halves run at half that size, recursively, so only
+        the examples that fail alone get a ``Failure``."""
+        if len(batch) == 1:
+            if isinstance(err, BadInput):  # an encoded image that no decoder could read
+                return [Failure(str(err), err.category)]
+            return [Failure(f"model {self.spec.key} failed: {failure_reason(err)}")]
+        results = []
+        for half in (batch[:len(batch) // 2], batch[len(batch) // 2:]):
+            try:
+                results += self._checked(self._forward(model, half, self._size(len(half), depth + 1)))
+            except Exception as half_err:
+                results += self._bisect(model, half, half_err, depth + 1)
+        return results
+
+    def _checked(self, logits: np.ndarray) -> list[np.ndarray | Failure]:
         return [row if np.isfinite(row).all() else
                 Failure(f"model {self.spec.key} returned non-finite logits (NaN or inf)") for row in logits]
+
+
+_WARNED: set = set()
+
+
+def _warn_smaller(key: str, batch_size: int, err: Exception) -> None:
+    """Once per model and batch size and process: batches of that size fail as a whole, smaller passes run."""
+    if (key, batch_size) not in _WARNED:
+        _WARNED.add((key, batch_size))
+        log.warning("model %s: batches of %d fail (%s); their records ran in smaller passes, whose logits may "
+                    "differ from full batches' in their last bits: lower the stage's batch_size", key,
+                    batch_size, failure_reason(err))

@@ -29,11 +29,11 @@ DEFAULT_MAX_PIXELS = 100_000_000  # the one default pixel limit of images and vi
 class DecodeConfig:
     """How encoded inputs are decoded: the ``decode`` block of a cascade config."""
 
-    max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more pixels are dead-lettered, never allocated
-    max_bytes: int = 256 * 1024 * 1024  # larger files are dead-lettered unread
+    max_pixels: int = DEFAULT_MAX_PIXELS  # 1..2^31; images declaring more are dead-lettered, never allocated
+    max_bytes: int = 256 * 1024 * 1024  # 1..2^36 (64 GiB); larger files are dead-lettered unread
     draft: bool = True  # JPEG DCT-domain downscaling towards the stage's resize size
     gpu: bool = True  # on a CUDA device, decode JPEGs in batches with nvJPEG (torchvision); others on the CPU
-    read_timeout_s: float = 300.0  # reading one input (file, URL) taking longer -> that input's dead letter
+    read_timeout_s: float = 300.0  # 0.01..86400; reading one input (file, URL) taking longer -> its dead letter
     # JPEGs decoded by libjpeg-turbo through simplejpeg (the same pixels as Pillow's, at the same DCT-domain
     # scale); false, or a file it refuses: Pillow decodes (decode_jpeg_fast)
     fast: bool = True

@@ -163,9 +163,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             result = job.run(prepared)
             counts, lines = summary.count_run(result, prepared.folder, prepared.run_id, skip_done=cfg.skip_done,
                                               frames=prepared.plan.task is TaskKind.VIDEO_FRAMES)
-            if not counts.inputs_listed and not counts.written and not counts.inputs_skipped:
-                raise SystemExit(f"no inputs: {cfg.input} listed nothing (a glob that matches no file, or a manifest "
-                                 "without rows); the run is not committed")
+            summary.refuse_to_commit(counts, lines, prepared.folder, prepared.run_id, cfg.input, cfg.circuit_breaker)
             record = run_record(prepared, counts, time.time() - started)
             marker = prepared.folder.commit(record)
     print("\n".join(lines))

@@ -20,6 +20,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from configs import schema
 from configs.plan import CascadePlan, TaskKind, build_plan
+from models import failures
 from models.classifier import release_checked
 from pipelines import common, runners
 from pipelines.folder import RunFolder, new_run_id
@@ -147,11 +148,14 @@ def run(job: Job):
         result = job.pipeline.run()
         result.wait_until_finish()
         return result
-    except BaseException:
+    except BaseException as err:
         if stopped:
             raise Interrupted(f"interrupted by {stopped[0]}: run {job.run_id} stopped before its commit; nothing "
                               f"was committed to {job.folder.url} (its earlier runs are as they were); rerun with "
                               "--skip_done to keep them and do the rest") from None
+        cause = failures.systemic_cause(err) if isinstance(err, Exception) else None
+        if cause is not None:  # a stage's circuit breaker stopped the job: its one line, not the runner's traceback
+            raise SystemExit(f"{cause}; nothing was committed to {job.folder.url}") from None
         raise
     finally:
         progress.finish_run()

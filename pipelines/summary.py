@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import apache_beam as beam
+import pyarrow.dataset as ds
 
+from models import failures
 from pipelines.folder import RunFolder
 from transforms.progress import NAMESPACE
 from transforms.tables import DEAD_LETTER, EXIT_STATS, PREDICTIONS, VIDEO_PREDICTIONS
@@ -135,3 +137,35 @@ def count_run(result, folder: RunFolder, run_id: str, *, frames: bool, skip_done
             correct = sum(r["label"] == r["pred_class"] for r in labelled)
             lines.append(f"video accuracy (mean of frame logits) on labelled videos: {correct / len(labelled):.2%}")
     return counts, lines
+
+
+def refuse_to_commit(counts: RunCounts, lines: Sequence[str], folder: RunFolder, run_id: str, source: str,
+                     breaker) -> None:
+    """Stop, before the commit, a run that is a failure whatever its tables hold: one that listed nothing, or
+    one a stage of which (nearly) every record failed the same way (the circuit breaker's rule, over the whole
+    finished run: ``systemic_failure``)."""
+    if not counts.inputs_listed and not counts.written and not counts.inputs_skipped:
+        raise SystemExit(f"no inputs: {source} listed nothing (a glob that matches no file, or a manifest without "
+                         "rows); the run is not committed")
+    stop = None if counts.problem() else systemic_failure(folder, run_id, breaker)
+    if stop:
+        print("\n".join(lines))
+        raise SystemExit(stop)
+
+
+def systemic_failure(folder: RunFolder, run_id: str, breaker) -> Optional[str]:
+    """The circuit breaker's rule (``models.failures.judge``) over each stage of the finished run, from its
+    exit_stats and dead_letter tables: the message when one category failed (nearly) every record of a stage."""
+    if not folder.count_rows(DEAD_LETTER.name, [run_id]):
+        return None
+    dead = folder.dataset(DEAD_LETTER.name, [run_id])
+    tally = dead.to_table(columns=["stage", "category"]).group_by(["stage", "category"]).aggregate([([], "count_all")])
+    for s in folder.read(EXIT_STATS.name, [run_id]).to_pylist():
+        counts = {row["category"]: row["count_all"] for row in tally.to_pylist() if row["stage"] == s["stage"]}
+        what = "reading the inputs" if s["stage"] == 0 else f"stage {s['stage']} ({s['model']})"
+        if failures.judge(what, s["records_in"], counts, "", breaker):
+            category = max(counts, key=counts.get)
+            last = dead.to_table(columns=["error"], filter=(ds.field("stage") == s["stage"])
+                                 & (ds.field("category") == category)).column("error")[-1].as_py()
+            return failures.judge(what, s["records_in"], counts, last, breaker)
+    return None

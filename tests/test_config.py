@@ -21,7 +21,7 @@ def test_profile_loads_and_overrides_apply():
         (["stages.0.threshold=1.5"], r"stages\.0\.threshold: must be in \[0, 1\]"),
         (["stages.1.threshold=-0.1"], r"stages\.1\.threshold: must be in \[0, 1\]"),
         (["stages.1.model=resnet9000"], r"stages\.1\.model: unknown model 'resnet9000'; registered models: lite0"),
-        (["stages.0.batch_size=0"], r"stages\.0\.batch_size: must be > 0"),
+        (["stages.0.batch_size=0"], r"stages\.0\.batch_size: must be in \[1, 4096\], got 0"),
         (["stages.2.resolution=8"], r"stages\.2\.resolution: must be in \[16, 4096\]"),
         (["confidence=maxprob"], r"confidence"),
         (["stages.0.colour=red"], r"stages\[0\]\.colour|stages\.0\.colour"),
@@ -30,9 +30,9 @@ def test_profile_loads_and_overrides_apply():
         (["decode.max_pixels=0"], r"decode\.max_pixels"),
         (["output="], r"^output: "),
         (["stages.0.batch_size=many"], r"batch_size"),
-        (["decode.max_bytes=0"], r"decode\.max_pixels / decode\.max_bytes: must be > 0"),
-        (["torch_threads=-1"], r"torch_threads: must be >= 0"),
-        (["output_shards=-1"], r"output_shards: must be >= 0"),
+        (["decode.max_bytes=0"], r"decode\.max_bytes: must be in \[1, "),
+        (["torch_threads=-1"], r"torch_threads: must be in \[0, 1024\]"),
+        (["output_shards=-1"], r"output_shards: must be in \[0, 10000\]"),
         (["execution=streamed"], r"execution"),
         (["stages.1.resources={gpu: 1}"], r"stages\.1\.resources\.gpu: not a resource hint; known: accelerator"),
         (["stages.2.resources={min_ram: lots}"], r"stages\.2\.resources\.min_ram: 'lots' is not a valid value"),
@@ -67,7 +67,7 @@ USER_MODEL = ["models.tiny.arch=torchvision:resnet18", "models.tiny.weights=/now
     "overrides, message",
     [
         (["models.tiny.arch=keras:resnet"], r"models\.tiny: model 'tiny': unknown arch 'keras:resnet'"),
-        (["models.tiny.num_classes=0"], r"models\.tiny\.num_classes: must be >= 1"),
+        (["models.tiny.num_classes=0"], r"models\.tiny\.num_classes: must be in \[1, "),
         (["models.tiny.resolution=4"], r"models\.tiny\.resolution: must be in \[16, 4096\]"),
         (["models.tiny.crop_pct=1.5"], r"models\.tiny\.crop_pct: must be in \(0, 1\]"),
         (["models.tiny.interpolation=box"], r"models\.tiny\.interpolation: 'box' is not one of"),
@@ -122,3 +122,104 @@ def test_every_resource_hint_the_schema_accepts_is_one_beam_parses():
     for name in schema.RESOURCE_HINTS:
         assert ResourceHint.is_registered(name)
     assert len(parse_resource_hints(examples)) == 3
+
+
+# --- numeric bounds: one table (schema.BOUNDS), every row tested, every numeric key in the table ----------------
+
+def _example(key: str) -> tuple[str, list[str], str]:
+    """(profile, extra overrides, concrete key) to try a BOUNDS row's key on."""
+    if key.startswith("models.*."):
+        return "lite_cascade", USER_MODEL, key.replace("*", "tiny")
+    if key.startswith("video.clips") or key.startswith("video.crops"):
+        return "video_clips", [], key
+    if key.startswith("video."):
+        return "video_frames", [], key
+    return "lite_cascade", [], key.replace("*", "0")
+
+
+def _outside(bound: schema.Bound, integer: bool) -> list:
+    """Values just outside the row's range (and inf, -inf, NaN for a float key)."""
+    low = bound.low if bound.low_open else (bound.low - 1 if integer else bound.low - max(abs(bound.low), 1) * 1e-3)
+    values = [int(low) if integer else low, int(bound.high) + 1 if integer else bound.high * (1 + 1e-6) + 1e-9]
+    if integer:
+        values.append(10**20)  # an integer no int64 holds
+    else:
+        values += [float("inf"), float("-inf"), float("nan")]
+    return values
+
+
+def _is_integer_key(key: str) -> bool:
+    return _numeric_keys()[key] is int
+
+
+def _numeric_keys() -> dict:
+    """Every int/float key of the schema, as BOUNDS spells it (``stages.*.x``, ``models.*.x``), with its type;
+    CalibrationInfo's figures (read by reports only) excepted."""
+    import dataclasses
+    import typing
+
+    found: dict[str, type] = {}
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            origin = typing.get_origin(hint)
+            inner = args[0] if origin is typing.Union and len(args) == 1 else hint
+            if inner in (int, float):
+                found[prefix + f.name] = inner
+            elif origin is list and dataclasses.is_dataclass(args[0]):
+                walk(args[0], f"{prefix}{f.name}.*.")
+            elif origin is dict and dataclasses.is_dataclass(args[1]):
+                walk(args[1], f"{prefix}{f.name}.*.")
+            elif dataclasses.is_dataclass(inner) and inner is not schema.CalibrationInfo:
+                walk(inner, f"{prefix}{f.name}.")
+
+    walk(schema.CascadeConfig, "")
+    return found
+
+
+def test_every_numeric_key_of_the_schema_has_a_bound():
+    """A new numeric key must say its range in BOUNDS (and so be refused outside it, before any work)."""
+    keys = _numeric_keys()
+    bounded = {b.key for b in schema.BOUNDS}
+    assert keys.keys() - bounded == set(), "numeric keys without a row in schema.BOUNDS"
+    assert bounded - keys.keys() == set(), "rows of schema.BOUNDS naming no key"
+
+
+@pytest.mark.parametrize("bound", schema.BOUNDS, ids=[b.key for b in schema.BOUNDS])
+def test_every_bound_refuses_values_outside_its_range_naming_the_key(bound):
+    profile, extra, key = _example(bound.key)
+    for value in _outside(bound, _is_integer_key(bound.key)):
+        text = {float("inf"): ".inf", float("-inf"): "-.inf"}.get(value, ".nan" if value != value else repr(value))
+        with pytest.raises(schema.ConfigError, match=rf"^{key.replace('.', '[.]')}: must be in "
+                                                     rf"[\[(]\S+, \S+\], got "):
+            schema.load(profile, [*extra, f"{key}={text}"])
+
+
+@pytest.mark.parametrize("bound", schema.BOUNDS, ids=[b.key for b in schema.BOUNDS])
+def test_every_bound_accepts_its_limits(bound):
+    profile, extra, key = _example(bound.key)
+    integer = _is_integer_key(bound.key)
+    limits = [bound.high] if bound.low_open else [bound.low, bound.high]
+    for value in limits:
+        value = int(value) if integer else float(value)
+        cfg = schema.load(profile, [*extra, f"{key}={value}"])
+        got = cfg
+        for part in key.split("."):
+            got = got[int(part)] if part.isdigit() else got[part] if isinstance(got, dict) else getattr(got, part)
+        assert got == value
+
+
+@pytest.mark.parametrize("override, message", [
+    ("decode.read_timeout_s=.inf", r"^decode\.read_timeout_s: must be in \[0\.01, 86400\], got inf"),
+    ("decode.max_bytes=100000000000000000000", r"^decode\.max_bytes: must be in \[1, 68719476736\]"),
+    ("stages.0.batch_size=1000000000", r"^stages\.0\.batch_size: must be in \[1, 4096\]"),
+    ("output_shards=1000000000000", r"^output_shards: must be in \[0, 10000\]"),
+])
+def test_issue_22_settings_that_cannot_work_are_refused(override, message):
+    with pytest.raises(schema.ConfigError, match=message):
+        schema.load("lite_cascade", [override])
+    for fps in (".inf", "1e-7"):
+        with pytest.raises(schema.ConfigError, match=r"^video\.fps: must be in \[0\.001, 1000\]"):
+            schema.load("video_frames", [f"video.fps={fps}"])

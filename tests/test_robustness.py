@@ -44,7 +44,8 @@ import transforms.io as io_module
 import transforms.manifests as manifests
 from configs import schema
 from models import registry
-from models.classifier import Classifier, Failure
+from models.classifier import Classifier, Failure, LoadedModel
+from models.inference import Precision
 from models.preprocess import BadInput, decode, load_image
 from pipelines import cascade, common, folder, job, summary
 from pipelines.folder import RunFolder
@@ -353,6 +354,72 @@ def test_a_failing_batch_is_bisected_down_to_the_poisonous_record(poisoned_model
     alone = [model(np.stack([x])) for i, x in enumerate(batch) if i != 5]
     for got, want in zip([r for i, r in enumerate(results) if i != 5], alone):
         np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-6)
+
+
+class SizeLimited(torch.nn.Module):
+    """A tiny 10-class model that runs out of memory, as a real one does under a memory limit, on any batch of
+    more than ``limit`` images; it records the size of every pass."""
+
+    def __init__(self, limit: int, poison: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(3, 10)
+        self.limit, self.poison, self.sizes = limit, poison, []
+        self.register_buffer("poison_mean", (torch.tensor(POISON_RGB, dtype=torch.float32) - 127.0) / 128.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise RuntimeError(f"DefaultCPUAllocator: not enough memory: you tried to allocate {x.shape[0]} images")
+        means = x.mean(dim=(2, 3))
+        if self.poison and bool(((means - self.poison_mean).abs() < 0.004).all(dim=1).any()):
+            raise RuntimeError("poisoned input in this batch")
+        return self.fc(means * 4.0)
+
+
+def _size_limited(limit: int, batch_size: int, poison: bool = False):
+    spec = registry.ModelSpec("limited", registry.TORCHSCRIPT, "unused.pt", registry.InputConfig(32), num_classes=10)
+    module = SizeLimited(limit, poison)
+    loaded = LoadedModel(module, torch.device("cpu"), spec, channels_last=False, precision=Precision.FP32)
+    return Classifier(spec, device="cpu", batch_size=batch_size), loaded, module
+
+
+@pytest.mark.parametrize("n", [16, 5], ids=["full-batch", "partial-batch"])
+def test_bisection_halves_really_get_smaller_under_a_memory_limit(n):
+    """Issue 22: each half of a failing batch was padded back to the batch size, so under a memory limit every
+    record became a model_error. Now each bisection level runs at half the size of the last (16, 8, 4): every
+    record of a batch the model cannot take whole is classified, with the logits it gets alone."""
+    classifier, loaded, module = _size_limited(limit=4, batch_size=16)
+    rng = np.random.default_rng(1)
+    batch = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+    results = classifier.classify(loaded, batch)
+    assert not any(isinstance(r, Failure) for r in results), results
+    assert set(module.sizes) == {16, 8, 4} and module.sizes[0] == 16  # the batch size, then halves, quarters
+    assert len(module.sizes) <= 1 + 2 + 4  # one pass per node of the bisection tree down to the size that fits
+    for got, x in zip(results, batch):
+        np.testing.assert_allclose(got, loaded(np.stack([x]))[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_poison_records_neighbours_run_again_at_the_batch_size():
+    """Bisection sets the poison record aside at smaller sizes; its neighbours then run once more at the batch
+    size, so that their logits are those of any full batch (both execution modes write identical rows)."""
+    classifier, loaded, module = _size_limited(limit=8, batch_size=8, poison=True)
+    rng = np.random.default_rng(2)
+    batch = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(7)]
+    batch.insert(3, np.full((32, 32, 3), POISON_RGB, dtype=np.uint8))
+    results = classifier.classify(loaded, batch)
+    assert [isinstance(r, Failure) for r in results] == [i == 3 for i in range(8)]
+    assert module.sizes[0] == 8 and module.sizes[-1] == 8 and set(module.sizes[1:-1]) <= {4, 2, 1}
+    clean = [x for i, x in enumerate(batch) if i != 3]
+    full = loaded([*clean, clean[0]])[:7]  # the neighbours in one padded batch of the batch size
+    np.testing.assert_array_equal(np.stack([r for i, r in enumerate(results) if i != 3]), full)
+
+
+def test_a_batch_failing_at_every_size_fails_each_record_once():
+    classifier, loaded, module = _size_limited(limit=0, batch_size=4)
+    results = classifier.classify(loaded, [np.zeros((32, 32, 3), np.uint8)] * 3)
+    assert all(isinstance(r, Failure) and "not enough memory" in r.reason for r in results)
+    assert module.sizes == [4, 2, 2, 1, 1]  # 3 records: the batch size, then halves at 2, then 1 each
 
 
 def test_non_finite_logits_fail_only_their_record(poisoned_model):

@@ -28,7 +28,7 @@ from configs.plan import CascadePlan
 from transforms.io import DEAD
 from transforms.progress import progress
 from transforms.records import Record
-from transforms.stage import EXITED, route, tagged
+from transforms.stage import EXITED, breaker, route, tagged, watch
 
 log = logging.getLogger("cascade")
 setups = logging.getLogger("cascade.fused")  # debug: each worker thread's set-up of the shared models
@@ -63,6 +63,7 @@ class FusedCascadeFn(beam.DoFn):
 
     def setup(self):
         self._classifiers = [stage.classifier() for stage in self.stages]
+        self._breakers = [breaker(stage) for stage in self.stages]
         self._models = []
         for stage, classifier, handle in zip(self.stages, self._classifiers, self._handles):
             self._models.append(handle.acquire(functools.partial(_load, stage, classifier),
@@ -98,6 +99,7 @@ class FusedCascadeFn(beam.DoFn):
         results = classifier.classify_pixels(self._models[k], [w.pixels for w in batch])
         for waiting, result in zip(batch, results):
             routed = route(waiting.record, result, stage)
+            watch(self._breakers[k], routed)
             if isinstance(routed, Record):
                 waiting.record = routed
                 self._buffers[k + 1].append(waiting)

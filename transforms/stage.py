@@ -22,7 +22,7 @@ from configs.plan import StagePlan
 from configs.schema import ModelSharing
 from models import committee
 from models.classifier import EncodedImage, Example, Failure, LoadedModel, failure_reason
-from models.failures import Category
+from models.failures import Category, CircuitBreaker
 from transforms.io import DEAD
 from transforms.progress import progress
 from transforms.records import DeadLetter, Exit, Record
@@ -111,6 +111,20 @@ def route(record: Record, result: np.ndarray | Failure, plan: StagePlan,
     return Exit(record, combined, conf) if exits else record
 
 
+def breaker(plan: StagePlan) -> CircuitBreaker:
+    """The circuit breaker of a stage's step (one per stage and DoFn instance; ``watch`` feeds it)."""
+    return CircuitBreaker(f"stage {plan.number} ({plan.key})", plan.settings.circuit_breaker)
+
+
+def watch(stage_breaker: CircuitBreaker, routed: Exit | DeadLetter | Record) -> None:
+    """Count a routed record in its stage's breaker: raises ``SystemicFailure`` when (nearly) every record of
+    the stage's window failed with one category."""
+    if isinstance(routed, DeadLetter):
+        stage_breaker.observe(routed.category, routed.error)
+    else:
+        stage_breaker.observe(None)
+
+
 def tagged(routed: Exit | DeadLetter | Record, value=None):
     """A routed record as the output of a step: an ``Exit`` on the main output, the others tagged.
     ``value`` replaces what is emitted (a ``WindowedValue`` of it, for outputs of ``finish_bundle``)."""
@@ -126,6 +140,7 @@ class Route(beam.DoFn):
 
     def __init__(self, plan: StagePlan):
         self.plan = plan
+        self._breaker = None  # made on the worker (it holds a lock, which does not pickle)
 
     def confidence(self, element):
         """(record, result) -> the confidence ``process`` will route it by (none for a record it dead-letters)."""
@@ -138,7 +153,10 @@ class Route(beam.DoFn):
 
     def process(self, element, threshold=None):
         record, result = element
-        yield tagged(route(record, result.inference, self.plan, threshold))
+        routed = route(record, result.inference, self.plan, threshold)
+        self._breaker = self._breaker or breaker(self.plan)
+        watch(self._breaker, routed)
+        yield tagged(routed)
 
 
 def budget_threshold(quantiles: list[float], escalate: float) -> float:
