@@ -107,7 +107,8 @@ def build(run: job.Job) -> None:
     inputs = run.pipeline | "ReadInputs" >> ReadInputs(cfg.input, decode.max_bytes, task.reader(plan),
                                                        num_classes=plan.stages[0].spec.num_classes,
                                                        timeout_s=decode.read_timeout_s, done=done,
-                                                       read=cfg.read)
+                                                       read=cfg.read,
+                                                       breaker=cfg.circuit_breaker)
     records = inputs["records"]
     exited, dead, thresholds = [], [inputs[DEAD]], []
     if plan.execution is Execution.FUSED:

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import os
 import signal
 import sys
 import threading
@@ -155,7 +156,7 @@ def run(job: Job):
                               "--skip_done to keep them and do the rest") from None
         cause = failures.systemic_cause(err) if isinstance(err, Exception) else None
         if cause is not None:  # a stage's circuit breaker stopped the job: its one line, not the runner's traceback
-            raise SystemExit(f"{cause}; nothing was committed to {job.folder.url}") from None
+            raise SystemExit(cause) from None
         raise
     finally:
         progress.finish_run()
@@ -173,17 +174,20 @@ def _count(source: str) -> None:
 
 
 def main(run_entry, argv: Sequence[str]) -> None:
-    """A command line's life: SIGTERM stops it as Ctrl-C does, and either prints one line (exit status 130)."""
+    """A command line's life: SIGTERM stops it as Ctrl-C does, and either prints one line and exits with status
+    130 at once: the runner's worker threads may still be inside a model, whose native thread pools must not
+    be torn down under them by the interpreter's exit (the folder's lock is already released by then)."""
     signal.signal(signal.SIGTERM, _stop)
     try:
         run_entry(argv)
-    except Interrupted as err:
-        print(err.message, file=sys.stderr)
-        raise
-    except KeyboardInterrupt as err:
-        print(f"interrupted by {err.args[0] if err.args else 'SIGINT'}: the run did not finish (a run is committed "
-              "only once its runs/<run_id>.json is written)", file=sys.stderr)
-        raise SystemExit(130) from None
+    except (Interrupted, KeyboardInterrupt) as err:
+        message = err.message if isinstance(err, Interrupted) else (
+            f"interrupted by {err.args[0] if err.args else 'SIGINT'}: the run did not finish (a run is committed only "
+            "once its runs/<run_id>.json is written)")
+        print(message, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 def versions(cfg: schema.CascadeConfig) -> dict:

@@ -133,7 +133,8 @@ def build(run: job.Job) -> list[tuple[str, float]]:
     """Add the scoring job to the job's pipeline; returns (key, gmacs per record) of each pool entry."""
     cfg, plan, task, run_id = run.cfg, run.plan, run.task, run.run_id
     inputs = run.pipeline | "ReadInputs" >> ReadInputs(cfg.input, cfg.decode.max_bytes, task.reader(plan),
-                                            timeout_s=cfg.decode.read_timeout_s, read=cfg.read)
+                                                       timeout_s=cfg.decode.read_timeout_s, read=cfg.read,
+                                                       breaker=cfg.circuit_breaker)
     scored, dead = [], [inputs[DEAD]]
     for stage in plan.stages:
         out = inputs["records"] | f"Score_{stage.key}" >> ScoreEntry(stage, task)

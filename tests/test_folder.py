@@ -232,8 +232,12 @@ def test_in_its_latest_run_an_id_is_its_prediction_else_its_first_dead_letter(tm
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_run_says_so_in_one_line_and_commits_nothing(tmp_path, sig):
+    from pipelines import demo
+
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cascade", "--runner=FnApiRunner",
+    many = tmp_path / "m.csv"  # minutes of work: it is interrupted
+    many.write_text("id,uri\n" + "".join(f"{i}-{n},{p}\n" for i, p in enumerate(demo.photos()) for n in range(100)))
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cascade", "--runner=FnApiRunner", "--input", str(many),
                              "--direct_running_mode=in_memory", "--direct_num_workers=2", "--output", str(out)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240

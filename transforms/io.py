@@ -27,7 +27,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 from fsspec.implementations.local import LocalFileSystem
 
-from models.failures import Category
+from models.failures import BreakerConfig, Category, CircuitBreaker
 from transforms.fetch import ReadPolicy, Reads, read_failure
 from transforms.manifests import (
     ManifestPart,
@@ -40,7 +40,7 @@ from transforms.manifests import (
     manifest_parts,
 )
 from transforms.progress import NAMESPACE, progress
-from transforms.records import READ_STAGE, DeadLetter, Record
+from transforms.records import READ_STAGE, DeadLetter, Record, category_of
 
 DEAD = "dead_letter"
 DEFAULT_READ_TIMEOUT_S = 300.0
@@ -219,9 +219,14 @@ class ReadBytes(beam.DoFn):
     input (missing, refused, a server error, a stall longer than ``timeout_s``, not a regular file,
     oversized) is that input's dead letter. ``read``: the config's ``read`` block (None: its defaults)."""
 
-    def __init__(self, max_bytes: int, timeout_s: float = DEFAULT_READ_TIMEOUT_S, read: Any = None):
+    def __init__(self, max_bytes: int, timeout_s: float = DEFAULT_READ_TIMEOUT_S, read: Any = None,
+                 breaker: Optional[BreakerConfig] = None):
         self.policy = ReadPolicy.of(max_bytes, timeout_s, read)
+        self.breaker = breaker or BreakerConfig()
         self.peak = Metrics.distribution(NAMESPACE, "reads_in_flight_peak")
+
+    def setup(self):  # the breaker holds a lock: made where the DoFn runs, not pickled with it
+        self._breaker = CircuitBreaker("reading the inputs", self.breaker)
 
     def start_bundle(self):
         self._reads = Reads(self.policy)
@@ -236,9 +241,10 @@ class ReadBytes(beam.DoFn):
                    if isinstance(out, beam.pvalue.TaggedOutput) else GlobalWindows.windowed_value(out))
         self.peak.update(self._reads.peak)
 
-    @staticmethod
-    def _outputs(ended) -> Iterator:
+    def _outputs(self, ended) -> Iterator:
         for record, data, reason in ended:
+            # every input the same failure (a wrong base folder, a refused bucket): the job stops, uncommitted
+            self._breaker.observe(None if data is not None else category_of(reason), reason or "")
             yield dead(record.id, record.uri, reason) if data is None else dataclasses.replace(record, data=data)
 
 
@@ -252,9 +258,10 @@ class ReadInputs(beam.PTransform):
 
     def __init__(self, source: str, max_bytes: int, reader: Optional[beam.DoFn] = None,
                  num_classes: Optional[int] = None, timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-                 done: Sequence[str] = (), read: Any = None):
+                 done: Sequence[str] = (), read: Any = None, breaker: Optional[BreakerConfig] = None):
         super().__init__()
         self.read = read
+        self.breaker = breaker
         self.done = tuple(done)
         self.source = source
         self.max_bytes = max_bytes
@@ -263,7 +270,7 @@ class ReadInputs(beam.PTransform):
         self.timeout_s = timeout_s
 
     def expand(self, pbegin):
-        reader = self.reader or ReadBytes(self.max_bytes, self.timeout_s, self.read)
+        reader = self.reader or ReadBytes(self.max_bytes, self.timeout_s, self.read, self.breaker)
         sources = pbegin | "Source" >> beam.Create([self.source])
         if is_manifest(self.source):
             sources = sources | "SplitManifests" >> SplitManifests()
