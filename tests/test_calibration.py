@@ -392,15 +392,17 @@ def test_the_run_report_holds_a_run_against_its_calibrations_promises(tmp_path):
     run_dir, run_id = tmp_path / "run", "20261128T101500Z-abc123"
     top = [{"class": 0, "name": "a", "prob": 0.5}]
     preds = [{"run_id": run_id, "id": f"r{i}", "uri": f"/x/{i}", "label": i % 3, "label_name": "x", "pred_class": 0,
-              "pred_name": "a", "confidence": i / 10, "exit_stage": 1 + i % 2, "gmacs": 0.4, "top5": top}
-             for i in range(10)]
+              "pred_name": "a", "confidence": i / 10, "exit_stage": 1 + i % 2, "gmacs": 0.4, "top5": top,
+              "stages": [], "shadow": False} for i in range(10)]
     stats = [{"run_id": run_id, "stage": s, "model": "read" if s == 0 else "lite0", "resolution": None if s == 0
               else 224, "threshold": 0.5 if s == 1 else None, "stage_gmacs": 0.4 * (s > 0),
               "cumulative_gmacs": 0.4 * s, "records_in": 10 if s < 2 else 5, "records_exited": 5 * (s > 0),
               "records_failed": 0, "exit_ratio": 0.5 * (s > 0), "exit_ratio_of_reached": None if s == 0 else 0.5 * s,
               "labelled_exited": 5 * (s > 0), "accuracy_exited": 0.4, "total_inputs": 10, "predictions": 10,
               "dead_letters": 0, "avg_gmacs": 0.6, "worst_case_gmacs": 0.8, "last_model_gmacs": 0.4,
-              "accuracy": 0.4} for s in (0, 1, 2)]
+              "accuracy": 0.4, "shadow_records": 0, "avg_shadow_gmacs": 0.0, "shadow_exited": 0, "shadow_agreed": 0,
+              "shadow_agreement": None, "shadow_agreement_low": None, "shadow_agreement_high": None,
+              "shadow_last_accuracy": None} for s in (0, 1, 2)]
     for name, rows, sch in (("predictions", preds, PREDICTIONS.schema), ("exit_stats", stats, EXIT_STATS.schema)):
         os.makedirs(run_dir / name)
         pq.write_table(pa.Table.from_pylist(rows, schema=sch), run_dir / name / f"{run_id}-00000-of-00001.parquet")
