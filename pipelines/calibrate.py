@@ -384,7 +384,8 @@ def from_run(args, base: schema.CascadeConfig) -> dict:
     held out by group as with ``--scores``; label-free against the last stage's answer, or against labels."""
     answers, run_cfg, _, counts = run_answers(args.from_run, args.group)
     kind, aggregation = committee.Confidence(run_cfg.confidence), committee.Aggregation(run_cfg.aggregation)
-    for flag, given, used in (("--confidence", args.confidence, kind), ("--aggregation", args.aggregation, aggregation)):
+    for flag, given, used in (("--confidence", args.confidence, kind),
+                              ("--aggregation", args.aggregation, aggregation)):
         if given is not None and given.lower() != used.value:
             raise SystemExit(f"{flag} {given}: the run's answers were made with {used.value}; drop {flag}")
     for flag in ("models", "only", "where", "manifest"):

@@ -179,7 +179,7 @@ def shadow_figures(stats: Sequence[dict], cal: dict, aggregation: str) -> Option
     stages = [s for s in stats if s["stage"] >= 1]
     n, agreed = sum(s["shadow_exited"] for s in stages), sum(s["shadow_agreed"] for s in stages)
     low, high = wilson_interval(agreed, n)
-    reference = reference_of([s["model"] for s in stages], aggregation)
+    reference = reference_of([s["model"] for s in stages], aggregation.lower())  # a config's YAML says LOGITS
     promised = None
     if cal.get("heldout_agreement") is not None and cal.get("agreement_reference") == reference:
         promised = cal["heldout_agreement"] - (cal.get("agreement_margin") or 0.0)
