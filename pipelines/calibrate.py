@@ -394,8 +394,7 @@ def from_run(args, base: schema.CascadeConfig) -> dict:
     reference_name = cal.reference_of(answers.keys, aggregation)
     target = parse_target(args.target)
     last = answers.pred[-1]
-    if target and target.members and cal.reference_of(list(target.members), aggregation) != reference_name \
-            and committee_name(target.members) != reference_name:
+    if target and target.members and committee_name(target.members) != reference_name:
         raise SystemExit(f"--target {args.target}: the shadow records hold the answers of {reference_name} (the run's "
                          f"last stage, aggregation {aggregation.value}); give agree:{reference_name}:SHARE, "
                          f"match:{reference_name} or an accuracy")
@@ -421,14 +420,14 @@ def from_run(args, base: schema.CascadeConfig) -> dict:
         target_value = None if target is None else target.value
     else:  # match: the last stage's accuracy on the selection records
         target_value = float((sel.pred[-1] == truth[sel_rows]).mean())
-    budget = args.budget
-    if budget and budget.startswith("match:"):
-        budget = float(answers.gmacs[list(answers.keys).index(budget[len("match:"):])]) \
-            if budget[len("match:"):] in answers.keys else SystemExit(f"--budget {budget}: not a stage of the run")
-    if isinstance(budget, SystemExit):
-        raise budget
+    budget = None
+    if args.budget:
+        entry = args.budget[len("match:"):] if args.budget.startswith("match:") else None
+        if entry is not None and entry not in answers.keys:
+            raise SystemExit(f"--budget {args.budget}: not a stage of the run ({', '.join(answers.keys)})")
+        budget = float(answers.gmacs[answers.keys.index(entry)]) if entry else float(args.budget)
     objective = cal.Objective(
-        goal=goal, target_accuracy=target_value, budget_gmacs=None if budget is None else float(budget),
+        goal=goal, target_accuracy=target_value, budget_gmacs=budget,
         max_worst_gmacs=args.max_worst_gmacs, max_past_first=args.max_past_first,
         margin_sigmas=args.margin_sigmas, reference_size=args.reference_size)
     percentiles = tuple(float(q) for q in np.arange(0, 100 + 1e-9, args.percentile_step))
@@ -441,8 +440,7 @@ def from_run(args, base: schema.CascadeConfig) -> dict:
     thresholds = best.thresholds
 
     def measured(rows_: np.ndarray) -> cal.Measured:
-        return cal.measure_answers(answers.subset(rows_), thresholds, last[rows_] if label_free else None) \
-            if label_free else cal.measure_answers(answers.subset(rows_), thresholds)
+        return cal.measure_answers(answers.subset(rows_), thresholds, last[rows_] if label_free else None)
 
     on_selection = measured(sel_rows)
     on_heldout = measured(held_rows) if len(held_rows) else None
