@@ -766,6 +766,16 @@ class Answers:
         return np.arange(self.size) if self.groups is None else np.asarray(self.groups)
 
 
+def below_float32(threshold: float) -> float:
+    """A threshold chosen on float32 confidences (the ``stages`` column's) made exact for the pipeline's float64
+    ones: halfway down to the next float32, so that a float64 confidence reaches it exactly when its float32
+    rounding reaches ``threshold`` (0 and 1 stay: all exit, none exit)."""
+    if threshold <= 0.0 or threshold >= 1.0:
+        return float(threshold)
+    t = np.float32(threshold)
+    return (float(t) + float(np.nextafter(t, np.float32(0.0)))) / 2.0
+
+
 def decide(answers: Answers, thresholds: Sequence[float]) -> committee.CascadeResult:
     """Algorithm 1 over recorded answers: the cascade of the first ``len(thresholds) + 1`` stages; a record
     exits at the first stage whose confidence reaches its threshold (``committee.exits``), else at the last.

@@ -437,7 +437,7 @@ def from_run(args, base: schema.CascadeConfig) -> dict:
                          f"{sel.size} selection shadow records: {describe(objective)}. Lower --target or "
                          "--margin_sigmas; no config was written.")
     best = result.best
-    thresholds = best.thresholds
+    thresholds = tuple(cal.below_float32(t) for t in best.thresholds)  # the same exits for float64 confidences
 
     def measured(rows_: np.ndarray) -> cal.Measured:
         return cal.measure_answers(answers.subset(rows_), thresholds, last[rows_] if label_free else None)

@@ -307,15 +307,17 @@ def test_aggregation_last_cannot_reproduce_an_ensemble(tmp_path):
                        "--target", "match:ensemble(lite0@224,lite2@260)", "--aggregation", "last"])
 
 
-def recorded_answers(pool: cal.Pool, keys, aggregation) -> cal.Answers:
-    """Every stage's committee answer on every record, as a run's shadow rows record them."""
+def recorded_answers(pool: cal.Pool, keys, aggregation, float32: bool = False) -> cal.Answers:
+    """Every stage's committee answer on every record, as a run's shadow rows record them (``float32``: with the
+    confidences rounded as the ``stages`` column stores them)."""
     conf, pred = [], []
     for k in range(len(keys)):
         combined = committee.ensemble(pool.stack(keys[: k + 1]), aggregation)
         conf.append(committee.confidence(combined))
         pred.append(combined.argmax(-1))
     idx = [pool.index(k) for k in keys]
-    return cal.Answers(tuple(keys), pool.gmacs[idx], np.array(pred), np.array(conf), pool.labels, pool.groups)
+    conf = np.array(conf, dtype=np.float32 if float32 else np.float64).astype(np.float64)
+    return cal.Answers(tuple(keys), pool.gmacs[idx], np.array(pred), conf, pool.labels, pool.groups)
 
 
 @pytest.mark.parametrize("aggregation", ["logits", "last"])
@@ -384,9 +386,12 @@ def test_recalibration_from_a_runs_shadow_records(tmp_path, capsys):
     shadow = np.arange(0, 800, 2)  # groups as calibrate makes them: the source image of each uri
     groups = calibrate.record_groups([f"r{i}" for i in shadow], [f"/x/v{i % 4}/img{i // 4}.jpg" for i in shadow],
                                      None, "group")
-    answers = recorded_answers(dataclasses.replace(pool.subset(shadow), groups=groups), keys, "last")
+    answers = recorded_answers(dataclasses.replace(pool.subset(shadow), groups=groups), keys, "last", float32=True)
     sel, held = cal.split_by_group(answers.group_of_each(), 0.5, 0)
     heldout = cal.measure_answers(answers.subset(held), thresholds, answers.pred[-1][held])
+    # the written thresholds sit between float32 values, so float64 confidences exit as their float32 roundings do
+    float64 = recorded_answers(pool.subset(shadow), keys, "last")
+    assert (cal.decide(float64, thresholds).exit_stage == cal.decide(answers, thresholds).exit_stage).all()
     block = cfg.calibration
     assert block.agreement_reference == "lite2@260" and block.heldout_agreement == round(heldout.agreement, 4)
     assert block.heldout_records == len(held) and summary["selection"]["agreement"] >= 0.9

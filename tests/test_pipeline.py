@@ -241,7 +241,8 @@ def test_a_shadow_sample_keeps_the_cascades_decisions_and_records_every_stage(tm
             assert [s["model"] for s in row["stages"]] == KEYS
             assert row["stages"][:row["exit_stage"]] == alone["stages"]
         here = row["stages"][row["exit_stage"] - 1]
-        assert (here["pred_class"], here["confidence"]) == (row["pred_class"], row["confidence"])
+        assert here["pred_class"] == row["pred_class"]
+        assert here["confidence"] == pytest.approx(row["confidence"], rel=1e-6)  # stored in float32
     shadow_rows = [r for r in shadowed.values() if r["shadow"]]
     early = [r for r in shadow_rows if r["exit_stage"] < 3]
     assert shadow_rows and early  # the sample holds shadow records the cascade exits early
