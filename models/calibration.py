@@ -52,7 +52,7 @@ from models import committee
 DEFAULT_PERCENTILES = tuple(float(q) for q in range(0, 101, 2))
 # shadow records (every stage's answer known) below which a run's agreement, and thresholds recalibrated from
 # them, are too noisy to trust (docs/CALIBRATION.md, "How many shadow records")
-MIN_SHADOW_RECORDS = 1000
+MIN_SHADOW_RECORDS = 400
 
 
 class Goal(str, enum.Enum):
