@@ -101,6 +101,7 @@ class Estimate:
     stage_gmacs: tuple[float, ...]
     expected_exit_ratios: Optional[tuple[float, ...]]  # from the config's calibration block; None without one
     records: Optional[int]
+    shadow: float = 0.0  # the config's shadow share: those records go through every stage
 
     @property
     def cumulative_gmacs(self) -> list[float]:
@@ -120,7 +121,17 @@ class Estimate:
 
     @property
     def reach(self) -> Optional[list[float]]:
-        return None if self.expected_exit_ratios is None else reach(self.expected_exit_ratios)
+        """The share of records each stage classifies: the cascade's, plus the shadow records it exited earlier."""
+        if self.expected_exit_ratios is None:
+            return None
+        return [r + self.shadow * (1.0 - r) for r in reach(self.expected_exit_ratios)]
+
+    @property
+    def shadow_gmacs(self) -> Optional[float]:
+        """GMACs per record the shadow sample costs beyond the cascade's (``avg_gmacs`` leaves them out)."""
+        if self.expected_exit_ratios is None:
+            return None
+        return self.shadow * (self.worst_gmacs - self.avg_gmacs)
 
     @property
     def avg_gmacs(self) -> Optional[float]:
@@ -144,7 +155,8 @@ def estimate(plan: CascadePlan, expected_exit_ratios: Optional[Sequence[float]],
                          f"{len(plan.stages)} stages")
     return Estimate(tuple(s.key for s in plan.stages), tuple(s.threshold for s in plan.stages),
                     tuple(s.gmacs for s in plan.stages),
-                    None if expected_exit_ratios is None else tuple(expected_exit_ratios), records)
+                    None if expected_exit_ratios is None else tuple(expected_exit_ratios), records,
+                    plan.settings.shadow)
 
 
 REMOTE_SCHEMES = ("http://", "https://", "gs://", "s3://", "az://", "abfs://", "hf://")

@@ -53,6 +53,7 @@ class RunSettings:
     torch_threads: int = 0  # 0: as many as the process has cores
     decode_target: Optional[int] = None  # the shorter side every stage decodes for: the largest stage's resize_to
     circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)  # when a stage's failures stop the job
+    shadow: float = 0.0  # share of the records (by a hash of the id) that go through every stage
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def build_plan(cfg: CascadeConfig, *, torch_threads: Optional[int] = None, check
     settings = RunSettings(Confidence(cfg.confidence), Aggregation(cfg.aggregation), cfg.decode, cfg.device,
                            ModelSharing(cfg.model_sharing),
                            cfg.torch_threads if torch_threads is None else torch_threads,
-                           decode_target([spec.input for spec in specs]), cfg.circuit_breaker)
+                           decode_target([spec.input for spec in specs]), cfg.circuit_breaker, cfg.shadow)
     kind = task_kind(cfg)
     video = None if cfg.video is None else sampling_plan(cfg.video)
     views = video.views if kind is TaskKind.VIDEO_CLIPS else 1

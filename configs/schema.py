@@ -240,7 +240,13 @@ class CascadeConfig:
     retry_dead_letters: bool = False  # with skip_done: an id only an earlier run's dead_letter has is tried again
     stages: list[StageConfig] = field(default_factory=list)
     confidence: Confidence = Confidence.MAX_PROB
+    # how a stage's answer is made: the committee of the stages so far (logits: mean of logits, the paper's;
+    # probs: mean of probabilities), or last: the stage's own model alone (the early-exit cascade)
     aggregation: Aggregation = Aggregation.LOGITS
+    # a share in [0, 1] of the records (chosen by a hash of the id: a rerun picks the same ones) that go through
+    # every stage whatever their confidence; their rows keep the cascade's decision, with every stage's answer in
+    # `stages`, and exit_stats measures each stage's agreement with the last stage on them (docs/CALIBRATION.md)
+    shadow: float = 0.0
     models: dict[str, ModelDef] = field(default_factory=dict)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     read: ReadConfig = field(default_factory=ReadConfig)  # reads in flight, retries (docs/READING.md)
@@ -515,6 +521,15 @@ def validate(cfg: CascadeConfig) -> None:
     if cfg.skip_done and cfg.video is not None and Granularity(cfg.video.granularity) is Granularity.FRAME:
         raise ConfigError("skip_done: at frame granularity a listed video becomes frame rows, whose ids are not "
                           "the listed ones; skip done videos with a manifest of the others")
+    if not 0.0 <= cfg.shadow <= 1.0:
+        raise ConfigError(f"shadow: a share of the records in [0, 1] (e.g. 0.01), got {cfg.shadow}")
+    if Aggregation(cfg.aggregation) is Aggregation.LAST:
+        idle = next((i for i, st in enumerate(cfg.stages[:-1]) if st.threshold >= 1.0 and st.escalate is None), None)
+        if idle is not None:
+            raise ConfigError(f"aggregation: last takes each stage's answer from its own model, so stages.{idle} "
+                              f"(threshold {cfg.stages[idle].threshold}: no record exits there) would run for "
+                              f"nothing; give stages.{idle}.threshold < 1, remove the stage, or aggregate "
+                              "(aggregation: logits)")
     needs = staged_needs(cfg)
     if cfg.execution is not None and Execution(cfg.execution) is Execution.FUSED and needs:
         raise ConfigError(needs[0])

@@ -50,6 +50,9 @@ import numpy as np
 from models import committee
 
 DEFAULT_PERCENTILES = tuple(float(q) for q in range(0, 101, 2))
+# shadow records (every stage's answer known) below which a run's agreement, and thresholds recalibrated from
+# them, are too noisy to trust (docs/CALIBRATION.md, "How many shadow records")
+MIN_SHADOW_RECORDS = 400
 
 
 class Goal(str, enum.Enum):
@@ -171,7 +174,7 @@ def numpy_prefix(pool: Pool, kind, aggregation):
 
     def add(score_sum, entry: int, depth: int):
         scores = committee.member_scores(pool.logits[entry], aggregation).astype(np.float64)
-        return scores if score_sum is None else score_sum + scores
+        return committee.accumulate(score_sum, scores, aggregation)
 
     def stats(score_sum, count: int, need_conf: bool):
         combined = committee.combine(score_sum, count, aggregation)
@@ -200,6 +203,7 @@ def torch_prefix(pool: Pool, kind, aggregation, device: str = "auto", reuse_buff
     kind, aggregation = committee.Confidence(kind), committee.Aggregation(aggregation)
     labels = torch.as_tensor(pool.labels, device=dev)
     probs = aggregation is committee.Aggregation.PROBS
+    last = aggregation is committee.Aggregation.LAST  # a stage's answer is its own model's: nothing is summed
     buffers: dict[int, torch.Tensor] = {}
     member: dict[int, torch.Tensor] = {}
     member_top: dict[int, tuple] = {}
@@ -213,7 +217,7 @@ def torch_prefix(pool: Pool, kind, aggregation, device: str = "auto", reuse_buff
 
     def add(score_sum, entry: int, depth: int):
         x = scores(entry)
-        if score_sum is None:
+        if score_sum is None or last:
             return x
         if not reuse_buffers:
             return score_sum + x
@@ -227,12 +231,14 @@ def torch_prefix(pool: Pool, kind, aggregation, device: str = "auto", reuse_buff
             return None, correct
         # float64: in float32, max_prob is exactly 1 from a logit gap of ~17 (logit_gap likewise), which merges
         # the most confident percentiles into "never exit"; the pipeline routes on float64 confidences
-        z = score_sum.double() / count
+        z = score_sum.double() / (1 if last else count)
         if probs:
             z = torch.log(z.clamp_min_(torch.finfo(torch.float64).tiny))
         return committee.confidence_torch(z, kind).cpu().numpy(), correct
 
     def final_correct(prefix_sum, prefix_key, entry: int):
+        if last:
+            return (scores(entry).argmax(-1) == labels).cpu().numpy()
         if prefix_top.get("key") != prefix_key:
             v, i = torch.topk(prefix_sum, top_k, -1)
             prefix_top.update(key=prefix_key, v=v, i=i)
@@ -398,10 +404,15 @@ def _choice(keys, grid: _Grid, thresholds: list[np.ndarray], idx: tuple[int, ...
 
 def trimmed(pool: Pool, choice: Choice, kind: committee.Confidence | str = committee.Confidence.MAX_PROB,
             aggregation: committee.Aggregation | str = committee.Aggregation.LOGITS) -> Choice:
-    """The same cascade without the stages no record reaches (after a threshold of 0 every record has exited),
-    replayed on ``pool``."""
+    """The same cascade without the stages no record reaches (after a threshold of 0 every record has exited)
+    and, with ``last``, without the stages whose answer is never used (threshold 1: no record exits there, and
+    the next stage's answer replaces theirs), replayed on ``pool``."""
     cut = next((i for i, t in enumerate(choice.thresholds) if t <= 0.0), len(choice.thresholds))
-    return replay(pool, choice.models[: cut + 1], choice.thresholds[:cut], kind, aggregation)
+    models, thresholds = list(choice.models[: cut + 1]), list(choice.thresholds[:cut])
+    if committee.Aggregation(aggregation) is committee.Aggregation.LAST:
+        kept = [i for i, t in enumerate(thresholds) if t < 1.0] + [len(models) - 1]
+        models, thresholds = [models[i] for i in kept], [thresholds[i] for i in kept[:-1]]
+    return replay(pool, models, thresholds, kind, aggregation)
 
 
 def pareto(points: list[Choice]) -> list[Choice]:
@@ -647,6 +658,17 @@ def clustered_se(values: np.ndarray, groups: np.ndarray) -> float:
     return math.sqrt(g / (g - 1) * float((sums ** 2).sum())) / len(values)
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial share (95 % at z = 1.96): unlike the normal one, it stays inside
+    [0, 1] and is honest near 0 and 1, where agreement shares live."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))  # p inside, despite rounding
+
+
 def predictions(pool: Pool, committee_keys: Sequence[str],
                 aggregation: committee.Aggregation | str = committee.Aggregation.LOGITS) -> np.ndarray:
     """Class predicted for each record by one entry, or by the ensemble of several (a label-free reference)."""
@@ -688,20 +710,115 @@ def measure(pool: Pool, models: Sequence[str], thresholds: Sequence[float],
     idx = [pool.index(k) for k in models]
     gm = np.asarray(pool.gmacs, dtype=np.float64)[idx]
     res = committee.cascade(pool.logits[idx], list(thresholds), gm, kind, aggregation)
-    groups = pool.group_of_each()
-    labelled = pool.labels >= 0
+    return _measured(models, thresholds, res, pool.labels, reference, pool.group_of_each())
+
+
+def _measured(models: Sequence[str], thresholds: Sequence[float], res: committee.CascadeResult, labels: np.ndarray,
+              reference: np.ndarray | None, groups: np.ndarray) -> Measured:
+    labelled = labels >= 0
     accuracy = accuracy_se = agreement = agreement_se = None
     if labelled.any():
-        correct = (res.pred == pool.labels)[labelled]
+        correct = (res.pred == labels)[labelled]
         accuracy, accuracy_se = float(correct.mean()), clustered_se(correct, groups[labelled])
     if reference is not None:
         same = res.pred == reference
         agreement, agreement_se = float(same.mean()), clustered_se(same, groups)
-    exits = res.exit_ratios(len(idx))
+    exits = res.exit_ratios(len(models))
     return Measured(tuple(models), tuple(float(t) for t in thresholds), accuracy, accuracy_se, agreement,
                     agreement_se, float(res.gmacs.mean()), clustered_se(res.gmacs, groups),
                     tuple(float(r) for r in exits), tuple(float(1.0 - c) for c in np.cumsum(exits)[:-1]),
-                    pool.size, len(np.unique(groups)))
+                    len(res.pred), len(np.unique(groups)))
+
+
+# ---- from a run's answers (the shadow sample) -----------------------------------------------------------
+
+
+def reference_of(keys: Sequence[str], aggregation: committee.Aggregation | str) -> str:
+    """What the last stage of the cascade ``keys`` answers, spelled as a label-free target's reference: its own
+    model's answer (``last``, or one stage), else the ensemble of every stage."""
+    if len(keys) == 1 or committee.Aggregation(aggregation) is committee.Aggregation.LAST:
+        return keys[-1]
+    return f"ensemble({','.join(keys)})"
+
+
+@dataclass(frozen=True)
+class Answers:
+    """Every stage's answer (the committee's class and confidence at that stage, what routing saw) on records
+    that went through every stage of one cascade: a run's shadow records. Enough to replay Algorithm 1 at any
+    thresholds of that cascade, or of its prefixes, without logits."""
+
+    keys: tuple[str, ...]  # the stages' pool entries, in order
+    gmacs: np.ndarray  # (K,) per stage
+    pred: np.ndarray  # (K, N) int
+    conf: np.ndarray  # (K, N) float64
+    labels: np.ndarray  # (N,) int; -1 where a record has no label
+    groups: np.ndarray | None = None  # (N,) int, as Pool.groups
+
+    @property
+    def size(self) -> int:
+        return self.pred.shape[1]
+
+    def subset(self, rows: np.ndarray) -> Answers:
+        return replace(self, pred=self.pred[:, rows], conf=self.conf[:, rows], labels=self.labels[rows],
+                       groups=None if self.groups is None else self.groups[rows])
+
+    def group_of_each(self) -> np.ndarray:
+        return np.arange(self.size) if self.groups is None else np.asarray(self.groups)
+
+
+def below_float32(threshold: float) -> float:
+    """A threshold chosen on float32 confidences (the ``stages`` column's) made exact for the pipeline's float64
+    ones: halfway down to the next float32, so that a float64 confidence reaches it exactly when its float32
+    rounding reaches ``threshold`` (0 and 1 stay: all exit, none exit)."""
+    if threshold <= 0.0 or threshold >= 1.0:
+        return float(threshold)
+    t = np.float32(threshold)
+    return (float(t) + float(np.nextafter(t, np.float32(0.0)))) / 2.0
+
+
+def decide(answers: Answers, thresholds: Sequence[float]) -> committee.CascadeResult:
+    """Algorithm 1 over recorded answers: the cascade of the first ``len(thresholds) + 1`` stages; a record
+    exits at the first stage whose confidence reaches its threshold (``committee.exits``), else at the last.
+    ``logits`` of the result is None: only classes were recorded."""
+    k, n = len(thresholds) + 1, answers.size
+    exit_stage = np.full(n, k, dtype=np.int64)
+    for j in reversed(range(k - 1)):  # the first stage that lets a record exit wins
+        exit_stage[committee.exits(answers.conf[j], thresholds[j])] = j + 1
+    rows = np.arange(n)
+    return committee.CascadeResult(
+        pred=answers.pred[exit_stage - 1, rows], confidence=answers.conf[exit_stage - 1, rows],
+        exit_stage=exit_stage, logits=None, gmacs=np.cumsum(answers.gmacs[:k])[exit_stage - 1])
+
+
+def search_answers(answers: Answers, truth: np.ndarray, objective: Objective,
+                   percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> SearchResult:
+    """The best thresholds of the answers' cascade, and of each of its prefixes (a prefix is the same cascade
+    with its later stages removed), for ``objective``; ``truth`` is what counts as correct (labels, or the last
+    stage's answers for agreement with it). The same exact grid as ``search``, on recorded confidences."""
+    n, gm = answers.size, np.asarray(answers.gmacs, dtype=np.float64)
+    result, parent = SearchResult(best=None), None
+    for k in range(len(answers.keys)):
+        correct = answers.pred[k] == truth
+        grid = _evaluate(parent, parent.bins if parent else [], correct, gm[: k + 1], n)
+        ok = _feasible(grid, objective)
+        result.sequences += 1
+        result.grid_points += ok.size
+        idx = _pick(grid, ok, objective)
+        if idx is not None:
+            choice = _choice(answers.keys[: k + 1], grid, parent.thresholds if parent else [], idx)
+            result.per_sequence[choice.models] = choice
+            if _better(result.best, choice, objective):
+                result.best = choice
+        if k + 1 < len(answers.keys):
+            parent = _child_node(parent, tuple(range(k + 1)), None, answers.conf[k], correct, percentiles, n)
+    return result
+
+
+def measure_answers(answers: Answers, thresholds: Sequence[float], reference: np.ndarray | None = None) -> Measured:
+    """``measure`` for a cascade (a prefix of the answers' stages) replayed on recorded answers."""
+    res = decide(answers, thresholds)
+    return _measured(answers.keys[: len(thresholds) + 1], thresholds, res, answers.labels, reference,
+                     answers.group_of_each())
 
 
 def brute_force(pool: Pool, objective: Objective, models: Sequence[str],
@@ -715,7 +832,7 @@ def brute_force(pool: Pool, objective: Objective, models: Sequence[str],
     grids, score_sum = [], None
     for j, i in enumerate(idx[:-1]):
         s = committee.member_scores(pool.logits[i], aggregation).astype(np.float64)
-        score_sum = s if score_sum is None else score_sum + s
+        score_sum = committee.accumulate(score_sum, s, aggregation)
         grids.append(candidates(committee.confidence(committee.combine(score_sum, j + 1, aggregation), kind),
                                 percentiles))
     best = None

@@ -34,6 +34,7 @@ class Aggregation(str, enum.Enum):
 
     LOGITS = "logits"  # mean of logits (the paper's default)
     PROBS = "probs"  # mean of softmax probabilities
+    LAST = "last"  # no committee: a stage's answer is its own model's (the early-exit cascade)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -137,26 +138,40 @@ def confidence_torch(logits, kind: Confidence | str = Confidence.MAX_PROB):
 
 def member_scores(logits: np.ndarray, aggregation: Aggregation | str = Aggregation.LOGITS) -> np.ndarray:
     """What a model adds to a committee's running sum: its logits, or its probabilities."""
-    if Aggregation(aggregation) is Aggregation.LOGITS:
-        return np.asarray(logits, dtype=np.float32)
-    return softmax(logits).astype(np.float32)
+    if Aggregation(aggregation) is Aggregation.PROBS:
+        return softmax(logits).astype(np.float32)
+    return np.asarray(logits, dtype=np.float32)
+
+
+def accumulate(score_sum: np.ndarray | None, scores: np.ndarray,
+               aggregation: Aggregation | str = Aggregation.LOGITS) -> np.ndarray:
+    """The running score after one more member: the sum, or (``last``) the new member's scores alone."""
+    if score_sum is None or Aggregation(aggregation) is Aggregation.LAST:
+        return scores
+    return score_sum + scores
 
 
 def combine(score_sum: np.ndarray, count: int, aggregation: Aggregation | str = Aggregation.LOGITS) -> np.ndarray:
     """Combined logits of a committee from the running sum of ``count`` members' scores.
 
     For probability averaging it returns log(mean probabilities), whose softmax is the mean itself,
-    so every confidence function applies to either kind of committee unchanged.
+    so every confidence function applies to either kind of committee unchanged. With ``last`` the running
+    score is the latest member's logits, returned as they are.
     """
+    aggregation = Aggregation(aggregation)
+    if aggregation is Aggregation.LAST:
+        return np.asarray(score_sum, dtype=np.float64)
     mean = np.asarray(score_sum, dtype=np.float64) / count
-    if Aggregation(aggregation) is Aggregation.LOGITS:
+    if aggregation is Aggregation.LOGITS:
         return mean
     return np.log(np.maximum(mean, np.finfo(np.float64).tiny))
 
 
 def ensemble(stack: np.ndarray, aggregation: Aggregation | str = Aggregation.LOGITS) -> np.ndarray:
-    """Combined logits of all M models of a ``(M, N, C)`` stack."""
+    """Combined logits of all M models of a ``(M, N, C)`` stack (with ``last``: the last model's)."""
     stack = np.asarray(stack)
+    if Aggregation(aggregation) is Aggregation.LAST:
+        return combine(member_scores(stack[-1], aggregation), 1, aggregation)
     scores = np.stack([member_scores(m, aggregation) for m in stack])
     return combine(scores.sum(axis=0, dtype=np.float64), stack.shape[0], aggregation)
 
@@ -175,7 +190,7 @@ class CascadeResult:
     pred: np.ndarray  # (N,) int class index
     confidence: np.ndarray  # (N,) confidence of the final combined prediction
     exit_stage: np.ndarray  # (N,) 1-based stage at which the record exited
-    logits: np.ndarray  # (N, C) combined logits at exit
+    logits: np.ndarray | None  # (N, C) combined logits at exit (None when replayed from recorded answers)
     gmacs: np.ndarray  # (N,) multiply-adds (1e9) spent on the record
 
     def exit_ratios(self, n_stages: int) -> np.ndarray:
@@ -206,7 +221,7 @@ def cascade(
     exit_stage = np.zeros(n, dtype=np.int64)
     active = np.ones(n, dtype=bool)
     for k in range(m):
-        score_sum[active] += member_scores(stack[k][active], aggregation)
+        score_sum[active] = accumulate(score_sum[active], member_scores(stack[k][active], aggregation), aggregation)
         combined = combine(score_sum[active], k + 1, aggregation)
         if k == m - 1:
             leaving = np.ones(int(active.sum()), dtype=bool)

@@ -53,7 +53,7 @@ from configs import schema
 from models import calibration as cal
 from models import committee, registry
 from pipelines import common
-from pipelines.folder import write_json
+from pipelines.folder import RUNS, RunFolder, write_json
 from pipelines.pool import frontier_rows, load_pool, markdown_table
 
 FRONTIER_SCHEMA = pa.schema(
@@ -124,7 +124,11 @@ def parse_target(text: str | None) -> Target | None:
 def parse(argv: Sequence[str] | None):
     parser = argparse.ArgumentParser(prog="python -m pipelines.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scores", required=True, help="output folder of pipelines.score")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scores", help="output folder of pipelines.score")
+    source.add_argument("--from_run", default=None,
+                        help="output folder of pipelines.cascade runs with a shadow sample: recalibrate the "
+                             "thresholds of their cascade on their shadow records (no scoring job)")
     parser.add_argument("--output", required=True, help="folder for the frontier, summary and plots")
     parser.add_argument("--config_out", default=None, help="cascade YAML to write (default OUTPUT/cascade.yaml)")
     parser.add_argument("--config", default="lite_cascade", help="cascade YAML/profile the output inherits from")
@@ -142,7 +146,9 @@ def parse(argv: Sequence[str] | None):
                         help="ENTRY=FAMILY: entries of one family are independent copies of one model")
     parser.add_argument("--max_models", type=int, default=4, help="longest cascade searched")
     parser.add_argument("--confidence", default=None, help="confidence function (default: the --config's)")
-    parser.add_argument("--aggregation", default=None, help="logits or probs (default: the --config's)")
+    parser.add_argument("--aggregation", default=None,
+                        help="logits, probs or last (default: the --config's; for agree: targets, the --config's "
+                             "and last are both searched and the cheaper is kept)")
     parser.add_argument("--percentile_step", type=float, default=2.0, help="threshold candidates every P percent")
     parser.add_argument("--margin_sigmas", type=float, default=1.0,
                         help="safety margin of the choice on the selection set, in standard errors")
@@ -308,6 +314,178 @@ def _figures(m: cal.Measured) -> str:
                               "exit ratios " + " / ".join(f"{x:.1%}" for x in m.exit_ratios)])
 
 
+SHADOW_COLUMNS = ("id", "uri", "label", "shadow", "stages")
+RUN_BATCH_ROWS = 65_536  # prediction rows read at a time: a folder of 10^8 rows is read for its shadow rows only
+
+
+def run_answers(folder: str, group: str) -> tuple[cal.Answers, schema.CascadeConfig, str, dict]:
+    """The shadow records of the committed runs in ``folder`` whose cascade is that of the latest committed run:
+    (their answers, that run's config, its YAML, counts). Refuses, naming the folder, one without committed
+    runs, whose runs wrote no ``shadow`` column, or without a shadow record that went through every stage."""
+    run_folder = RunFolder(folder)
+    runs = run_folder.committed_runs()
+    if not runs:
+        raise SystemExit(f"--from_run {folder}: no committed run of pipelines.cascade there "
+                         f"({RUNS}/<run_id>.json); give the output folder of a finished run")
+    manifest = run_folder.record(runs[-1])
+    text = manifest["config"]
+    try:
+        cfg = schema.load(_config_file(text))
+    except schema.ConfigError as err:
+        raise SystemExit(f"--from_run {folder}: the config of run {runs[-1]} no longer loads: {err}") from None
+    keys = tuple(spec.key for spec in schema.stage_specs(cfg))
+    gmacs = np.array([float(stage["gmacs"]) for stage in manifest["plan"]["stages"]]) if "plan" in manifest and \
+        "stages" in manifest["plan"] else np.array([registry.gmacs(spec) for spec in schema.stage_specs(cfg)])
+    try:
+        schema_names = run_folder.dataset("predictions").schema.names
+    except FileNotFoundError:
+        raise SystemExit(f"--from_run {folder}: its committed runs wrote no predictions") from None
+    missing = [c for c in SHADOW_COLUMNS if c not in schema_names]
+    if missing:
+        raise SystemExit(f"--from_run {folder}: its predictions have no column(s) {', '.join(missing)}: written "
+                         "before shadow samples existed; rerun with shadow: 0.01 (or more)")
+    columns = list(SHADOW_COLUMNS) + ([group] if group in schema_names else [])
+    ids, uris, labels, groups, pred, conf = [], [], [], [], [], []
+    counts = {"rows": 0, "shadow": 0, "other_cascade": 0, "incomplete": 0}
+    for batch in run_folder.batches("predictions", columns, RUN_BATCH_ROWS):
+        counts["rows"] += batch.num_rows
+        for row in batch.filter(batch.column("shadow")).to_pylist():
+            counts["shadow"] += 1
+            answers = row["stages"]
+            if tuple(a["model"] for a in answers) != keys[: len(answers)]:
+                counts["other_cascade"] += 1
+                continue
+            if len(answers) != len(keys):
+                counts["incomplete"] += 1
+                continue
+            ids.append(row["id"])
+            uris.append(row["uri"])
+            labels.append(-1 if row["label"] is None else row["label"])
+            groups.append(row.get(group))
+            pred.append([a["pred_class"] for a in answers])
+            conf.append([a["confidence"] for a in answers])
+    if not ids:
+        raise SystemExit(f"--from_run {folder}: no shadow record of the cascade {' -> '.join(keys)} went through "
+                         f"every stage ({counts['rows']} prediction rows, {counts['shadow']} shadow); run it with "
+                         "shadow: 0.01 (or more)")
+    rows = {i: {group: g} for i, g in zip(ids, groups) if g not in (None, "")}
+    answers = cal.Answers(keys, gmacs, np.asarray(pred, dtype=np.int64).T, np.asarray(conf, dtype=np.float64).T,
+                          np.asarray(labels, dtype=np.int64), record_groups(ids, uris, rows, group))
+    return answers, cfg, text, counts
+
+
+def _config_file(text: str) -> str:
+    """A run's resolved config (YAML text) as a file ``schema.load`` reads."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        fh.write(text)
+    return fh.name
+
+
+def from_run(args, base: schema.CascadeConfig) -> dict:
+    """``--from_run``: the thresholds of a run's own cascade (and its prefixes) chosen on its shadow records,
+    held out by group as with ``--scores``; label-free against the last stage's answer, or against labels."""
+    answers, run_cfg, _, counts = run_answers(args.from_run, args.group)
+    kind, aggregation = committee.Confidence(run_cfg.confidence), committee.Aggregation(run_cfg.aggregation)
+    for flag, given, used in (("--confidence", args.confidence, kind),
+                              ("--aggregation", args.aggregation, aggregation)):
+        if given is not None and given.lower() != used.value:
+            raise SystemExit(f"{flag} {given}: the run's answers were made with {used.value}; drop {flag}")
+    for flag in ("models", "only", "where", "manifest"):
+        if getattr(args, flag):
+            raise SystemExit(f"--{flag}: --from_run searches the run's own cascade on its shadow records; drop it")
+    reference_name = cal.reference_of(answers.keys, aggregation)
+    target = parse_target(args.target)
+    last = answers.pred[-1]
+    if target and target.members and committee_name(target.members) != reference_name:
+        raise SystemExit(f"--target {args.target}: the shadow records hold the answers of {reference_name} (the run's "
+                         f"last stage, aggregation {aggregation.value}); give agree:{reference_name}:SHARE, "
+                         f"match:{reference_name} or an accuracy")
+    label_free = bool(target and target.label_free)
+    truth = last if label_free else answers.labels
+    if not label_free:
+        labelled = np.flatnonzero(answers.labels >= 0)
+        if not len(labelled):
+            raise SystemExit(f"--from_run {args.from_run}: no shadow record has a label; calibrate label-free with "
+                             f"--target agree:{reference_name}:SHARE")
+        answers, truth = answers.subset(labelled), truth[labelled]
+    n = answers.size
+    if n < cal.MIN_SHADOW_RECORDS:
+        print(f"WARNING: {n} shadow records: below {cal.MIN_SHADOW_RECORDS}, thresholds chosen on them are too "
+              "noisy to trust (docs/CALIBRATION.md, 'How many shadow records'); run with a larger shadow share")
+    if args.heldout > 0:
+        sel_rows, held_rows = cal.split_by_group(answers.group_of_each(), args.heldout, args.split_seed)
+    else:
+        sel_rows, held_rows = np.arange(n), np.zeros(0, dtype=int)
+    sel = answers.subset(sel_rows)
+    goal = cal.Goal(args.objective or (cal.Goal.MIN_COST if target else cal.Goal.MAX_ACCURACY))
+    if target is None or target.value is not None:
+        target_value = None if target is None else target.value
+    else:  # match: the last stage's accuracy on the selection records
+        target_value = float((sel.pred[-1] == truth[sel_rows]).mean())
+    budget = None
+    if args.budget:
+        entry = args.budget[len("match:"):] if args.budget.startswith("match:") else None
+        if entry is not None and entry not in answers.keys:
+            raise SystemExit(f"--budget {args.budget}: not a stage of the run ({', '.join(answers.keys)})")
+        budget = float(answers.gmacs[answers.keys.index(entry)]) if entry else float(args.budget)
+    objective = cal.Objective(
+        goal=goal, target_accuracy=target_value, budget_gmacs=budget,
+        max_worst_gmacs=args.max_worst_gmacs, max_past_first=args.max_past_first,
+        margin_sigmas=args.margin_sigmas, reference_size=args.reference_size)
+    percentiles = tuple(float(q) for q in np.arange(0, 100 + 1e-9, args.percentile_step))
+    result = cal.search_answers(sel, truth[sel_rows], objective, percentiles)
+    if result.best is None:
+        raise SystemExit(f"no thresholds of {' -> '.join(answers.keys)} (or of a prefix) meet the objective on the "
+                         f"{sel.size} selection shadow records: {describe(objective)}. Lower --target or "
+                         "--margin_sigmas; no config was written.")
+    best = result.best
+    thresholds = tuple(cal.below_float32(t) for t in best.thresholds)  # the same exits for float64 confidences
+
+    def measured(rows_: np.ndarray) -> cal.Measured:
+        return cal.measure_answers(answers.subset(rows_), thresholds, last[rows_] if label_free else None)
+
+    on_selection = measured(sel_rows)
+    on_heldout = measured(held_rows) if len(held_rows) else None
+    target_text = args.target or (f"{goal.value} within {args.budget} GMACs" if args.budget else goal.value)
+    data = args.data or (f"{n} shadow records of the runs in {args.from_run} ({counts['shadow']} shadow rows of "
+                         f"{counts['rows']} predictions)")
+    block = (calibration_info(target_text, data, on_heldout, args.promise_sigmas, args.reference_groups,
+                              (reference_name,) if label_free else ()) if on_heldout else None)
+    cfg = cascade_config(run_cfg, cal.Choice(best.models, thresholds, best.accuracy, best.avg_gmacs, best.worst_gmacs,
+                                             best.exit_ratios), kind, aggregation, block)
+    for i, stage in enumerate(cfg.stages):  # each stage keeps the run's settings (batch size, precision...)
+        own = run_cfg.stages[i]
+        cfg.stages[i] = dataclasses.replace(own, threshold=stage.threshold, escalate=None)
+    config_out = args.config_out or f"{args.output.rstrip('/')}/cascade.yaml"
+    write_config(config_out, cfg, [
+        f"Recalibrated by pipelines.calibrate --from_run {args.from_run} for {target_text}: chosen on {sel.size} "
+        f"shadow records, measured on the other {len(held_rows)}; see calibration:",
+        f"objective {goal.value}, target {objective.target_accuracy}, selection margin {objective.margin_sigmas} "
+        "sigmas"])
+    summary = {
+        "from_run": args.from_run, "shadow": counts, "records": n, "selection_records": int(len(sel_rows)),
+        "heldout_records": int(len(held_rows)), "cascade": list(answers.keys),
+        "metric": f"agreement with {reference_name}" if label_free else "accuracy", "target": target_text,
+        "objective": {k: (v.value if hasattr(v, "value") else v) for k, v in objective.__dict__.items()},
+        "confidence": kind.value, "aggregation": aggregation.value, "choice": best.as_row(),
+        "per_prefix": {" -> ".join(k): c.as_row() for k, c in result.per_sequence.items()},
+        "selection": _measured_row(on_selection), "heldout": _measured_row(on_heldout),
+        "calibration": None if block is None else dataclasses.asdict(block), "config": config_out,
+        "trusted": n >= cal.MIN_SHADOW_RECORDS,
+    }
+    common.write_json(args.output, "calibration.json", summary)
+    print(f"{n} shadow records of {' -> '.join(answers.keys)} ({counts['shadow']} shadow rows of {counts['rows']} "
+          f"predictions): {sel.size} selection / {len(held_rows)} held out")
+    print(f"chosen: {' -> '.join(best.models)} thresholds {[round(t, 4) for t in thresholds]}")
+    print(f"  on the selection set: {_figures(on_selection)}")
+    if on_heldout:
+        print(f"  on the held-out set:  {_figures(on_heldout)}")
+    print(f"config: {config_out}; summary: {args.output}")
+    return summary
+
+
 def run(argv: Sequence[str] | None = None) -> dict:
     """Run the calibration; returns the summary (also written as ``calibration.json``)."""
     args, overrides = parse(argv)
@@ -315,9 +493,21 @@ def run(argv: Sequence[str] | None = None) -> dict:
         base = schema.load(args.config, overrides)
     except schema.ConfigError as err:
         raise SystemExit(f"invalid config: {err}") from None
+    if args.from_run:
+        return from_run(args, base)
     kind = committee.Confidence(args.confidence or base.confidence)
     aggregation = committee.Aggregation(args.aggregation or base.aggregation)
     target = parse_target(args.target)
+    if target and target.ensemble and aggregation is committee.Aggregation.LAST:
+        raise SystemExit(f"--aggregation last: {args.target} asks for a cascade that reproduces the ensemble's "
+                         "committee, which aggregation last has none of; use logits or probs")
+    # label-free against a reference: the committees of --config's aggregation and the reference's own answer
+    # at each stage (last) are both searched, and the cheaper one that meets the target is kept
+    aggregations = [aggregation]
+    if target and target.label_free and args.aggregation is None and aggregation is not committee.Aggregation.LAST:
+        aggregations.append(committee.Aggregation.LAST)
+    committee_aggregation = (committee.Aggregation.LOGITS if aggregation is committee.Aggregation.LAST
+                             else aggregation)  # how an ensemble reference or target is combined
     goal = cal.Goal(args.objective or (cal.Goal.MIN_COST if target else cal.Goal.MAX_ACCURACY))
     rows = manifest_rows(args.manifest) if args.manifest else None
     keep = manifest_ids(args.manifest, args.where) if args.where else None
@@ -336,7 +526,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         sel_rows, held_rows = cal.split_by_group(pool.groups, args.heldout, args.split_seed)
     else:
         sel_rows, held_rows = np.arange(pool.size), np.zeros(0, dtype=int)
-    reference = cal.predictions(pool, target.agree, aggregation) if target and target.label_free else None
+    reference = cal.predictions(pool, target.agree, committee_aggregation) if target and target.label_free else None
     scored = replace(pool, labels=truth if reference is None else reference)  # what "correct" means in the search
     search_pool = scored.select(candidates) if candidates else scored
     sel = search_pool.subset(sel_rows)
@@ -344,22 +534,36 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if target is None or target.value is not None:
         target_value = None if target is None else target.value
     else:
-        target_value = committee_accuracy(scored.subset(sel_rows), target.match, aggregation)
+        target_value = committee_accuracy(scored.subset(sel_rows), target.match, committee_aggregation)
     objective = cal.Objective(
         goal=goal, target_accuracy=target_value, budget_gmacs=resolve_budget(args.budget, search_pool),
         max_worst_gmacs=args.max_worst_gmacs, max_past_first=args.max_past_first,
         margin_sigmas=args.margin_sigmas, reference_size=args.reference_size,
     )
     percentiles = tuple(float(q) for q in np.arange(0, 100 + 1e-9, args.percentile_step))
-    search_kw = {"max_models": args.max_models, "kind": kind, "aggregation": aggregation,
-                 "percentiles": percentiles, "backend": args.backend}
-    only = [s.split(",") for s in args.only] if args.only else None
-    cv_rows = []
-    if args.folds > 1 and not only:
-        chosen, cv_rows = cal.cross_validate(sel, objective, args.folds, seed=args.split_seed, **search_kw)
-        if chosen is not None:
-            only = [list(chosen)]
-    result = cal.search(sel, objective, only=only, strategy=args.strategy, beam_width=args.beam_width, **search_kw)
+    searched = {}
+    for agg in aggregations:
+        search_kw = {"max_models": args.max_models, "kind": kind, "aggregation": agg,
+                     "percentiles": percentiles, "backend": args.backend}
+        only = [s.split(",") for s in args.only] if args.only else None
+        cv_rows = []
+        if args.folds > 1 and not only:
+            chosen, cv_rows = cal.cross_validate(sel, objective, args.folds, seed=args.split_seed, **search_kw)
+            if chosen is not None:
+                only = [list(chosen)]
+        result = cal.search(sel, objective, only=only, strategy=args.strategy, beam_width=args.beam_width,
+                            **search_kw)
+        best = None if result.best is None else cal.trimmed(sel, result.best, kind, agg)
+        searched[agg] = (best, result, cv_rows, search_kw)
+    found = [agg for agg in aggregations if searched[agg][0] is not None]
+    if len(aggregations) > 1:
+        print("aggregations searched: " + "; ".join(
+            f"{agg.value}: " + ("nothing meets the target" if searched[agg][0] is None else
+                                f"{' -> '.join(searched[agg][0].models)} at {searched[agg][0].avg_gmacs:.3f} GMACs")
+            for agg in aggregations))
+    aggregation = min(found, key=lambda agg: searched[agg][0].avg_gmacs - 1e-9 * (agg is aggregations[0])
+                      ) if found else aggregations[0]  # on a tie, the config's own
+    best, result, cv_rows, search_kw = searched[aggregation]
     full = cal.search(sel, objective, frontier=True, prune=False, **search_kw)
     frontier = frontier_rows(sel, full.frontier, args.max_models, kind, aggregation, held)
     fs, out = fsspec.core.url_to_fs(args.output)
@@ -368,9 +572,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
         pq.write_table(pa.Table.from_pylist(frontier, schema=FRONTIER_SCHEMA), fh)
     with fs.open(f"{out}/frontier.md", "w") as fh:
         fh.write(markdown_table(frontier))
-    if result.best is None:
+    if best is None:
         raise SystemExit(no_choice(objective, sel.size, frontier, args.output))
-    best = cal.trimmed(sel, result.best, kind, aggregation)
 
     def measured(rows_: np.ndarray) -> cal.Measured:
         part = replace(pool, labels=truth).subset(rows_)
@@ -409,6 +612,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "target": target_text, "pool": pool_table,
         "objective": {k: (v.value if hasattr(v, "value") else v) for k, v in objective.__dict__.items()},
         "confidence": kind.value, "aggregation": aggregation.value, "percentile_step": args.percentile_step,
+        "aggregations_searched": {agg.value: None if searched[agg][0] is None else searched[agg][0].as_row()
+                                  for agg in aggregations},
         "folds": args.folds, "cv": [{k: v for k, v in r.items() if k != "_keys"} for r in cv_rows],
         "choice": best.as_row(), "selection": _measured_row(on_selection), "heldout": _measured_row(on_heldout),
         "calibration": None if block is None else dataclasses.asdict(block), "config": config_out,

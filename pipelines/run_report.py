@@ -29,6 +29,7 @@ import pyarrow as pa
 import yaml
 
 from configs import schema
+from models.calibration import MIN_SHADOW_RECORDS, reference_of, wilson_interval
 from pipelines.folder import REPORT, REPORT_FILES, RunFolder
 
 DRIFT_MARGIN = 0.05  # exit ratios further than this from the calibration's (absolute) are flagged
@@ -169,6 +170,63 @@ def promises(cal: dict, run: dict) -> list[dict]:
         out.append({"figure": "average GMACs", "calibrated": f"{held:.3f}", "promised": f"<= {bound:.3f}",
                     "run": f"{avg:.3f}", "difference": f"{avg - held:+.3f} GMACs",
                     "holds": "yes" if avg <= bound else "**NO**"})
+    return out
+
+
+def shadow_figures(stats: Sequence[dict], cal: dict, aggregation: str) -> Optional[dict]:
+    """The shadow sample's agreement with the last stage, overall and per stage, against the calibration's
+    promised agreement where its reference is what the last stage answers (None: the run had no shadow)."""
+    run = stats[0]
+    if not run.get("shadow_records"):
+        return None
+    stages = [s for s in stats if s["stage"] >= 1]
+    n, agreed = sum(s["shadow_exited"] for s in stages), sum(s["shadow_agreed"] for s in stages)
+    low, high = wilson_interval(agreed, n)
+    reference = reference_of([s["model"] for s in stages], aggregation.lower())  # a config's YAML says LOGITS
+    promised = None
+    if cal.get("heldout_agreement") is not None and cal.get("agreement_reference") == reference:
+        promised = cal["heldout_agreement"] - (cal.get("agreement_margin") or 0.0)
+    agreement = agreed / n if n else None
+    return {"records": run["shadow_records"], "complete": n, "agreed": agreed, "agreement": agreement,
+            "low": low, "high": high, "reference": reference, "calibrated_reference": cal.get("agreement_reference"),
+            "promised": promised, "holds": None if promised is None or agreement is None else agreement >= promised,
+            "avg_shadow_gmacs": run.get("avg_shadow_gmacs"), "trusted": n >= MIN_SHADOW_RECORDS}
+
+
+def shadow_blocks(stats: Sequence[dict], figures: dict) -> list:
+    """The report's section on the shadow sample."""
+    f = figures
+    out: list = [Para(
+        f"**{f['records']}** records were shadowed (config `shadow`): they went through every stage, and their rows "
+        f"keep the cascade's decision. Of them, {f['complete']} reached the last stage, whose answer (here "
+        f"`{f['reference']}`) the cascade's decision equals on **{pct(f['agreement'], 2)}** "
+        f"(95 % interval {pct(f['low'], 1)}-{pct(f['high'], 1)}). The shadow cost "
+        + ("-" if f["avg_shadow_gmacs"] is None else f"{f['avg_shadow_gmacs']:.3f}")
+        + " GMACs per prediction beyond the cascade's own (not in the average GMACs above).")]
+    rows = []
+    for s in (s for s in stats if s["stage"] >= 1):
+        rows.append([str(s["stage"]), s["model"], str(s["shadow_exited"]), pct(s["shadow_agreement"], 2),
+                     "-" if s["shadow_agreement_low"] is None else
+                     f"{pct(s['shadow_agreement_low'])}-{pct(s['shadow_agreement_high'])}",
+                     pct(s["shadow_last_accuracy"])])
+    out.append(TableBlock(["stage", "model", "shadow records exited here", "agreement with the last stage",
+                           "95 % interval", "last stage's accuracy on them (labelled)"], rows, "llrrrr"))
+    if f["promised"] is not None:
+        out.append(Para(f"The calibration promised agreement >= {pct(f['promised'], 2)} with "
+                        f"`{f['reference']}`: " + ("it holds." if f["holds"] else "**it does not hold**.")))
+        if not f["holds"]:
+            out.append(Alert(
+                f"The shadow sample agrees with `{f['reference']}` on {pct(f['agreement'], 2)} of its records "
+                f"(95 % interval {pct(f['low'], 1)}-{pct(f['high'], 1)}), below the {pct(f['promised'], 2)} the "
+                "calibration promised: the thresholds have gone stale on this data. Recalibrate from this run: "
+                "`python -m pipelines.calibrate --from_run` (docs/CALIBRATION.md)."))
+    elif f["calibrated_reference"]:
+        out.append(Para(f"The calibration's agreement is with `{f['calibrated_reference']}`, not with what this "
+                        f"run's last stage answers (`{f['reference']}`): the two are not compared."))
+    if not f["trusted"]:
+        out.append(Alert(f"Only {f['complete']} shadow records reached the last stage: below "
+                         f"{MIN_SHADOW_RECORDS}, the agreement and a threshold recalibrated from them are too noisy "
+                         "to trust (docs/CALIBRATION.md); raise `shadow`."))
     return out
 
 
@@ -397,10 +455,28 @@ def combine(runs: Sequence[Sequence[dict]]) -> list[dict]:
                     "labelled_exited": labelled_here,
                     "accuracy_exited": (sum((r["accuracy_exited"] or 0.0) * r["labelled_exited"] for r in rows)
                                         / labelled_here) if labelled_here else None,
+                    **_shadow_combined(rows, runs),
                     "total_inputs": sum(r["total_inputs"] for r in rows), "predictions": predictions,
                     "dead_letters": dead, "avg_gmacs": exited_cost / predictions if predictions else None,
                     "accuracy": correct / labelled if labelled else None})
     return out
+
+
+def _shadow_combined(rows: Sequence[dict], runs: Sequence[Sequence[dict]]) -> dict:
+    """One stage's shadow columns over several runs: counts added, the agreement and its interval computed again;
+    the last stage's accuracy on them only when one run has shadow rows (its labelled count is not recorded)."""
+    if "shadow_exited" not in rows[0]:
+        return {}
+    exited, agreed = sum(r["shadow_exited"] or 0 for r in rows), sum(r["shadow_agreed"] or 0 for r in rows)
+    low, high = wilson_interval(agreed, exited)
+    with_shadow = [r for r in rows if r["shadow_exited"]]
+    shadowed = sum(stats[0].get("shadow_records") or 0 for stats in runs)
+    return {"shadow_exited": exited, "shadow_agreed": agreed, "shadow_agreement": agreed / exited if exited else None,
+            "shadow_agreement_low": low, "shadow_agreement_high": high,
+            "shadow_last_accuracy": with_shadow[0]["shadow_last_accuracy"] if len(with_shadow) == 1 else None,
+            "shadow_records": shadowed,
+            "avg_shadow_gmacs": (sum((s[0].get("avg_shadow_gmacs") or 0.0) * s[0]["predictions"] for s in runs)
+                                 / max(1, sum(s[0]["predictions"] for s in runs))) if shadowed else None}
 
 
 def calibration_mismatch(record: dict) -> Optional[str]:
@@ -591,6 +667,10 @@ def build_report(run_output: str, run_id: Optional[str] = None,
         blocks += stage_blocks(stats, sum_ratios)
         blocks += cost_blocks(stats)
         rows_drift = calibration_blocks(blocks, records, by_run, applies, cal, margin, single)
+    shadow = shadow_figures(stats, cal, str(config.get("aggregation", "logits"))) if stats and predictions else None
+    if shadow is not None:
+        blocks.append(Heading("Shadow sample: agreement with the last stage"))
+        blocks += shadow_blocks(stats, shadow)
     if predictions and one_cascade:
         expected = cal.get("expected_exit_ratios") if all(v is None for v in applies.values()) else None
         blocks.append(Heading("Plots"))
@@ -624,6 +704,7 @@ def build_report(run_output: str, run_id: Optional[str] = None,
         blocks.append(TableBlock(["category", "records", "stage(s)", f"examples (up to {EXAMPLES_PER_CATEGORY})"],
                                  rows, "lrll"))
     figures = {"run_id": run_ids[-1], "run_ids": run_ids, "title": title, "sum_exit_ratios": sum_ratios,
+               "shadow": shadow,
                "drift": rows_drift, "calibration_applies": {rid: why is None for rid, why in applies.items()},
                "dead_letters_by_category": {category: tally.records for category, tally in dead.items()}}
     return blocks, images, figures

@@ -295,8 +295,123 @@ def test_label_free_calibration_needs_no_label_and_chooses_as_with_labels(tmp_pa
     _, held = split_rows(400, 4)
     models, ts = labelled["choice"]["models"].split(" -> "), labelled["choice"]["thresholds"]
     reference = cal.predictions(pool, ["lite2@260"])[np.sort(held)]
-    replayed = committee.cascade(pool.stack(models)[:, np.sort(held)], ts)
+    replayed = committee.cascade(pool.stack(models)[:, np.sort(held)], ts, aggregation=labelled["aggregation"])
     assert block.heldout_agreement == round(float((replayed.pred == reference).mean()), 4)
+    # both aggregations were searched against a model; the cheaper one that meets the target is kept
+    searched = labelled["aggregations_searched"]
+    assert set(searched) == {"logits", "last"}
+    assert labelled["choice"]["avg_gmacs"] == min(c["avg_gmacs"] for c in searched.values() if c)
+    assert schema.load(str(tmp_path / "cl" / "cascade.yaml")).aggregation.value == labelled["aggregation"]
+
+
+def test_aggregation_last_cannot_reproduce_an_ensemble(tmp_path):
+    pool = small_pool(n=40, classes=10, keys=KEYS, gmacs=GMACS)
+    with pytest.raises(SystemExit, match="--aggregation last: .*ensemble"):
+        calibrate.run(["--scores", write_scores(tmp_path / "s", pool), "--output", str(tmp_path / "c"),
+                       "--target", "match:ensemble(lite0@224,lite2@260)", "--aggregation", "last"])
+
+
+def recorded_answers(pool: cal.Pool, keys, aggregation, float32: bool = False) -> cal.Answers:
+    """Every stage's committee answer on every record, as a run's shadow rows record them (``float32``: with the
+    confidences rounded as the ``stages`` column stores them)."""
+    conf, pred = [], []
+    for k in range(len(keys)):
+        combined = committee.ensemble(pool.stack(keys[: k + 1]), aggregation)
+        conf.append(committee.confidence(combined))
+        pred.append(combined.argmax(-1))
+    idx = [pool.index(k) for k in keys]
+    conf = np.array(conf, dtype=np.float32 if float32 else np.float64).astype(np.float64)
+    return cal.Answers(tuple(keys), pool.gmacs[idx], np.array(pred), conf, pool.labels, pool.groups)
+
+
+@pytest.mark.parametrize("aggregation", ["logits", "last"])
+def test_the_search_over_recorded_answers_equals_the_search_over_logits(aggregation):
+    """A run's shadow rows hold each stage's committee answer, which is all Algorithm 1 needs: the thresholds
+    chosen from them, and the figures measured on them, are those of the search over the models' logits."""
+    pool = small_pool(n=300, classes=12, seed=4)
+    keys = ("a", "b", "c")
+    answers = recorded_answers(pool, keys, aggregation)
+    objective = cal.Objective(goal="min_cost", target_accuracy=pool.solitary_accuracy("b"), margin_sigmas=0.5)
+    got = cal.search_answers(answers, pool.labels, objective, COARSE)
+    want = cal.search(pool, objective, only=[keys[:k] for k in (1, 2, 3)], aggregation=aggregation,
+                      percentiles=COARSE, prune=False)
+    assert got.best is not None
+    same_figures(got.best, want.best)
+    assert got.per_sequence.keys() == want.per_sequence.keys()
+    measured = cal.measure_answers(answers, got.best.thresholds, answers.pred[-1])
+    direct = cal.measure(pool, got.best.models, got.best.thresholds, aggregation=aggregation,
+                         reference=answers.pred[-1])
+    assert measured == direct
+
+
+def write_shadow_run(folder: Path, pool: cal.Pool, keys, aggregation: str, shadow_every: int = 1) -> str:
+    """A committed run of ``keys`` whose predictions hold every ``shadow_every``-th record (0: none) as a shadow row
+    (every stage's answer), the others with their first stage only; records are 4 variants of each image."""
+    from transforms.tables import PREDICTIONS
+
+    answers = recorded_answers(pool, keys, aggregation)
+    run_id = "20261205T101500Z-abc123"
+    rows = []
+    for i in range(pool.size):
+        shadow = shadow_every > 0 and i % shadow_every == 0
+        stages = [{"stage": k + 1, "model": keys[k], "pred_class": int(answers.pred[k, i]),
+                   "confidence": float(answers.conf[k, i])} for k in range(len(keys) if shadow else 1)]
+        rows.append({"run_id": run_id, "id": f"r{i}", "uri": f"/x/v{i % 4}/img{i // 4}.jpg", "label": None,
+                     "label_name": None, "pred_class": stages[0]["pred_class"], "pred_name": None,
+                     "confidence": stages[0]["confidence"], "exit_stage": 1, "gmacs": 0.4, "top5": [],
+                     "stages": stages, "shadow": shadow})
+    os.makedirs(folder / "predictions")
+    pq.write_table(pa.Table.from_pylist(rows, schema=PREDICTIONS.schema),
+                   folder / "predictions" / f"{run_id}-00000-of-00001.parquet")
+    stages = ", ".join(f"{{model: {k.split('@')[0]}, resolution: {k.split('@')[1]}, threshold: 0.5}}" for k in keys)
+    cfg = schema.load("lite_cascade", [f"stages=[{stages}]", f"aggregation={aggregation}", "shadow=0.25"])
+    RunFolder(str(folder)).commit({"run_id": run_id, "config": schema.to_yaml(cfg)})
+    return str(folder)
+
+
+def test_recalibration_from_a_runs_shadow_records(tmp_path, capsys):
+    """--from_run: the thresholds of the run's own cascade chosen on its shadow rows only, label-free against
+    the last stage (lite2@260 alone, with aggregation last), held out by source image; the config it writes
+    keeps the run's settings and states the held-out agreement; too few shadow records print a warning."""
+    keys = ("lite0@224", "lite1@240", "lite2@260")
+    pool = small_pool(n=600, classes=50, seed=5, keys=keys, gmacs=(0.385, 0.6, 0.86))
+    run = write_shadow_run(tmp_path / "run", pool, keys, "last", shadow_every=2)
+    summary = calibrate.run(["--from_run", run, "--output", str(tmp_path / "cal"), "--target",
+                             "agree:lite2@260:0.9", "--percentile_step", "10"])
+    assert "WARNING: 300 shadow records: below 400" in capsys.readouterr().out
+    assert summary["records"] == 300 and summary["shadow"]["rows"] == 600 and not summary["trusted"]
+    cfg = schema.load(str(tmp_path / "cal" / "cascade.yaml"))
+    assert cfg.aggregation.value == "last" and cfg.shadow == 0.25  # the run's settings go on
+    models = summary["choice"]["models"].split(" -> ")
+    assert [f"{s.model}@{s.resolution}" for s in cfg.stages] == models == list(keys[: len(models)])
+    thresholds = [s.threshold for s in cfg.stages[:-1]]
+    shadow = np.arange(0, 600, 2)  # groups as calibrate makes them: the source image of each uri
+    groups = calibrate.record_groups([f"r{i}" for i in shadow], [f"/x/v{i % 4}/img{i // 4}.jpg" for i in shadow],
+                                     None, "group")
+    answers = recorded_answers(dataclasses.replace(pool.subset(shadow), groups=groups), keys, "last", float32=True)
+    sel, held = cal.split_by_group(answers.group_of_each(), 0.5, 0)
+    heldout = cal.measure_answers(answers.subset(held), thresholds, answers.pred[-1][held])
+    # the written thresholds sit between float32 values, so float64 confidences exit as their float32 roundings do
+    float64 = recorded_answers(pool.subset(shadow), keys, "last")
+    assert (cal.decide(float64, thresholds).exit_stage == cal.decide(answers, thresholds).exit_stage).all()
+    block = cfg.calibration
+    assert block.agreement_reference == "lite2@260" and block.heldout_agreement == round(heldout.agreement, 4)
+    assert block.heldout_records == len(held) and summary["selection"]["agreement"] >= 0.9
+
+
+def test_recalibration_from_a_run_refuses_what_it_cannot_use(tmp_path):
+    pool = small_pool(n=40, classes=10, seed=6, keys=("lite0@224", "lite2@260"), gmacs=(0.385, 0.86))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"--from_run .*empty: no committed run"):
+        calibrate.run(["--from_run", str(tmp_path / "empty"), "--output", str(tmp_path / "c"), "--target", "0.5"])
+    no_shadow = write_shadow_run(tmp_path / "plain", pool, ("lite0@224", "lite2@260"), "logits", shadow_every=0)
+    with pytest.raises(SystemExit, match=r"--from_run .*plain: no shadow record of the cascade lite0@224 -> lite2@260"):
+        calibrate.run(["--from_run", no_shadow, "--output", str(tmp_path / "c"), "--target", "agree:lite2@260:0.9"])
+    run = write_shadow_run(tmp_path / "run", pool, ("lite0@224", "lite2@260"), "logits")
+    with pytest.raises(SystemExit, match=r"--target agree:lite2@260:0.9: .* ensemble\(lite0@224,lite2@260\)"):
+        calibrate.run(["--from_run", run, "--output", str(tmp_path / "c"), "--target", "agree:lite2@260:0.9"])
+    with pytest.raises(SystemExit, match=r"no shadow record has a label"):
+        calibrate.run(["--from_run", run, "--output", str(tmp_path / "c"), "--target", "0.5"])
 
 
 def test_calibrate_min_cost_matching_a_model_and_a_where_filter(tmp_path):
@@ -397,8 +512,8 @@ def test_the_run_report_holds_a_run_against_its_calibrations_promises(tmp_path):
     run_dir, run_id = tmp_path / "run", "20261128T101500Z-abc123"
     top = [{"class": 0, "name": "a", "prob": 0.5}]
     preds = [{"run_id": run_id, "id": f"r{i}", "uri": f"/x/{i}", "label": i % 3, "label_name": "x", "pred_class": 0,
-              "pred_name": "a", "confidence": i / 10, "exit_stage": 1 + i % 2, "gmacs": 0.4, "top5": top}
-             for i in range(10)]
+              "pred_name": "a", "confidence": i / 10, "exit_stage": 1 + i % 2, "gmacs": 0.4, "top5": top,
+              "stages": [], "shadow": False} for i in range(10)]
     stats = [{"run_id": run_id, "stage": s, "model": "read" if s == 0 else "lite0", "resolution": None if s == 0
               else 224, "threshold": 0.5 if s == 1 else None, "stage_gmacs": 0.4 * (s > 0),
               "cumulative_gmacs": 0.4 * s, "records_in": 10 if s < 2 else 5, "records_exited": 5 * (s > 0),
@@ -406,7 +521,9 @@ def test_the_run_report_holds_a_run_against_its_calibrations_promises(tmp_path):
               "labelled_exited": 5 * (s > 0), "label_errors": 0, "accuracy_exited": 0.4, "total_inputs": 10,
               "predictions": 10,
               "dead_letters": 0, "avg_gmacs": 0.6, "worst_case_gmacs": 0.8, "last_model_gmacs": 0.4,
-              "accuracy": 0.4} for s in (0, 1, 2)]
+              "accuracy": 0.4, "shadow_records": 0, "avg_shadow_gmacs": 0.0, "shadow_exited": 0, "shadow_agreed": 0,
+              "shadow_agreement": None, "shadow_agreement_low": None, "shadow_agreement_high": None,
+              "shadow_last_accuracy": None} for s in (0, 1, 2)]
     for name, rows, sch in (("predictions", preds, PREDICTIONS.schema), ("exit_stats", stats, EXIT_STATS.schema)):
         os.makedirs(run_dir / name)
         pq.write_table(pa.Table.from_pylist(rows, schema=sch), run_dir / name / f"{run_id}-00000-of-00001.parquet")
@@ -475,3 +592,42 @@ def test_an_unreachable_target_says_what_is_reachable_and_writes_the_frontier(tm
                               "GMACs at accuracy >= 99.90%, with a margin of 1 standard errors.")
     assert "reachable: the best accuracy is" in message and "Objective(" not in message
     assert (tmp_path / "c" / "frontier.md").exists() and not (tmp_path / "c" / "cascade.yaml").exists()
+
+
+def test_the_run_report_sets_the_shadow_agreement_against_the_calibrations_promise():
+    """The shadow section: overall agreement from the per-stage counts, compared with the promise only where the
+    calibration's reference is what the last stage answers; a shortfall is a warning, and so is a small sample."""
+    from pipelines import run_report
+
+    def stats(agreed):
+        rows = [{"stage": 0, "model": "read", "shadow_records": 2000, "avg_shadow_gmacs": 0.1}]
+        for k, (model, n, a) in enumerate(zip(("lite0@224", "lite2@260"), (1500, 500), agreed)):
+            rows.append({"stage": k + 1, "model": model, "shadow_exited": n, "shadow_agreed": a,
+                         "shadow_agreement": a / n, "shadow_agreement_low": None, "shadow_agreement_high": None,
+                         "shadow_last_accuracy": None})
+        return rows
+
+    cal_block = {"agreement_reference": "lite2@260", "heldout_agreement": 0.97, "agreement_margin": 0.01}
+    good = run_report.shadow_figures(stats((1460, 500)), cal_block, "LAST")
+    assert good["agreement"] == 0.98 and good["holds"] and good["trusted"]
+    assert not any(isinstance(b, run_report.Alert) for b in run_report.shadow_blocks(stats((1460, 500)), good))
+    stale = run_report.shadow_figures(stats((1380, 500)), cal_block, "last")
+    assert stale["agreement"] == 0.94 and stale["holds"] is False and stale["low"] < 0.94 < stale["high"]
+    alerts = [b.text for b in run_report.shadow_blocks(stats((1380, 500)), stale) if isinstance(b, run_report.Alert)]
+    assert len(alerts) == 1 and "below the 96.00% the calibration promised" in alerts[0]
+    other = run_report.shadow_figures(stats((1380, 500)), cal_block, "logits")  # the last stage answers an ensemble
+    assert other["reference"] == "ensemble(lite0@224,lite2@260)" and other["promised"] is None
+    assert run_report.shadow_figures([{"stage": 0, "shadow_records": 0}], cal_block, "last") is None
+
+
+def test_the_agree97_profile_gives_lite2s_answers_for_fewer_gmacs():
+    """imagenet_sample_agree97 (aggregation last): held out, at least 97 % agreement with Lite2@260 alone, at
+    fewer GMACs than Lite2 (docs/CALIBRATION.md)."""
+    from models import registry
+
+    cfg = schema.load("imagenet_sample_agree97")
+    block = cfg.calibration
+    assert cfg.aggregation is committee.Aggregation.LAST and block.agreement_reference == "lite2@260"
+    assert f"{cfg.stages[-1].model}@{cfg.stages[-1].resolution}" == "lite2@260"
+    assert block.heldout_agreement >= 0.97 and block.heldout_agreement - block.agreement_margin > 0.95
+    assert block.heldout_gmacs + block.gmacs_margin < registry.gmacs(registry.parse_key("lite2@260"))

@@ -54,7 +54,10 @@ def brute_force(stack, thresholds, gmacs, kind, aggregation):
             else:
                 members.append(row.astype(np.float64))
             mean = np.mean(members, axis=0)
-            logits = mean if Aggregation(aggregation) is Aggregation.LOGITS else np.log(mean)
+            if Aggregation(aggregation) is Aggregation.LAST:
+                logits = members[-1]
+            else:
+                logits = mean if Aggregation(aggregation) is Aggregation.LOGITS else np.log(mean)
             conf = committee.confidence(logits[None], kind)[0]
             last = k == stack.shape[0] - 1
             if last or (thresholds[k] < 1 and conf >= thresholds[k]):

@@ -40,12 +40,15 @@ def test_profile_loads_and_overrides_apply():
          r"execution: fused .* model_sharing: machine needs execution: staged"),
         (["skip_done=true", "overwrite=true"], r"^skip_done: --overwrite removes the earlier runs"),
         (["retry_dead_letters=true"], r"^retry_dead_letters: retries the dead letters of earlier runs, with skip_done"),
+        (["shadow=1.5"], r"^shadow: a share of the records in \[0, 1\]"),
+        (["shadow=-0.01"], r"^shadow: a share of the records in \[0, 1\]"),
+        (["aggregation=last", "stages.1.threshold=1"], r"^aggregation: last .* stages\.1 \(threshold 1\.0"),
     ],
     ids=["threshold-above-1", "threshold-below-0", "unknown-model", "batch-size-0", "resolution-too-small",
          "unknown-confidence", "unknown-stage-key", "unknown-key", "unknown-device", "max-pixels-0", "empty-output",
          "batch-size-not-int", "max-bytes-0", "negative-threads", "negative-shards", "unknown-execution",
          "unknown-resource-hint", "bad-min-ram", "fused-with-machine-sharing", "skip-done-with-overwrite",
-         "retry-without-skip-done"],
+         "retry-without-skip-done", "shadow-above-1", "shadow-below-0", "last-with-a-stage-that-never-exits"],
 )
 def test_invalid_config_names_the_key(overrides, message):
     with pytest.raises(schema.ConfigError, match=message):

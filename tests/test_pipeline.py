@@ -52,13 +52,16 @@ def gmacs_of_keys():
     return [registry.gmacs(registry.parse_key(k)) for k in KEYS]
 
 
-@pytest.mark.parametrize("thresholds", [(0.55, 0.75), (1.0, 1.0)], ids=["calibrated-like", "ensemble"])
-def test_pipeline_decisions_equal_committee_maths(tmp_path, sample_subset, subset_logits, thresholds):
+@pytest.mark.parametrize("thresholds,aggregation", [((0.55, 0.75), "logits"), ((1.0, 1.0), "logits"),
+                                                    ((0.55, 0.75), "last")],
+                         ids=["calibrated-like", "ensemble", "last"])
+def test_pipeline_decisions_equal_committee_maths(tmp_path, sample_subset, subset_logits, thresholds, aggregation):
     manifest = write_manifest(tmp_path / "m.csv", sample_subset)
     run_cascade(tmp_path / "out", manifest, f"stages.0.threshold={thresholds[0]}",
-                f"stages.1.threshold={thresholds[1]}", "stages.0.batch_size=8", "stages.1.batch_size=8")
+                f"stages.1.threshold={thresholds[1]}", "stages.0.batch_size=8", "stages.1.batch_size=8",
+                f"aggregation={aggregation}")
     got = rows_by_uri(tmp_path / "out")
-    ref = committee.cascade(subset_logits, thresholds, gmacs_of_keys())
+    ref = committee.cascade(subset_logits, thresholds, gmacs_of_keys(), aggregation=aggregation)
     assert len(got) == len(sample_subset)
     for i, row in enumerate(sample_subset):
         pred = got[row["uri"]]
@@ -67,6 +70,10 @@ def test_pipeline_decisions_equal_committee_maths(tmp_path, sample_subset, subse
         assert pred["confidence"] == pytest.approx(ref.confidence[i], abs=1e-4)
         assert pred["gmacs"] == pytest.approx(ref.gmacs[i])
         assert pred["label"] == row["label"]
+        assert [a["stage"] for a in pred["stages"]] == list(range(1, pred["exit_stage"] + 1))
+        for k, answer in enumerate(pred["stages"]):  # what routing saw at each stage: the committee of k+1 models
+            committee_k = committee.cascade(subset_logits[: k + 1, i:i + 1], [1.0] * k, aggregation=aggregation)
+            assert (answer["model"], answer["pred_class"]) == (KEYS[k], committee_k.pred[0])
         assert pred["top5"][0]["class"] == pred["pred_class"] and pred["top5"][0]["name"] == pred["pred_name"]
         assert pred["pred_name"] == registry.get("lite0").class_name(pred["pred_class"])
     if thresholds == (1.0, 1.0):  # all thresholds 1: every record reaches stage 3, the three-model ensemble
@@ -205,3 +212,66 @@ def test_a_run_in_two_incremental_pieces_writes_the_rows_of_one_run(tmp_path, sa
     (tmp_path / "later.jpg").write_bytes(open(rows[0]["uri"], "rb").read())
     third = run_cascade(tmp_path / "pieces", everything, "--skip_done", "--retry_dead_letters", *fast)
     assert third["counts"]["inputs_skipped"] == 10 and third["counts"]["predictions"] == 1
+
+
+def test_a_shadow_sample_keeps_the_cascades_decisions_and_records_every_stage(tmp_path, sample_subset):
+    """aggregation last with shadow 0.5, fused and staged: the shadow rows (those the id hash picks) went through
+    every stage and say so in ``stages``, the other rows list exactly the stages they went through, and every row
+    keeps the decision of the same run without a shadow; exit_stats tallies the shadow apart from avg_gmacs."""
+    from transforms.records import in_shadow
+
+    manifest = write_manifest(tmp_path / "m.csv", sample_subset[:14])
+    settings = ["aggregation=last", "stages.0.threshold=0.6", "stages.1.threshold=0.8"] + [
+        f"stages.{i}.batch_size={b}" for i, b in enumerate((4, 3, 2))]
+    run_cascade(tmp_path / "plain", manifest, *settings)
+    for mode in ("fused", "staged"):
+        assert run_cascade(tmp_path / mode, manifest, f"execution={mode}", "shadow=0.5", *settings)["invariant_holds"]
+    for table in ("predictions", "exit_stats"):
+        assert compare_table(str(tmp_path / "fused"), str(tmp_path / "staged"), table) == [], table
+    plain, shadowed = rows_by_uri(tmp_path / "plain"), rows_by_uri(tmp_path / "fused")
+    assert plain.keys() == shadowed.keys()
+    for uri, row in shadowed.items():
+        alone = plain[uri]
+        decision = ("exit_stage", "pred_class", "confidence", "gmacs", "top5")
+        assert {k: row[k] for k in decision} == {k: alone[k] for k in decision}, uri
+        assert row["shadow"] == in_shadow(row["id"], 0.5) and not alone["shadow"]
+        assert [s["stage"] for s in alone["stages"]] == list(range(1, alone["exit_stage"] + 1))
+        assert row["stages"] == (alone["stages"] if not row["shadow"] else row["stages"])
+        if row["shadow"]:
+            assert [s["model"] for s in row["stages"]] == KEYS
+            assert row["stages"][:row["exit_stage"]] == alone["stages"]
+        here = row["stages"][row["exit_stage"] - 1]
+        assert here["pred_class"] == row["pred_class"]
+        assert here["confidence"] == pytest.approx(row["confidence"], rel=1e-6)  # stored in float32
+    shadow_rows = [r for r in shadowed.values() if r["shadow"]]
+    early = [r for r in shadow_rows if r["exit_stage"] < 3]
+    assert shadow_rows and early  # the sample holds shadow records the cascade exits early
+    stats, alone_stats = stage_rows(tmp_path / "fused"), stage_rows(tmp_path / "plain")
+    gm = np.cumsum(gmacs_of_keys())
+    assert stats[0]["avg_gmacs"] == alone_stats[0]["avg_gmacs"]
+    assert stats[0]["shadow_records"] == len(shadow_rows) and alone_stats[0]["shadow_records"] == 0
+    assert stats[0]["avg_shadow_gmacs"] == pytest.approx(
+        sum(gm[2] - gm[r["exit_stage"] - 1] for r in shadow_rows) / len(shadowed))
+    for s in stats:
+        mine = [r for r in shadow_rows if r["exit_stage"] == s["stage"]]
+        agreed = sum(r["pred_class"] == r["stages"][-1]["pred_class"] for r in mine)
+        assert (s["shadow_exited"], s["shadow_agreed"]) == (len(mine), agreed)
+        if mine:
+            assert s["shadow_agreement"] == agreed / len(mine)
+            assert s["shadow_agreement_low"] <= s["shadow_agreement"] <= s["shadow_agreement_high"]
+
+
+def test_a_budget_stage_with_aggregation_last_and_a_shadow_keeps_its_decisions(tmp_path, sample_subset):
+    """escalate (staged): the shadow's passengers are no part of a later stage's budget, so the budget's
+    thresholds and every row's decision equal those of the run without a shadow."""
+    manifest = write_manifest(tmp_path / "m.csv", sample_subset[:12])
+    settings = ["aggregation=last", "stages.0.escalate=0.5", "stages.1.escalate=0.5", "stages.0.batch_size=4",
+                "stages.1.batch_size=4", "stages.2.batch_size=4"]
+    run_cascade(tmp_path / "plain", manifest, *settings)
+    assert run_cascade(tmp_path / "shadow", manifest, "shadow=0.5", *settings)["invariant_holds"]
+    plain, shadowed = rows_by_uri(tmp_path / "plain"), rows_by_uri(tmp_path / "shadow")
+    for uri, row in shadowed.items():
+        assert (row["exit_stage"], row["pred_class"], row["gmacs"]) == (
+            plain[uri]["exit_stage"], plain[uri]["pred_class"], plain[uri]["gmacs"]), uri
+    assert [s["threshold"] for s in stage_rows(tmp_path / "shadow")] == [
+        s["threshold"] for s in stage_rows(tmp_path / "plain")]

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 
 from configs.plan import StagePlan
+from models.calibration import wilson_interval
 from transforms.records import DeadLetter
 from transforms.tables import EXIT_STATS, Table
 
@@ -32,8 +34,11 @@ class ExitStatsFn(beam.CombineFn):
         # per stage (index 0 = reading): exited, failed, labelled exited, correct exited; plus how many rows
         # had each GMACs value, summed in one order at the end: a float sum in arrival order would differ in
         # its last digits from one bundling (or execution mode) to another
-        return {"exited": [0] * (self.n + 1), "failed": [0] * (self.n + 1), "labelled": [0] * (self.n + 1),
-                "correct": [0] * (self.n + 1), "label_errors": [0] * (self.n + 1), "gmacs": {}}
+        # shadow rows, by the stage the cascade exited them at: all of them, those that went through every stage
+        # (a later stage may fail on one), those whose answer agreed with the last stage's, and, among the
+        # labelled ones, how often the last stage was right; "reached": how many rows exited at stage k and ran
+        # up to stage j, for the shadow's own GMACs
+        return {**{key: [0] * (self.n + 1) for key in COUNTS}, "gmacs": {}, "reached": {}}
 
     def add_input(self, acc, element):
         if isinstance(element, DeadLetter):
@@ -46,16 +51,28 @@ class ExitStatsFn(beam.CombineFn):
         if element["label"] is not None:
             acc["labelled"][stage] += 1
             acc["correct"][stage] += int(element["label"] == element["pred_class"])
+        if element["shadow"]:
+            answers = element["stages"]
+            acc["shadow"][stage] += 1
+            acc["reached"][(stage, len(answers))] = acc["reached"].get((stage, len(answers)), 0) + 1
+            if len(answers) == self.n:
+                last = answers[-1]["pred_class"]
+                acc["shadow_full"][stage] += 1
+                acc["shadow_agreed"][stage] += int(element["pred_class"] == last)
+                if element["label"] is not None:
+                    acc["shadow_labelled"][stage] += 1
+                    acc["shadow_last_correct"][stage] += int(element["label"] == last)
         return acc
 
     def merge_accumulators(self, accs):
         accs = list(accs)
         out = self.create_accumulator()
         for acc in accs:
-            for key in ("exited", "failed", "labelled", "correct", "label_errors"):
+            for key in COUNTS:
                 out[key] = [a + b for a, b in zip(out[key], acc[key])]
-            for value, count in acc["gmacs"].items():
-                out["gmacs"][value] = out["gmacs"].get(value, 0) + count
+            for key in ("gmacs", "reached"):
+                for value, count in acc[key].items():
+                    out[key][value] = out[key].get(value, 0) + count
         return out
 
     def extract_output(self, acc):
@@ -63,6 +80,8 @@ class ExitStatsFn(beam.CombineFn):
 
 
 READ_MODEL = "read"  # the "model" of stage 0, where inputs are listed and read
+COUNTS = ("exited", "failed", "labelled", "correct", "label_errors", "shadow", "shadow_full", "shadow_agreed",
+          "shadow_labelled", "shadow_last_correct")
 
 
 def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], run_id: str,
@@ -71,7 +90,9 @@ def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], run_id: str,
     before stage 1) and one per stage, run-level columns repeated. ``exit_ratio`` is the paper's (exited at
     the stage / all predictions, summing to 1 over the stages); ``exit_ratio_of_reached`` is conditional
     (exited / records classified at the stage). ``thresholds``: stage number -> the threshold a budget
-    stage computed over the run."""
+    stage computed over the run. Shadow records count where the cascade exited them (``avg_gmacs`` is the
+    cascade's); what they cost beyond that is ``avg_shadow_gmacs``, and each stage's ``shadow_agreement`` is
+    how often its exits' answer equalled the last stage's on the shadow records (95 % Wilson interval)."""
     thresholds = thresholds or {}
     exited, failed = acc["exited"], acc["failed"]
     predictions = sum(exited)
@@ -79,9 +100,14 @@ def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], run_id: str,
     labelled = sum(acc["labelled"])
     cumulative = 0.0
     worst = sum(s.gmacs for s in stages)
+    cumulatives = np.cumsum([0.0] + [s.gmacs for s in stages])
+    shadow_gmacs = sum(count * (cumulatives[reached] - cumulatives[stage])
+                       for (stage, reached), count in sorted(acc["reached"].items()))
     rows = []
     for k, s in [(0, None), *((s.number, s) for s in stages)]:
         cumulative += s.gmacs if s else 0.0
+        full, agreed = acc["shadow_full"][k], acc["shadow_agreed"][k]
+        low, high = wilson_interval(agreed, full) if s and full else (None, None)
         records_in = sum(exited[k:]) + sum(failed[k:])
         rows.append(EXIT_STATS.row(
             run_id=run_id,
@@ -106,6 +132,14 @@ def exit_stats_rows(acc: dict, stages: Sequence[StagePlan], run_id: str,
             worst_case_gmacs=worst,
             last_model_gmacs=stages[-1].gmacs,
             accuracy=_ratio(sum(acc["correct"]), labelled),
+            shadow_records=sum(acc["shadow"]),
+            avg_shadow_gmacs=_ratio(shadow_gmacs, predictions),
+            shadow_exited=full,
+            shadow_agreed=agreed,
+            shadow_agreement=_ratio(agreed, full) if s else None,
+            shadow_agreement_low=low,
+            shadow_agreement_high=high,
+            shadow_last_accuracy=_ratio(acc["shadow_last_correct"][k], acc["shadow_labelled"][k]) if s else None,
         ))
     return rows
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -60,6 +61,40 @@ def utf8_text(text: str) -> str:
                        if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}" for c in text)
 
 
+def in_shadow(record_id: str, share: float) -> bool:
+    """The shadow rule: a record goes through every stage when the hash of its id falls in the first ``share``
+    of the hash range, so that a rerun (or another execution mode, or another worker) picks the same records."""
+    if share <= 0.0:
+        return False
+    draw = int.from_bytes(hashlib.sha256(record_id.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+    return draw < share
+
+
+@dataclass(frozen=True)
+class StageAnswer:
+    """What one stage answered for a record: its committee's class and confidence (what routing saw)."""
+
+    stage: int  # 1-based
+    model: str  # the stage's pool entry, name@resolution
+    pred_class: int
+    confidence: float
+
+    def as_entry(self) -> dict:
+        """The entry of the predictions' ``stages`` list."""
+        return {"stage": self.stage, "model": self.model, "pred_class": self.pred_class,
+                "confidence": self.confidence}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The cascade's decision on a shadow record, kept while the record goes on through the later stages."""
+
+    stage: int
+    combined: np.ndarray  # float64 (C,): the committee's logits at that stage
+    confidence: float
+    gmacs: float  # what the cascade spent on the record up to that stage
+
+
 @dataclass
 class Record:
     """One input on its way through the cascade.
@@ -77,6 +112,8 @@ class Record:
     stages_run: int = 0
     gmacs: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)  # the manifest's own columns, written with the prediction
+    answers: tuple[StageAnswer, ...] = ()  # each stage's answer so far, in stage order
+    decision: Optional[Decision] = None  # a shadow record's: the cascade decided, the later stages still run
 
 
 @dataclass
@@ -97,12 +134,32 @@ class VideoRecord(Record):
 
 @dataclass(frozen=True)
 class Exit:
-    """A record leaving the cascade: its combined logits (mean over the stages it went through) and their
-    confidence. Its task turns it into a prediction row (``transforms.tasks``)."""
+    """A record leaving the cascade: its combined logits (the committee of the stages it went through, at the
+    stage the cascade decided on) and their confidence. Its task turns it into a prediction row
+    (``transforms.tasks``)."""
 
     record: Record
     combined: np.ndarray  # float64 (C,)
     confidence: float
+
+    @property
+    def stage(self) -> int:
+        """The stage the cascade exited the record at (a shadow record's later stages are not counted)."""
+        return self.record.decision.stage if self.record.decision else self.record.stages_run
+
+    @property
+    def gmacs(self) -> float:
+        """What the cascade spent on the record; a shadow record's later stages are ``shadow_gmacs``."""
+        return self.record.decision.gmacs if self.record.decision else self.record.gmacs
+
+    @property
+    def shadow_gmacs(self) -> float:
+        return self.record.gmacs - self.gmacs
+
+    @classmethod
+    def decided(cls, record: Record) -> "Exit":
+        """A shadow record leaving with the cascade's decision (its answers hold every stage it went through)."""
+        return cls(record, record.decision.combined, record.decision.confidence)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from models.classifier import EncodedImage, Example, Failure, LoadedModel, failu
 from models.failures import Category, CircuitBreaker
 from transforms.io import DEAD
 from transforms.progress import progress
-from transforms.records import DeadLetter, Exit, Record
+from transforms.records import DeadLetter, Decision, Exit, Record, StageAnswer, in_shadow
 
 EXITED = "exited"
 CONTINUE = "continue"
@@ -80,15 +80,19 @@ def classify_images(records, plan: StagePlan):
 
 
 def update(record: Record, logits: np.ndarray, plan: StagePlan) -> tuple[Record, np.ndarray, float]:
-    """The record with this stage's logits added to its committee, the committee's logits and confidence."""
+    """The record with this stage's logits added to its committee (and the committee's answer to its
+    ``answers``), the committee's logits and confidence."""
     settings = plan.settings
     scores = committee.member_scores(logits, settings.aggregation).astype(np.float64)
-    score_sum = scores if record.score_sum is None else record.score_sum + scores
+    score_sum = committee.accumulate(record.score_sum, scores, settings.aggregation)
+    combined = committee.combine(score_sum, record.stages_run + 1, settings.aggregation)
+    conf = float(committee.confidence(combined, settings.confidence))
+    answer = StageAnswer(plan.number, plan.key, int(np.argmax(combined)), conf)
     record = dataclasses.replace(
-        record, score_sum=score_sum, stages_run=record.stages_run + 1, gmacs=record.gmacs + plan.gmacs
+        record, score_sum=score_sum, stages_run=record.stages_run + 1, gmacs=record.gmacs + plan.gmacs,
+        answers=record.answers + (answer,),
     )
-    combined = committee.combine(score_sum, record.stages_run, settings.aggregation)
-    return record, combined, float(committee.confidence(combined, settings.confidence))
+    return record, combined, conf
 
 
 def route(record: Record, result: np.ndarray | Failure, plan: StagePlan,
@@ -96,7 +100,19 @@ def route(record: Record, result: np.ndarray | Failure, plan: StagePlan,
     """Algorithm 1 at one stage for one record: an ``Exit``, the updated record (it continues), or a
     ``DeadLetter`` if the stage failed on it or its output cannot be routed (the routing boundary: one
     record's bad output never fails the job). ``threshold`` replaces the plan's (a budget's). Both execution
-    modes route through here, so they decide alike."""
+    modes route through here, so they decide alike.
+
+    A shadow record (``records.in_shadow``, a share ``shadow`` of the run's ids) that the cascade exits before
+    the last stage keeps that decision and goes on through every stage, adding each stage's answer; it leaves
+    at the last stage with the decision (or at a stage that fails on it: the decision stands, the shadow ends)."""
+    if record.decision is not None:  # a shadow record the cascade has decided on: only its answers grow
+        progress.add(plan.number, "shadow")
+        if not isinstance(result, Failure):
+            try:
+                record = update(record, result, plan)[0]
+            except Exception:  # the shadow ends here; the cascade's decision stands
+                return Exit.decided(record)
+        return Exit.decided(record) if plan.is_last or isinstance(result, Failure) else record
     if isinstance(result, Failure):
         progress.add(plan.number, "failed")
         return DeadLetter(record.id, record.uri, plan.number, result.reason, result.category)
@@ -108,6 +124,8 @@ def route(record: Record, result: np.ndarray | Failure, plan: StagePlan,
         reason = f"model {plan.key} output could not be routed: {failure_reason(err)}"
         return DeadLetter(record.id, record.uri, plan.number, reason, Category.MODEL_ERROR)
     progress.add(plan.number, "exited" if exits else "escalated")
+    if exits and not plan.is_last and in_shadow(record.id, plan.settings.shadow):
+        return dataclasses.replace(record, decision=Decision(plan.number, combined, conf, record.gmacs))
     return Exit(record, combined, conf) if exits else record
 
 
@@ -145,7 +163,8 @@ class Route(beam.DoFn):
     def confidence(self, element):
         """(record, result) -> the confidence ``process`` will route it by (none for a record it dead-letters)."""
         record, result = element
-        if not isinstance(result.inference, Failure):
+        if record.decision is None and not isinstance(result.inference, Failure):  # a decided shadow record:
+            # the cascade sent it on only for the shadow, so it is no part of this stage's budget
             try:
                 yield update(record, result.inference, self.plan)[2]
             except Exception:  # process() dead-letters this record, with the reason

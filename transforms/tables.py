@@ -44,6 +44,11 @@ RUN_ID = pa.field("run_id", pa.string(), nullable=False)  # in every table: whic
 
 TOP_K_ENTRY = pa.struct([pa.field("class", pa.int32()), pa.field("name", pa.string()),
                          pa.field("prob", pa.float32())])
+# one stage's answer for a record: its committee's class and confidence (what routing saw at that stage); the
+# confidence in float32 (7 digits), which keeps the column under 10 % of the table's size (docs/CALIBRATION.md)
+STAGE_ANSWER = pa.struct([pa.field("stage", pa.int32(), nullable=False), pa.field("model", pa.string(), nullable=False),
+                          pa.field("pred_class", pa.int32(), nullable=False),
+                          pa.field("confidence", pa.float32(), nullable=False)])
 
 
 def _keyed(key: str) -> list[pa.Field]:
@@ -67,6 +72,8 @@ _PREDICTION_FIELDS = [
     pa.field("exit_stage", pa.int32(), nullable=False),
     pa.field("gmacs", pa.float64(), nullable=False),
     pa.field("top5", pa.list_(TOP_K_ENTRY)),
+    pa.field("stages", pa.list_(STAGE_ANSWER), nullable=False),  # every stage the record went through, in order
+    pa.field("shadow", pa.bool_(), nullable=False),  # a shadow record: it went through every stage (config shadow)
 ]
 
 PREDICTIONS = Table("predictions", pa.schema(_PREDICTION_FIELDS))
@@ -117,6 +124,18 @@ EXIT_STATS = Table("exit_stats", pa.schema([
     pa.field("worst_case_gmacs", pa.float64(), nullable=False),
     pa.field("last_model_gmacs", pa.float64(), nullable=False),
     pa.field("accuracy", pa.float64()),
+    # the shadow sample (config shadow): rows marked shadow in the run, and the GMACs per prediction they cost
+    # beyond the cascade's decision (run-level; avg_gmacs leaves them out)
+    pa.field("shadow_records", pa.int64(), nullable=False),
+    pa.field("avg_shadow_gmacs", pa.float64()),
+    # per stage: shadow records the cascade exited here that went through every stage, how many of them got the
+    # last stage's answer here, that share and its 95 % (Wilson) interval; null on stage 0 or without any
+    pa.field("shadow_exited", pa.int64(), nullable=False),
+    pa.field("shadow_agreed", pa.int64(), nullable=False),
+    pa.field("shadow_agreement", pa.float64()),
+    pa.field("shadow_agreement_low", pa.float64()),
+    pa.field("shadow_agreement_high", pa.float64()),
+    pa.field("shadow_last_accuracy", pa.float64()),  # the last stage's accuracy on those records (labelled ones)
 ]))
 
 # Every table any run of the cascade can write (an --overwrite removes them all); which ones a given run

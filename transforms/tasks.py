@@ -22,7 +22,7 @@ import pyarrow as pa
 from configs.plan import CascadePlan, StagePlan, TaskKind
 from configs.schema import Granularity
 from models import committee
-from transforms.records import Exit, utf8_text
+from transforms.records import Exit, in_shadow, utf8_text
 from transforms.stage import classify_images
 from transforms.tables import FRAME_PREDICTIONS, PREDICTIONS, VIDEO_PREDICTIONS, Table
 from transforms.video import DecodeVideos, VideoPredictions, classify_views
@@ -33,9 +33,10 @@ Sink = Callable[[Table], beam.PTransform]  # a table -> the transform writing it
 
 def prediction_columns(exit: Exit, plan: CascadePlan) -> dict:
     """The columns every task's prediction row has: the run, the record (and the manifest's own columns), its
-    class, top-k, exit stage and cost."""
+    class, top-k, exit stage and cost (the cascade's decision, for a shadow record too), and every stage's
+    answer."""
     record = exit.record
-    spec = plan.stages[record.stages_run - 1].spec
+    spec = plan.stages[exit.stage - 1].spec
     probs = committee.softmax(exit.combined)
     top = [int(c) for c in np.argsort(-probs, kind="stable")[:TOP_K]]
     return {
@@ -48,9 +49,11 @@ def prediction_columns(exit: Exit, plan: CascadePlan) -> dict:
         "pred_class": top[0],
         "pred_name": spec.class_name(top[0]),
         "confidence": float(exit.confidence),
-        "exit_stage": record.stages_run,
-        "gmacs": float(record.gmacs),
+        "exit_stage": exit.stage,
+        "gmacs": float(exit.gmacs),
         "top5": [{"class": c, "name": spec.class_name(c), "prob": float(probs[c])} for c in top],
+        "stages": [answer.as_entry() for answer in record.answers],
+        "shadow": in_shadow(record.id, plan.settings.shadow),
         **record.extras,
     }
 

@@ -135,7 +135,7 @@ class MeanLogitsFn(beam.CombineFn):
     def add_input(self, acc, exit: Exit):
         total, frames, gmacs, label = acc
         logits = np.asarray(exit.combined, dtype=np.float64)
-        return ((logits if total is None else total + logits), frames + 1, gmacs + exit.record.gmacs,
+        return ((logits if total is None else total + logits), frames + 1, gmacs + exit.gmacs,
                 exit.record.label)
 
     def merge_accumulators(self, accs):
