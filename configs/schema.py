@@ -109,6 +109,7 @@ BOUNDS: tuple[Bound, ...] = (
           "0: off"),
     Bound("circuit_breaker.share", 0.5, 1, "the share of the window failing with one category that stops the "
           "job", low_open=True),
+    Bound("shadow", 0, 1, "a share of the records"),
     Bound("read.in_flight", 1, 4096, "reads in flight at once per worker thread"),
     Bound("read.bytes_in_flight", 1, 2**40, "bytes those reads may hold at once"),
     Bound("read.attempts", 1, 20, "tries of an HTTP read failing transiently"),
@@ -521,8 +522,6 @@ def validate(cfg: CascadeConfig) -> None:
     if cfg.skip_done and cfg.video is not None and Granularity(cfg.video.granularity) is Granularity.FRAME:
         raise ConfigError("skip_done: at frame granularity a listed video becomes frame rows, whose ids are not "
                           "the listed ones; skip done videos with a manifest of the others")
-    if not 0.0 <= cfg.shadow <= 1.0:
-        raise ConfigError(f"shadow: a share of the records in [0, 1] (e.g. 0.01), got {cfg.shadow}")
     if Aggregation(cfg.aggregation) is Aggregation.LAST:
         idle = next((i for i, st in enumerate(cfg.stages[:-1]) if st.threshold >= 1.0 and st.escalate is None), None)
         if idle is not None:
