@@ -110,6 +110,7 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("circuit_breaker.share", 0.5, 1, "the share of the window failing with one category that stops the "
           "job", low_open=True),
     Bound("shadow", 0, 1, "a share of the records"),
+    Bound("limit", 0, 2**40, "inputs in a trial; 0: all"),
     Bound("read.in_flight", 1, 4096, "reads in flight at once per worker thread"),
     Bound("read.bytes_in_flight", 1, 2**40, "bytes those reads may hold at once"),
     Bound("read.attempts", 1, 20, "tries of an HTTP read failing transiently"),
@@ -239,6 +240,7 @@ class CascadeConfig:
     overwrite: bool = False  # allow replacing the outputs of an earlier run in `output`
     skip_done: bool = False  # add a run to `output`: skip the ids its committed runs have (predictions, dead letters)
     retry_dead_letters: bool = False  # with skip_done: an id only an earlier run's dead_letter has is tried again
+    limit: int = 0  # classify only the first N inputs in listing order (a trial on a subset); 0: all of them
     stages: list[StageConfig] = field(default_factory=list)
     confidence: Confidence = Confidence.MAX_PROB
     # how a stage's answer is made: the committee of the stages so far (logits: mean of logits, the paper's;

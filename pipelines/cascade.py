@@ -20,8 +20,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
-import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -42,22 +40,10 @@ DEFAULT_PROFILE = "lite_cascade"
 GMACS_NOTE = "GMACs are multiply-adds x1e9 (the paper's 'FLOPS (B)'), measured by torch's FLOP counter / 2"
 
 
-def profiles_epilog() -> str:
-    """The profiles in configs/, each with the first line of its comment, for --help."""
-    lines = ["profiles (--config NAME; configs/NAME.yaml):"]
-    for name in sorted(f[:-5] for f in os.listdir(schema.CONFIG_DIR) if f.endswith(".yaml")):
-        with open(os.path.join(schema.CONFIG_DIR, f"{name}.yaml")) as fh:
-            first = fh.readline().strip()
-        about = re.split(r"\. | \(|: ", first.lstrip("# ").strip())[0] if first.startswith("#") else ""
-        if len(about) > 80:
-            about = about[:80].rsplit(" ", 1)[0] + " ..."
-        lines.append(f"  {name:<28} {about}".rstrip())
-    return "\n".join(lines)
-
-
 def parse(argv: Optional[Sequence[str]]) -> tuple[schema.CascadeConfig, list[str], Optional[str], bool]:
     parser = argparse.ArgumentParser(prog="python -m pipelines.cascade", description=__doc__,
-                                     epilog=profiles_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=common.profiles_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_PROFILE,
                         help=f"a profile name (listed below) or a YAML file (default: {DEFAULT_PROFILE})")
     parser.add_argument("--input", default=None,
@@ -71,13 +57,15 @@ def parse(argv: Optional[Sequence[str]]) -> tuple[schema.CascadeConfig, list[str
                              "(predictions and dead letters); for a growing dataset or a job resumed piece by piece")
     parser.add_argument("--retry_dead_letters", action="store_true", default=None,
                         help="with --skip_done: try again the ids earlier runs dead-lettered")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="classify only the first N inputs in listing order (a trial on a subset)")
     parser.add_argument("--plan", action="store_true",
                         help="run nothing: count the inputs and print the stages, the exit ratios and GMACs the "
                              "config's calibration expects and the compute the run will take")
     args, overrides, beam_args = common.split_argv(parser, argv)
     try:
         cfg = schema.load(args.config, overrides, input=args.input, output=args.output, overwrite=args.overwrite,
-                          skip_done=args.skip_done, retry_dead_letters=args.retry_dead_letters)
+                          skip_done=args.skip_done, retry_dead_letters=args.retry_dead_letters, limit=args.limit)
     except schema.ConfigError as err:
         raise SystemExit(f"invalid config: {err}") from None
     return cfg, beam_args, args.config, args.plan
@@ -108,7 +96,7 @@ def build(run: job.Job) -> None:
                                                        num_classes=plan.stages[0].spec.num_classes,
                                                        timeout_s=decode.read_timeout_s, done=done,
                                                        read=cfg.read,
-                                                       breaker=cfg.circuit_breaker)
+                                                       breaker=cfg.circuit_breaker, limit=cfg.limit)
     records = inputs["records"]
     exited, dead, thresholds = [], [inputs[DEAD]], []
     if plan.execution is Execution.FUSED:
@@ -163,7 +151,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             started = time.time()
             result = job.run(prepared)
             counts, lines = summary.count_run(result, prepared.folder, prepared.run_id, skip_done=cfg.skip_done,
-                                              frames=prepared.plan.task is TaskKind.VIDEO_FRAMES)
+                                              frames=prepared.plan.task is TaskKind.VIDEO_FRAMES, limit=cfg.limit)
             summary.refuse_to_commit(counts, lines, prepared.folder, prepared.run_id, cfg.input, cfg.circuit_breaker)
             record = run_record(prepared, counts, time.time() - started)
             marker = prepared.folder.commit(record)

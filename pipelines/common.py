@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import platform
 import re
 from importlib import metadata
@@ -13,6 +14,7 @@ from typing import Optional, Sequence
 
 from apache_beam.options import pipeline_options
 
+from configs import schema
 from pipelines import drop_warning, runners
 
 OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
@@ -69,3 +71,16 @@ def versions(*packages: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def profiles_epilog() -> str:
+    """The profiles in configs/, each with the first line of its comment, for --help."""
+    lines = ["profiles (--config NAME; configs/NAME.yaml):"]
+    for name in sorted(f[:-5] for f in os.listdir(schema.CONFIG_DIR) if f.endswith(".yaml")):
+        with open(os.path.join(schema.CONFIG_DIR, f"{name}.yaml")) as fh:
+            first = fh.readline().strip()
+        about = re.split(r"\. | \(|: ", first.lstrip("# ").strip())[0] if first.startswith("#") else ""
+        if len(about) > 80:
+            about = about[:80].rsplit(" ", 1)[0] + " ..."
+        lines.append(f"  {name:<28} {about}".rstrip())
+    return "\n".join(lines)

@@ -46,6 +46,8 @@ class RunCounts:
     videos_sampled: Optional[int] = None
     video_predictions: Optional[int] = None
     label_errors: int = 0  # predictions whose label could not be used (classified unlabelled; label_error set)
+    limit: Optional[int] = None  # --limit N: only the first N listed inputs were classified
+    inputs_beyond_limit: Optional[int] = None  # inputs read past the first N (each part of a manifest lists N)
 
     @property
     def written(self) -> int:
@@ -56,24 +58,25 @@ class RunCounts:
         if (self.predictions, self.dead_letters) != (self.exit_stats_predictions, self.exit_stats_dead_letters):
             return (f"tables disagree: predictions {self.predictions} vs {self.exit_stats_predictions} tallied, "
                     f"dead letters {self.dead_letters} vs {self.exit_stats_dead_letters} tallied")
-        total = (self.inputs_skipped or 0) + self.written
+        total = (self.inputs_skipped or 0) + (self.inputs_beyond_limit or 0) + self.written
         if self.inputs_listed is not None and self.inputs_listed != total:
-            what = "skipped + predictions + dead letters" if self.inputs_skipped is not None else \
-                "predictions + dead letters"
-            return f"{self.inputs_listed} inputs listed but {total} = {what} written"
+            return f"{self.inputs_listed} inputs listed but {total} = {self.terms()} written"
         if self.videos_sampled is not None and self.videos_sampled != self.video_predictions:
             return f"{self.videos_sampled} videos sampled but {self.video_predictions} video predictions written"
         return None
 
+    def terms(self) -> str:
+        return " + ".join(["skipped"] * (self.inputs_skipped is not None)
+                          + ["beyond --limit"] * (self.limit is not None) + ["predictions + dead letters"])
+
     def invariant_line(self) -> str:
-        if self.inputs_skipped is not None:
-            return (f"count invariant holds: inputs = skipped + predictions + dead letters = "
-                    f"{self.inputs_skipped + self.written}")
-        return f"count invariant holds: inputs = predictions + dead letters = {self.written}"
+        total = (self.inputs_skipped or 0) + (self.inputs_beyond_limit or 0) + self.written
+        return f"count invariant holds: inputs{' listed' if self.limit else ''} = {self.terms()} = {total}"
 
     def as_dict(self) -> dict:
         """The run record's ``counts``: the counts that apply to this run."""
-        optional = {"inputs_skipped", "videos_listed", "videos_sampled", "video_predictions"}
+        optional = {"inputs_skipped", "videos_listed", "videos_sampled", "video_predictions", "limit",
+                    "inputs_beyond_limit"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in optional or v is not None}
 
 
@@ -96,7 +99,8 @@ def stage_lines(stats: Sequence[dict]) -> list[str]:
     return lines
 
 
-def count_run(result, folder: RunFolder, run_id: str, *, frames: bool, skip_done: bool) -> tuple[RunCounts, list[str]]:
+def count_run(result, folder: RunFolder, run_id: str, *, frames: bool, skip_done: bool, limit: int = 0
+              ) -> tuple[RunCounts, list[str]]:
     """The run's counts and its summary lines, from the Beam counters and the run's own tables (footers and
     exit_stats only). At frame granularity a video is as many records as frames sampled from it."""
     listed = metric(result)
@@ -110,9 +114,15 @@ def count_run(result, folder: RunFolder, run_id: str, *, frames: bool, skip_done
     counts = RunCounts(inputs_listed=listed, predictions=folder.count_rows(PREDICTIONS.name, [run_id]),
                        dead_letters=folder.count_rows(DEAD_LETTER.name, [run_id]),
                        exit_stats_predictions=run["predictions"], exit_stats_dead_letters=run["dead_letters"],
-                       inputs_skipped=metric(result, "inputs_skipped") if skip_done else None)
+                       inputs_skipped=metric(result, "inputs_skipped") if skip_done else None,
+                       limit=limit or None,
+                       inputs_beyond_limit=metric(result, "inputs_beyond_limit") if limit else None)
     lines = [] if counts.inputs_skipped is None else [
         f"skipped: {counts.inputs_skipped} inputs whose ids earlier runs of {folder.url} have"]
+    if limit:
+        lines.append(f"limited (--limit {limit}): only the first {limit} inputs in listing order were taken"
+                     + (f"; {counts.inputs_beyond_limit} more read past them were left out"
+                        if counts.inputs_beyond_limit else ""))
     lines += [f"records: {counts.written} inputs -> {counts.predictions} predictions + {counts.dead_letters} dead "
               "letters", *stage_lines(stats)]
     if run["avg_gmacs"] is not None:

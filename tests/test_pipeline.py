@@ -275,3 +275,15 @@ def test_a_budget_stage_with_aggregation_last_and_a_shadow_keeps_its_decisions(t
             plain[uri]["exit_stage"], plain[uri]["pred_class"], plain[uri]["gmacs"]), uri
     assert [s["threshold"] for s in stage_rows(tmp_path / "shadow")] == [
         s["threshold"] for s in stage_rows(tmp_path / "plain")]
+
+
+def test_limit_classifies_the_first_n_listed_inputs_and_says_so(tmp_path, sample_dir, capsys):
+    record = cascade.run(["--runner=FnApiRunner", "--input", str(sample_dir / "labels.csv"), "--output",
+                          str(tmp_path / "out"), "--limit", "5", "stages=[{model: lite0, batch_size: 4}]"])
+    assert record["counts"]["limit"] == 5 and record["counts"]["inputs_listed"] == 5
+    assert record["counts"]["predictions"] + record["counts"]["dead_letters"] == 5 and record["invariant_holds"]
+    assert "limit: 5" in record["config"]
+    first = [line.split(",")[0] for line in (sample_dir / "labels.csv").read_text().splitlines()[1:6]]
+    uris = sorted(RunFolder(str(tmp_path / "out")).read("predictions").column("uri").to_pylist())
+    assert uris == sorted(str(sample_dir / f) for f in first)
+    assert "limited (--limit 5): only the first 5 inputs in listing order were taken" in capsys.readouterr().out

@@ -90,3 +90,25 @@ def test_skip_done_skips_every_row_of_a_done_id_before_any_verdict_on_it(tmp_pat
     counters = {c.key.metric.name: c.committed for c in p.result.metrics().query(MetricsFilter())["counters"]
                 if c.key.metric.name in ("inputs_listed", "inputs_skipped")}
     assert counters == {"inputs_listed": 8, "inputs_skipped": 4}  # 8 = 4 skipped + 1 record + 3 dead letters
+
+
+def test_limit_keeps_the_first_n_inputs_in_listing_order_across_parts(tmp_path, monkeypatch):
+    """``--limit 5`` over a glob of manifests read in parts: the first 5 inputs in listing order (files by
+    name, then rows), whichever worker read them; the other rows the parts read are counted beyond the limit
+    (each part reads at most 5), so inputs listed = beyond + records + dead letters."""
+    images = tmp_path / "img"
+    images.mkdir()
+    for i in range(12):
+        (images / f"{i}.jpg").write_bytes(b"%d" % i)
+    write_parquet(tmp_path / "m1.parquet", ["a", "b", "c"], [f"img/{i}.jpg" for i in range(3)], 1)
+    write_parquet(tmp_path / "m2.parquet", ["d", "e", "f", "g", "h", "i", "j"], [f"img/{i}.jpg" for i in range(3, 10)],
+                  2)
+    write_parquet(tmp_path / "m3.parquet", ["k", "l"], ["img/10.jpg", "img/11.jpg"], 1)
+    monkeypatch.setattr(manifests, "PART_ROWS", 2)
+    with TestPipeline(runner="FnApiRunner") as p:
+        out = p | ReadInputs(str(tmp_path / "m*.parquet"), max_bytes=100, limit=5)
+        assert_that(out["records"] | beam.Map(lambda r: r.id), equal_to(["a", "b", "c", "d", "e"]))
+    metrics = p.result.metrics()
+    listed = sum(c.committed for c in metrics.query(MetricsFilter().with_name("inputs_listed"))["counters"])
+    beyond = sum(c.committed for c in metrics.query(MetricsFilter().with_name("inputs_beyond_limit"))["counters"])
+    assert listed - beyond == 5 and beyond > 0

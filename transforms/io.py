@@ -18,6 +18,7 @@ known before any work is checked by ``transforms.manifests.check_source``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import pickle
 import zlib
 from typing import Any, Iterator, Optional, Sequence
@@ -63,13 +64,16 @@ class ExpandSource(beam.DoFn):
     is read, the left side of the count invariant: one per file of a glob, one per manifest row (a CSV's
     records after the header, a Parquet file's rows)."""
 
-    def __init__(self, num_classes: Optional[int] = None, extras: Optional[Sequence[str]] = None):
+    def __init__(self, num_classes: Optional[int] = None, extras: Optional[Sequence[str]] = None,
+                 limit: int = 0):
         self.extras = extras
+        self.limit = limit  # --limit: each part lists at most its first ``limit`` inputs (LimitInputs keeps N)
         self.listed = Metrics.counter(NAMESPACE, "inputs_listed")
         self.num_classes = num_classes
 
     def process(self, source: str | ManifestPart):
-        for position, entry in self._entries(source):
+        entries = self._entries(source)
+        for position, entry in itertools.islice(entries, self.limit) if self.limit else entries:
             self.listed.inc()
             if isinstance(entry, DeadLetter):
                 yield entry.id, (position, wire(entry.uri), None, None, None,
@@ -92,6 +96,32 @@ class ExpandSource(beam.DoFn):
         except Exception as err:  # the file itself cannot be read (no header, no uri column): one dead letter
             reason = f"bad manifest: {err}" if isinstance(err, ValueError) else read_failure(err)
             yield (source.file, first, -1), DeadLetter(f"{source.path}#", source.path, READ_STAGE, reason)
+
+
+class LimitInputs(beam.PTransform):
+    """``--limit N``: the N inputs first in listing order, of those listed by ``ExpandSource`` (each part lists
+    at most N, so the first N of all are among them); the others read are counted in ``inputs_beyond_limit``,
+    the count invariant's term for them. The N positions meet in one small combine (N positions)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def expand(self, keyed):
+        cut = (keyed | "Positions" >> beam.Map(lambda kv: kv[1][0])
+               | "FirstN" >> beam.combiners.Top.Smallest(self.limit))
+        return keyed | "Keep" >> beam.ParDo(_KeepFirst(), beam.pvalue.AsSingleton(cut))
+
+
+class _KeepFirst(beam.DoFn):
+    def __init__(self):
+        self.beyond = Metrics.counter(NAMESPACE, "inputs_beyond_limit")
+
+    def process(self, element, first: list):
+        if first and element[1][0] <= first[-1]:
+            yield element
+        else:
+            self.beyond.inc()
 
 
 class SplitManifests(beam.PTransform):
@@ -258,8 +288,10 @@ class ReadInputs(beam.PTransform):
 
     def __init__(self, source: str, max_bytes: int, reader: Optional[beam.DoFn] = None,
                  num_classes: Optional[int] = None, timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-                 done: Sequence[str] = (), read: Any = None, breaker: Optional[BreakerConfig] = None):
+                 done: Sequence[str] = (), read: Any = None, breaker: Optional[BreakerConfig] = None,
+                 limit: int = 0):
         super().__init__()
+        self.limit = limit
         self.read = read
         self.breaker = breaker
         self.done = tuple(done)
@@ -280,7 +312,9 @@ class ReadInputs(beam.PTransform):
                 extras = [f.name for f in extra_fields(self.source)] if is_glob(self.source) else None
             except Exception:  # unreadable from here (a Dataflow dry run): each file carries its own
                 extras = None
-        keyed = sources | "Expand" >> beam.ParDo(ExpandSource(self.num_classes, extras))
+        keyed = sources | "Expand" >> beam.ParDo(ExpandSource(self.num_classes, extras, self.limit))
+        if self.limit:
+            keyed = keyed | "Limit" >> LimitInputs(self.limit)
         if self.done:  # ids of earlier runs meet this run's inputs in the same grouping, and skip them
             done = (
                 pbegin
