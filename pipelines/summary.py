@@ -45,7 +45,7 @@ class RunCounts:
     videos_listed: Optional[int] = None  # frame granularity: videos listed, sampled, and per-video rows written
     videos_sampled: Optional[int] = None
     video_predictions: Optional[int] = None
-    label_errors: int = 0  # predictions whose label could not be used (classified unlabelled; label_error set)
+    label_errors: Optional[int] = None  # predictions whose label could not be used (unlabelled; label_error set)
     limit: Optional[int] = None  # --limit N: only the first N listed inputs were classified
     inputs_beyond_limit: Optional[int] = None  # inputs read past the first N (each part of a manifest lists N)
 
@@ -76,7 +76,7 @@ class RunCounts:
     def as_dict(self) -> dict:
         """The run record's ``counts``: the counts that apply to this run."""
         optional = {"inputs_skipped", "videos_listed", "videos_sampled", "video_predictions", "limit",
-                    "inputs_beyond_limit"}
+                    "inputs_beyond_limit", "label_errors"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in optional or v is not None}
 
 
@@ -131,7 +131,7 @@ def count_run(result, folder: RunFolder, run_id: str, *, frames: bool, skip_done
                      f"{run['worst_case_gmacs']:.3f}; last model alone {run['last_model_gmacs']:.3f}{share}")
     if run["accuracy"] is not None:
         lines.append(f"accuracy on labelled records: {run['accuracy']:.2%}")
-    counts.label_errors = sum(s.get("label_errors") or 0 for s in stats)
+    counts.label_errors = sum(s.get("label_errors") or 0 for s in stats) or None
     if counts.label_errors:
         lines.append(f"labels: {counts.label_errors} predictions are unlabelled because their label could not be used "
                      "(the label_error column says why)")

@@ -255,9 +255,6 @@ class ReadBytes(beam.DoFn):
         self.breaker = breaker or BreakerConfig()
         self.peak = Metrics.distribution(NAMESPACE, "reads_in_flight_peak")
 
-    def setup(self):  # the breaker holds a lock: made where the DoFn runs, not pickled with it
-        self._breaker = CircuitBreaker("reading the inputs", self.breaker)
-
     def start_bundle(self):
         self._reads = Reads(self.policy)
 
@@ -272,6 +269,8 @@ class ReadBytes(beam.DoFn):
         self.peak.update(self._reads.peak)
 
     def _outputs(self, ended) -> Iterator:
+        if getattr(self, "_breaker", None) is None:  # it holds a lock: made where the DoFn runs, never pickled
+            self._breaker = CircuitBreaker("reading the inputs", self.breaker)
         for record, data, reason in ended:
             # every input the same failure (a wrong base folder, a refused bucket): the job stops, uncommitted
             self._breaker.observe(None if data is not None else category_of(reason), reason or "")
