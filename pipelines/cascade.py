@@ -143,7 +143,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     cfg, beam_args, profile, plan_only = parse(argv)
     if plan_only:
         return plan_report.print_plan(cfg, profile)
-    with demo.inputs(cfg) as cfg, job.prepare(cfg, beam_args, profile, test_pipeline) as prepared:
+    with demo.inputs(cfg, profile) as cfg, job.prepare(cfg, beam_args, profile, test_pipeline) as prepared:
         if prepared.dry_run:
             return dry_run(prepared)
         with prepared.hold():
@@ -151,7 +151,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             started = time.time()
             result = job.run(prepared)
             counts, lines = summary.count_run(result, prepared.folder, prepared.run_id, skip_done=cfg.skip_done,
-                                              frames=prepared.plan.task is TaskKind.VIDEO_FRAMES, limit=cfg.limit)
+                                              frames=prepared.plan.task is TaskKind.VIDEO_FRAMES, limit=cfg.limit,
+                                              aggregation=schema.Aggregation(cfg.aggregation).value)
             summary.refuse_to_commit(counts, lines, prepared.folder, prepared.run_id, cfg.input, cfg.circuit_breaker)
             record = run_record(prepared, counts, time.time() - started)
             marker = prepared.folder.commit(record)

@@ -12,6 +12,11 @@ from typing import Iterator
 from configs import schema
 
 DEMO_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".tif")
+PROFILE = "demo"  # the first run's profile (configs/demo.yaml)
+WHY = ("profile demo: a compute budget, not calibrated thresholds: thresholds calibrated on ImageNet photos send most "
+       "of these odd pictures (test charts, text, microscopy) on to the last model; here stage 1 sends the least "
+       "confident half of them to Lite2, and every picture also goes through Lite2 (shadow: 1) so that this run "
+       "measures its own agreement with Lite2 alone")
 
 
 def photos() -> list[str]:
@@ -41,13 +46,15 @@ def demo_video_manifest(folder: str) -> str:
 
 
 @contextlib.contextmanager
-def inputs(cfg: schema.CascadeConfig) -> Iterator[schema.CascadeConfig]:
+def inputs(cfg: schema.CascadeConfig, profile: str | None = None) -> Iterator[schema.CascadeConfig]:
     """The config as given, or, without ``--input``, with the demo's manifest as its input for the time of the
-    run (the manifest and any demo videos live in a temporary folder)."""
+    run (the manifest and any demo videos live in a temporary folder); the demo profile says why it is the one."""
     if cfg.input:
         yield cfg
         return
     with tempfile.TemporaryDirectory() as tmp:
         manifest = demo_manifest(tmp) if cfg.video is None else demo_video_manifest(tmp)
         print(f"no --input given: running the embedded demo set ({manifest})")
+        if profile == PROFILE:
+            print(WHY)
         yield dataclasses.replace(cfg, input=manifest)

@@ -15,6 +15,7 @@ import apache_beam as beam
 import pyarrow.dataset as ds
 
 from models import failures
+from models.calibration import reference_of, wilson_interval
 from pipelines.folder import RunFolder
 from transforms.progress import NAMESPACE
 from transforms.tables import DEAD_LETTER, EXIT_STATS, PREDICTIONS, VIDEO_PREDICTIONS
@@ -99,8 +100,8 @@ def stage_lines(stats: Sequence[dict]) -> list[str]:
     return lines
 
 
-def count_run(result, folder: RunFolder, run_id: str, *, frames: bool, skip_done: bool, limit: int = 0
-              ) -> tuple[RunCounts, list[str]]:
+def count_run(result, folder: RunFolder, run_id: str, *, frames: bool, skip_done: bool, limit: int = 0,
+              aggregation: str = "logits") -> tuple[RunCounts, list[str]]:
     """The run's counts and its summary lines, from the Beam counters and the run's own tables (footers and
     exit_stats only). At frame granularity a video is as many records as frames sampled from it."""
     listed = metric(result)
@@ -131,6 +132,7 @@ def count_run(result, folder: RunFolder, run_id: str, *, frames: bool, skip_done
                      f"{run['worst_case_gmacs']:.3f}; last model alone {run['last_model_gmacs']:.3f}{share}")
     if run["accuracy"] is not None:
         lines.append(f"accuracy on labelled records: {run['accuracy']:.2%}")
+    lines += shadow_lines(stats, aggregation)
     counts.label_errors = sum(s.get("label_errors") or 0 for s in stats) or None
     if counts.label_errors:
         lines.append(f"labels: {counts.label_errors} predictions are unlabelled because their label could not be used "
@@ -179,3 +181,22 @@ def systemic_failure(folder: RunFolder, run_id: str, breaker) -> Optional[str]:
                                  & (ds.field("category") == category)).column("error")[-1].as_py()
             return failures.judge(what, s["records_in"], counts, last, breaker)
     return None
+
+
+def shadow_lines(stats: Sequence[dict], aggregation: str) -> list[str]:
+    """The shadow sample's figures, when the run had one: how often the cascade's answers equal what its last
+    stage answers (the last model alone with ``aggregation: last``, else the committee), measured in the run."""
+    run = stats[0]
+    if not run.get("shadow_records"):
+        return []
+    stages = [s for s in stats if s["stage"] >= 1]
+    n, agreed = sum(s["shadow_exited"] for s in stages), sum(s["shadow_agreed"] for s in stages)
+    if not n:
+        return [f"shadow sample: {run['shadow_records']} records, none went through every stage"]
+    low, high = wilson_interval(agreed, n)
+    reference = reference_of([s["model"] for s in stages], aggregation)
+    alone = " alone" if "(" not in reference else ""
+    return [f"agreement with {reference}{alone}, measured in this run on its shadow sample ({n} records that also "
+            f"went through every stage): {agreed} of {n} answers equal, {agreed / n:.1%} (95 % interval "
+            f"{low:.1%}-{high:.1%}); the shadow's extra cost, {run['avg_shadow_gmacs'] or 0:.3f} GMACs per record, is "
+            "not in the average above"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -287,3 +288,20 @@ def test_limit_classifies_the_first_n_listed_inputs_and_says_so(tmp_path, sample
     uris = sorted(RunFolder(str(tmp_path / "out")).read("predictions").column("uri").to_pylist())
     assert uris == sorted(str(sample_dir / f) for f in first)
     assert "limited (--limit 5): only the first 5 inputs in listing order were taken" in capsys.readouterr().out
+
+
+def test_the_first_run_costs_less_than_the_last_model_and_measures_its_agreement_with_it(tmp_path, capsys):
+    """run_local.sh's first run (the demo profile on the embedded pictures): a cost below Lite2 alone, and its
+    agreement with Lite2 alone measured in that very run (every picture also went through Lite2)."""
+    record = cascade.run(["--runner=FnApiRunner", "--config", "demo", "--output", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert "profile demo: a compute budget" in out
+    cost = re.search(r"per record: average ([\d.]+), worst case [\d.]+; last model alone ([\d.]+) \((\d+)% of it\)",
+                     out)
+    assert cost and float(cost[1]) < float(cost[2]) and int(cost[3]) < 100, out
+    agree = re.search(r"agreement with lite2@260 alone, measured in this run on its shadow sample \((\d+) records "
+                      r"that also went through every stage\): (\d+) of (\d+) answers equal", out)
+    assert agree and int(agree[1]) == record["counts"]["predictions"] == int(agree[3]), out
+    rows = RunFolder(str(tmp_path / "demo")).read("predictions").to_pylist()
+    same = sum(r["pred_class"] == r["stages"][-1]["pred_class"] for r in rows)  # Lite2's own answer, every row
+    assert all(r["shadow"] and len(r["stages"]) == 2 for r in rows) and same == int(agree[2])
