@@ -13,10 +13,9 @@ from configs import schema
 
 DEMO_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".tif")
 PROFILE = "demo"  # the first run's profile (configs/demo.yaml)
-WHY = ("profile demo: a compute budget, not calibrated thresholds: thresholds calibrated on ImageNet photos send most "
-       "of these odd pictures (test charts, text, microscopy) on to the last model; here stage 1 sends the least "
-       "confident half of them to Lite2, and every picture also goes through Lite2 (shadow: 1) so that this run "
-       "measures its own agreement with Lite2 alone")
+WHY = ("profile demo: a compute budget, not calibrated thresholds (tuned on ImageNet photos, they would send most "
+       "of these odd pictures to Lite2): stage 1 sends its least confident half on, and every picture also goes "
+       "through Lite2 (shadow: 1), so that this run measures its agreement with Lite2 alone")
 
 
 def photos() -> list[str]:
