@@ -30,7 +30,6 @@ from configs import schema
 from configs.plan import TaskKind
 from configs.schema import Execution
 from pipelines import common, demo, job, plan_report, runners, summary
-from transforms.fused import FusedCascade
 from transforms.io import DEAD, ReadInputs
 from transforms.outputs import ExitStats, WriteTable
 from transforms.stage import CONTINUE, EXITED, THRESHOLD, CascadeStage
@@ -100,7 +99,7 @@ def build(run: job.Job) -> None:
     records = inputs["records"]
     exited, dead, thresholds = [], [inputs[DEAD]], []
     if plan.execution is Execution.FUSED:
-        out = records | "Cascade" >> FusedCascade(plan)
+        out = records | "Cascade" >> task.fused(plan)
         exited.append(out[EXITED])
         dead.append(out[DEAD])
     else:

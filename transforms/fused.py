@@ -1,12 +1,14 @@
 """Every stage of the cascade in one step per worker (``execution: fused``): each record is decoded once.
 
 ``FusedCascadeFn`` keeps one buffer per stage. Records enter stage 1's buffer; when a buffer holds a full
-batch of its stage, the batch runs (stage 1 decodes it first, once, for every stage: ``Classifier.decode_once``),
+batch of its stage, the batch runs (stage 1 decodes it first, once, for every stage: the task's ``decode``),
 and the records that do not exit wait in the next stage's buffer with their decoded pixels (on the model's
 device when decoding ran there) until it holds a full batch of that stage. Every buffer is flushed at the end
 of each bundle, in stage order, so nothing is lost or held across bundles. Routing is ``transforms.stage.route``,
 the staged mode's, so both modes take the same decisions from the same per-stage logits, and the outputs are
-the same ``Exit``s and dead letters.
+the same ``Exit``s and dead letters. What a record is, how it is decoded and how a stage's model runs on what
+was decoded are the task's (``transforms.tasks``: ``decode`` and ``infer``), as ``task.classify`` is in the
+staged mode, so that another task (a dense one: grid cells of an image) runs fused too.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ def _load(stage, classifier):
 class FusedCascadeFn(beam.DoFn):
     """Records -> ``Exit``s (main output) and dead letters (``dead_letter``), every stage inside this DoFn."""
 
-    def __init__(self, plan: CascadePlan):
+    def __init__(self, plan: CascadePlan, task):
         self.stages = plan.stages
+        self.task = task  # transforms.tasks: decode(classifier, records) and infer(classifier, model, decoded)
         self._handles = [shared.Shared() for _ in self.stages]  # models load once per process (setup)
         self._tag = uuid.uuid4().hex
         self._buffers: list[list[Waiting]] = []
@@ -93,10 +96,10 @@ class FusedCascadeFn(beam.DoFn):
         stage, classifier = self.stages[k], self._classifiers[k]
         progress.add(stage.number, "in", len(batch))
         if k == 0:
-            for waiting, pixels in zip(batch, classifier.decode_once([w.record.data for w in batch])):
+            for waiting, pixels in zip(batch, self.task.decode(classifier, [w.record for w in batch])):
                 waiting.pixels = pixels
                 waiting.record = dataclasses.replace(waiting.record, data=b"")  # the pixels replace the bytes
-        results = classifier.classify_pixels(self._models[k], [w.pixels for w in batch])
+        results = self.task.infer(classifier, self._models[k], [w.pixels for w in batch])
         for waiting, result in zip(batch, results):
             routed = route(waiting.record, result, stage)
             watch(self._breakers[k], routed)
@@ -111,13 +114,14 @@ class FusedCascade(beam.PTransform):
     """Records -> {exited: ``Exit``s, dead_letter}: the whole cascade as one step. It carries the stages'
     resource hints merged (a later stage's value replacing an earlier one's: the step runs every model)."""
 
-    def __init__(self, plan: CascadePlan):
+    def __init__(self, plan: CascadePlan, task):
         super().__init__()
         self.plan = plan
+        self.task = task
         hints = {k: v for stage in plan.stages for k, v in stage.resources}
         if hints:
             self.with_resource_hints(**hints)
 
     def expand(self, records):
-        out = records | "Stages" >> beam.ParDo(FusedCascadeFn(self.plan)).with_outputs(DEAD, main=EXITED)
+        out = records | "Stages" >> beam.ParDo(FusedCascadeFn(self.plan, self.task)).with_outputs(DEAD, main=EXITED)
         return {EXITED: out[EXITED], DEAD: out[DEAD]}

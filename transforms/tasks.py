@@ -22,7 +22,8 @@ import pyarrow as pa
 from configs.plan import CascadePlan, StagePlan, TaskKind
 from configs.schema import Granularity
 from models import committee
-from transforms.records import Exit, in_shadow, utf8_text
+from transforms.fused import FusedCascade
+from transforms.records import Exit, Record, in_shadow, utf8_text
 from transforms.stage import classify_images
 from transforms.tables import FRAME_PREDICTIONS, PREDICTIONS, VIDEO_PREDICTIONS, Table
 from transforms.video import DecodeVideos, VideoPredictions, classify_views
@@ -74,9 +75,23 @@ class ImageTask:
         return None
 
     def classify(self, records, stage: StagePlan):
-        """Records -> ((record, PredictionResult) pairs for ``Route``, PCollections of dead letters raised
-        before ``Route``)."""
+        """Staged mode: records -> ((record, PredictionResult) pairs for ``Route``, PCollections of dead letters
+        raised before ``Route``)."""
         return classify_images(records, stage), ()
+
+    def fused(self, plan: CascadePlan) -> beam.PTransform:
+        """Fused mode: every stage in one step, which decodes each record once (``decode``) and runs each stage's
+        model on what was decoded (``infer``)."""
+        return FusedCascade(plan, self)
+
+    def decode(self, classifier, records: Sequence[Record]) -> list:
+        """Fused mode, stage 1: what every stage's model runs on, per record (an image's pixels, decoded once
+        for the largest size any stage needs), or its ``Failure``."""
+        return classifier.decode_once([record.data for record in records])
+
+    def infer(self, classifier, model, decoded: Sequence) -> list:
+        """Fused mode: a stage's logits (or ``Failure``) for what ``decode`` gave, one per record."""
+        return classifier.classify_pixels(model, list(decoded))
 
     def prediction_row(self, exit: Exit, plan: CascadePlan) -> dict:
         return self.predictions.row(**prediction_columns(exit, plan))
