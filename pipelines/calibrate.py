@@ -475,7 +475,7 @@ def from_run(args, base: schema.CascadeConfig) -> dict:
         "calibration": None if block is None else dataclasses.asdict(block), "config": config_out,
         "trusted": n >= cal.MIN_SHADOW_RECORDS,
     }
-    common.write_json(args.output, "calibration.json", summary)
+    write_json(args.output, "calibration.json", summary)
     print(f"{n} shadow records of {' -> '.join(answers.keys)} ({counts['shadow']} shadow rows of {counts['rows']} "
           f"predictions): {sel.size} selection / {len(held_rows)} held out")
     print(f"chosen: {' -> '.join(best.models)} thresholds {[round(t, 4) for t in thresholds]}")

@@ -36,7 +36,8 @@ def committed(out: Path, run_id: str, tables: dict[str, list[dict]], commit: boo
 
 
 def prediction(rid: str, pred: int = 1) -> dict:
-    return {"id": rid, "uri": f"/d/{rid}.jpg", "pred_class": pred, "confidence": 0.9, "exit_stage": 1, "gmacs": 0.4}
+    return {"id": rid, "uri": f"/d/{rid}.jpg", "pred_class": pred, "confidence": 0.9, "exit_stage": 1, "gmacs": 0.4,
+            "stages": [{"stage": 1, "model": "lite0@224", "pred_class": pred, "confidence": 0.9}], "shadow": False}
 
 
 def dead(rid: str) -> dict:
