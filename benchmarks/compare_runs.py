@@ -27,6 +27,8 @@ def _same(a, b, atol: float) -> bool:
         return a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= atol
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same(x, y, atol) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):  # a struct (top5 and stages entries): field by field
+        return a.keys() == b.keys() and all(_same(a[k], b[k], atol) for k in a)
     return a == b
 
 

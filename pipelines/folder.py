@@ -34,6 +34,7 @@ import fsspec.utils
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -407,7 +408,9 @@ class RunFolder:
         files = self.table_files(name, run_ids)
         if not files:
             raise FileNotFoundError(f"no Parquet files of a committed run for table {name!r} under {self.url}")
-        return ds.dataset(files, format="parquet", filesystem=PyFileSystem(FSSpecHandler(self.fs)))
+        # Arrow's own filesystem where it can: its fsspec bridge's threads can abort the interpreter at exit
+        filesystem = pafs.LocalFileSystem() if self.local else PyFileSystem(FSSpecHandler(self.fs))
+        return ds.dataset(files, format="parquet", filesystem=filesystem)
 
     def count_rows(self, name: str, run_ids: Optional[Sequence[str]] = None) -> int:
         """Rows of a table, from the Parquet footers alone (0 if it has no files)."""
