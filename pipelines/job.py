@@ -25,6 +25,7 @@ from models import failures
 from models.classifier import release_checked
 from pipelines import common, runners
 from pipelines.folder import RunFolder, new_run_id
+from transforms.fetch import with_timeout
 from transforms.manifests import check_source, count_inputs, extra_fields
 from transforms.progress import progress
 from transforms.stage import default_threads
@@ -80,10 +81,7 @@ def prepare(cfg: schema.CascadeConfig, beam_args: list[str], profile: Optional[s
     p = test_pipeline or beam.Pipeline(options=options)  # Beam validates the options here
     folder = RunFolder(cfg.output)
     if not dry_run:
-        try:
-            check_source(cfg.input)
-        except ValueError as err:
-            raise invalid("invalid input", err) from None
+        bounded(lambda: check_source(cfg.input), cfg)
         folder.check_apart_from(cfg.input)
     folder.check_name()
     threads, workers = None, runners.worker_count(options)
@@ -93,14 +91,28 @@ def prepare(cfg: schema.CascadeConfig, beam_args: list[str], profile: Optional[s
     now = datetime.datetime.now(datetime.timezone.utc)
     try:
         plan = dataclasses.replace(checked_plan(cfg, threads, runners.in_process(options)), run_id=new_run_id(now))
-        try:  # a manifest column clashing with ours is refused here (not on a dry run: inputs need not be readable)
-            task = task_for(plan, extra_fields(cfg.input) if manifest_columns and not dry_run else ())
-        except (OSError, ValueError) as err:
+        # a manifest column clashing with ours is refused here (not on a dry run: inputs need not be readable)
+        extras = bounded(lambda: extra_fields(cfg.input), cfg) if manifest_columns and not dry_run else ()
+        try:
+            task = task_for(plan, extras)
+        except ValueError as err:
             raise invalid("invalid input", err) from None
         yield Job(cfg, profile, list(beam_args), options, p, plan, task, folder,
                   now.isoformat(timespec="seconds"), dry_run, tuple(tables))
     finally:
         release_checked()  # the checked models no worker took
+
+
+def bounded(fn, cfg: schema.CascadeConfig):
+    """``fn()``, a read of the input on this machine before any work (the listing's headers), bounded like every
+    read by ``decode.read_timeout_s``: a stalled manifest URL or filesystem is a clear failure in that time."""
+    try:
+        return with_timeout(fn, cfg.decode.read_timeout_s, cfg.input)
+    except TimeoutError:
+        raise SystemExit(f"invalid input: reading {cfg.input} took longer than {cfg.decode.read_timeout_s:g} s "
+                         "(decode.read_timeout_s): a stalled server or filesystem") from None
+    except (OSError, ValueError) as err:
+        raise invalid("invalid input", err) from None
 
 
 def checked_plan(cfg: schema.CascadeConfig, torch_threads: Optional[int] = None, keep_models: bool = False

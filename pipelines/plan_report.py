@@ -15,6 +15,7 @@ from typing import Optional
 from configs import estimate, schema
 from configs.plan import build_plan
 from pipelines import demo
+from pipelines.job import bounded
 from transforms.manifests import count_inputs, first_uri
 
 
@@ -96,6 +97,10 @@ def plan_lines(cfg: schema.CascadeConfig, profile: Optional[str], records: Optio
                  f"{est.keys[-1]} alone {est.last_model_gmacs:.3f}"
                  + ("" if est.avg_gmacs is None else f" (the cascade: {est.avg_gmacs / est.last_model_gmacs:.0%} "
                     "of it)"))
+    if est.shadow:
+        lines.append(f"shadow sample: {est.shadow:.1%} of the records also go through every stage"
+                     + ("" if est.shadow_gmacs is None else f", about {est.shadow_gmacs:.3f} GMACs per record more")
+                     + " (not in the average; the compute below includes it where the exit ratios are known)")
     lines += ["", f"compute for the {'expected' if est.reach else 'worst'} case, at throughputs measured by "
                   f"benchmarks/ ({os.path.relpath(estimate.FIGURES, os.getcwd()) if figures else 'no figures'}); "
                   f"the config's device is {cfg.device}:"]
@@ -109,16 +114,14 @@ def plan_lines(cfg: schema.CascadeConfig, profile: Optional[str], records: Optio
 def print_plan(cfg: schema.CascadeConfig, profile: Optional[str]) -> dict:
     """--plan: nothing runs and no model is loaded; prints the plan and returns it as a dict."""
     if cfg.input:
-        try:
-            records, counted = count_inputs(cfg.input)
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"invalid input: {err}") from None
+        records, counted = bounded(lambda: count_inputs(cfg.input), cfg)
     else:
         records, counted = len(demo.photos()), "photos inside scikit-image"
     figures = estimate.load_figures()
     est, lines = plan_lines(cfg, profile, records, counted, figures)
     # the read path: its bound for remote inputs (requests in flight / latency)
-    lines += ["", *estimate.read_lines(first_uri(cfg.input) if cfg.input else None, cfg.read.in_flight, est,
+    lines += ["", *estimate.read_lines(bounded(lambda: first_uri(cfg.input), cfg) if cfg.input else None,
+                                       cfg.read.in_flight, est,
                                        figures, cfg.decode.gpu)]
     lines.append("(nothing was run and no model was loaded)")
     print("\n".join(lines))

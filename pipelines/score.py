@@ -173,7 +173,7 @@ def check_counts(folder: RunFolder, pool: list[tuple[str, float]], listed: int |
 
 
 def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
-    """Run the scoring job; returns its manifest (also written as ``manifest.json``)."""
+    """Run the scoring job; returns its run record (``runs/<run_id>.json``, copied to ``manifest.json``)."""
     common.setup_logging()
     cfg, beam_args = parse(argv)
     # the same steps as the cascade's, in the same order: every check (models built and run once included)
@@ -184,7 +184,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
             started = time.time()
             result = job.run(run)
             counts, problem = check_counts(run.folder, pool, summary.metric(result), run.run_id)
-            manifest = {
+            record = {
                 "run_id": run.run_id,
                 "config": schema.to_yaml(dataclasses.replace(cfg, overwrite=False)),
                 "pool": [{"model": key, "gmacs": g} for key, g in pool],
@@ -194,14 +194,14 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
                 "invariant_holds": problem is None,
                 "wall_seconds": round(time.time() - started, 2),
             }
-            run.folder.commit(manifest)
+            run.folder.commit(record)
     for key, entry in counts["entries"].items():
         print(f"{key}: {entry['scored']} scored, {entry['dead_letters']} dead letters")
     print(f"outputs: {cfg.output}/{{{SCORES.name},dead_letter}}/*.parquet and {cfg.output}/manifest.json "
-          f"({manifest['wall_seconds']:.1f} s)")
+          f"({record['wall_seconds']:.1f} s)")
     if problem:
         raise SystemExit(f"COUNT INVARIANT VIOLATED: {problem}")
-    return manifest
+    return record
 
 
 def main() -> None:

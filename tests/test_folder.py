@@ -3,6 +3,7 @@ project wrote and only after every check, true commit messages, and the latest v
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -268,3 +269,35 @@ def test_a_failed_score_overwrite_keeps_the_earlier_scoring_run(tmp_path, sample
                    "--runner=FnApiRunner"])
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert RunFolder(str(out)).committed_runs() == [RUN_A]
+
+
+def test_a_stalled_manifest_url_fails_the_start_clearly_within_the_read_timeout(tmp_path):
+    """The listing's own reads before any work (the manifest's header) are bounded by decode.read_timeout_s:
+    a server that accepts and never answers is a clear failure in that time, not a five-minute hang."""
+    import socket
+    import threading
+
+    from pipelines import cascade
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held: list = []
+
+    def accept() -> None:  # and never answer
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(server.accept())
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/m.csv"
+    started = time.monotonic()
+    try:
+        for argv in ([], ["--plan"]):
+            with pytest.raises(SystemExit, match=r"^invalid input: reading http://127\.0\.0\.1:\d+/m\.csv took longer "
+                                                 r"than 1 s \(decode\.read_timeout_s\)"):
+                cascade.run(["--runner=FnApiRunner", "--input", url, "--output", str(tmp_path / "out"),
+                             "decode.read_timeout_s=1", *argv])
+    finally:
+        server.close()
+    assert time.monotonic() - started < 30 and not (tmp_path / "out").exists()
