@@ -356,18 +356,13 @@ class RunFolder:
         except OSError:
             pass
 
-    def write_json(self, name: str, payload: dict) -> str:
-        """Write ``payload`` as ``<folder>/<name>`` atomically: to a temporary name, renamed into place once whole,
-        so that a full disk or a kill never leaves a truncated file under the final name."""
-        return write_json(self.url, name, payload)
-
     def commit(self, record: dict) -> str:
         """Commit a run whose tables are written: its record as ``runs/<run_id>.json`` (atomic: the commit), then
         as ``manifest.json``. Raises SystemExit saying whether the run is committed, from what is on disk."""
         run_id = record["run_id"]
         marker = f"{self.url}/{RUNS}/{run_id}.json"
         try:
-            self.write_json(f"{RUNS}/{run_id}.json", record)
+            write_json(self.url, f"{RUNS}/{run_id}.json", record)
         except OSError as err:
             done = run_id in self.committed_runs()
             raise SystemExit(f"output: could not write {marker} ({type(err).__name__}: {err}); " + (
@@ -375,7 +370,7 @@ class RunFolder:
                 "the tables are written but the run is NOT committed: readers ignore them; rerun with --skip_done "
                 "(keeps the earlier runs) or --overwrite")) from None
         try:
-            self.write_json(MANIFEST, record)
+            write_json(self.url, MANIFEST, record)
         except OSError as err:
             raise SystemExit(f"output: the run {run_id} IS committed ({marker} is written) but {self.url}/{MANIFEST}, "
                          f"the copy of the latest run's record, could not be updated ({type(err).__name__}: {err}); "
@@ -503,7 +498,8 @@ def _is_gone(holder: dict) -> bool:
 
 
 def write_json(output: str, name: str, payload: dict) -> str:
-    """Write ``payload`` as ``<output>/<name>`` atomically: to a temporary name, renamed into place once whole."""
+    """Write ``payload`` as ``<output>/<name>`` atomically: to a temporary name, renamed into place once whole,
+    so that a full disk or a kill never leaves a truncated file under the final name."""
     fs, path = fsspec.core.url_to_fs(output)
     target = f"{path.rstrip('/')}/{name}"
     folder, base = posixpath.split(target)

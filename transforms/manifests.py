@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from transforms.fetch import is_local_path
 from transforms.records import READ_STAGE, DeadLetter, Record, utf8_text
 
 URI_COLUMNS = ("uri", "path")
@@ -72,10 +73,6 @@ def is_glob(source: str) -> bool:
     return any(c in fsspec.core.url_to_fs(source)[1] for c in GLOB_CHARS)
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri and not uri.startswith(("file:", "memory:"))
-
-
 def _remove_dot_segments(path: str) -> str:
     """RFC 3986 5.2.4: ``a/./b/../c`` -> ``a/c``; empty segments (``//``) are kept: on an object store they
     name other objects."""
@@ -103,7 +100,7 @@ def normalise_uri(uri: str) -> str:
     (spaces included: they are part of a file's name; no percent-decoding)."""
     if uri.startswith("file://"):
         uri = uri[len("file://"):] or "/"
-    if _is_local(uri):
+    if is_local_path(uri):
         if uri.startswith("/") and "/." not in uri and "//" not in uri and not uri.endswith("/"):
             return uri  # already absolute and normal (the common case: a manifest entry joined to its folder)
         return os.path.abspath(uri) + ("/" if uri.endswith("/") and uri != "/" else "")
