@@ -12,6 +12,7 @@ import enum
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -335,6 +336,14 @@ def _load_yaml(path: str) -> DictConfig:
 
 def to_yaml(cfg: CascadeConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> CascadeConfig:
+    """A config that ``to_yaml`` wrote (a run record's), loaded and validated as a YAML file is."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
+        fh.write(text)
+        fh.flush()
+        return load(fh.name)
 
 
 def user_spec(name: str, mdef: ModelDef) -> registry.ModelSpec:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -739,6 +739,37 @@ def reference_of(keys: Sequence[str], aggregation: committee.Aggregation | str) 
     if len(keys) == 1 or committee.Aggregation(aggregation) is committee.Aggregation.LAST:
         return keys[-1]
     return f"ensemble({','.join(keys)})"
+
+
+@dataclass(frozen=True)
+class ShadowAgreement:
+    """What a run's shadow sample measured: the records shadowed, those that went through every stage
+    (``complete``), how many of those have the cascade's answer equal to the last stage's, its 95 % interval,
+    and what the last stage answers (``reference``)."""
+
+    records: int
+    complete: int
+    agreed: int
+    low: float
+    high: float
+    reference: str
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.complete if self.complete else None
+
+
+def shadow_agreement(stats: Sequence[Mapping], aggregation: committee.Aggregation | str
+                     ) -> ShadowAgreement | None:
+    """A run's shadow agreement from its exit_stats rows (stage 0 first; None: the run had no shadow sample).
+    ``aggregation`` as a config's YAML spells it too (``LOGITS``)."""
+    if not stats[0].get("shadow_records"):
+        return None
+    stages = [s for s in stats if s["stage"] >= 1]
+    n, agreed = sum(s["shadow_exited"] for s in stages), sum(s["shadow_agreed"] for s in stages)
+    low, high = wilson_interval(agreed, n)
+    reference = reference_of([s["model"] for s in stages], str(getattr(aggregation, "value", aggregation)).lower())
+    return ShadowAgreement(stats[0]["shadow_records"], n, agreed, low, high, reference)
 
 
 @dataclass(frozen=True)

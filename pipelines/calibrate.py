@@ -330,7 +330,7 @@ def run_answers(folder: str, group: str) -> tuple[cal.Answers, schema.CascadeCon
     manifest = run_folder.record(runs[-1])
     text = manifest["config"]
     try:
-        cfg = schema.load(_config_file(text))
+        cfg = schema.from_yaml(text)
     except schema.ConfigError as err:
         raise SystemExit(f"--from_run {folder}: the config of run {runs[-1]} no longer loads: {err}") from None
     keys = tuple(spec.key for spec in schema.stage_specs(cfg))
@@ -372,15 +372,6 @@ def run_answers(folder: str, group: str) -> tuple[cal.Answers, schema.CascadeCon
     answers = cal.Answers(keys, gmacs, np.asarray(pred, dtype=np.int64).T, np.asarray(conf, dtype=np.float64).T,
                           np.asarray(labels, dtype=np.int64), record_groups(ids, uris, rows, group))
     return answers, cfg, text, counts
-
-
-def _config_file(text: str) -> str:
-    """A run's resolved config (YAML text) as a file ``schema.load`` reads."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        fh.write(text)
-    return fh.name
 
 
 def from_run(args, base: schema.CascadeConfig) -> dict:

@@ -14,7 +14,6 @@ import base64
 import collections
 import html
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -29,7 +28,7 @@ import pyarrow as pa
 import yaml
 
 from configs import schema
-from models.calibration import MIN_SHADOW_RECORDS, reference_of, wilson_interval
+from models.calibration import MIN_SHADOW_RECORDS, shadow_agreement, wilson_interval
 from pipelines.folder import REPORT, REPORT_FILES, RunFolder
 
 DRIFT_MARGIN = 0.05  # exit ratios further than this from the calibration's (absolute) are flagged
@@ -176,21 +175,18 @@ def promises(cal: dict, run: dict) -> list[dict]:
 def shadow_figures(stats: Sequence[dict], cal: dict, aggregation: str) -> Optional[dict]:
     """The shadow sample's agreement with the last stage, overall and per stage, against the calibration's
     promised agreement where its reference is what the last stage answers (None: the run had no shadow)."""
-    run = stats[0]
-    if not run.get("shadow_records"):
+    shadow = shadow_agreement(stats, aggregation)
+    if shadow is None:
         return None
-    stages = [s for s in stats if s["stage"] >= 1]
-    n, agreed = sum(s["shadow_exited"] for s in stages), sum(s["shadow_agreed"] for s in stages)
-    low, high = wilson_interval(agreed, n)
-    reference = reference_of([s["model"] for s in stages], aggregation.lower())  # a config's YAML says LOGITS
     promised = None
-    if cal.get("heldout_agreement") is not None and cal.get("agreement_reference") == reference:
+    if cal.get("heldout_agreement") is not None and cal.get("agreement_reference") == shadow.reference:
         promised = cal["heldout_agreement"] - (cal.get("agreement_margin") or 0.0)
-    agreement = agreed / n if n else None
-    return {"records": run["shadow_records"], "complete": n, "agreed": agreed, "agreement": agreement,
-            "low": low, "high": high, "reference": reference, "calibrated_reference": cal.get("agreement_reference"),
-            "promised": promised, "holds": None if promised is None or agreement is None else agreement >= promised,
-            "avg_shadow_gmacs": run.get("avg_shadow_gmacs"), "trusted": n >= MIN_SHADOW_RECORDS}
+    agreement = shadow.agreement
+    return {"records": shadow.records, "complete": shadow.complete, "agreed": shadow.agreed, "agreement": agreement,
+            "low": shadow.low, "high": shadow.high, "reference": shadow.reference,
+            "calibrated_reference": cal.get("agreement_reference"), "promised": promised,
+            "holds": None if promised is None or agreement is None else agreement >= promised,
+            "avg_shadow_gmacs": stats[0].get("avg_shadow_gmacs"), "trusted": shadow.complete >= MIN_SHADOW_RECORDS}
 
 
 def shadow_blocks(stats: Sequence[dict], figures: dict) -> list:
@@ -481,13 +477,10 @@ def _shadow_combined(rows: Sequence[dict], runs: Sequence[Sequence[dict]]) -> di
 
 def calibration_mismatch(record: dict) -> Optional[str]:
     """Why the calibration block of a run's config does not describe the run (None when it does)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
-        fh.write(record.get("config") or "")
-        fh.flush()
-        try:
-            return schema.calibration_mismatch(schema.load(fh.name))
-        except schema.ConfigError as err:
-            return f"its config no longer loads ({err})"
+    try:
+        return schema.calibration_mismatch(schema.from_yaml(record.get("config") or ""))
+    except schema.ConfigError as err:
+        return f"its config no longer loads ({err})"
 
 
 def _cascade_of(stats: Sequence[dict]) -> tuple:

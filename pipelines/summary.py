@@ -15,7 +15,7 @@ import apache_beam as beam
 import pyarrow.dataset as ds
 
 from models import failures
-from models.calibration import reference_of, wilson_interval
+from models.calibration import shadow_agreement
 from pipelines.folder import RunFolder
 from transforms.progress import NAMESPACE
 from transforms.tables import DEAD_LETTER, EXIT_STATS, PREDICTIONS, VIDEO_PREDICTIONS
@@ -186,17 +186,14 @@ def systemic_failure(folder: RunFolder, run_id: str, breaker) -> Optional[str]:
 def shadow_lines(stats: Sequence[dict], aggregation: str) -> list[str]:
     """The shadow sample's figures, when the run had one: how often the cascade's answers equal what its last
     stage answers (the last model alone with ``aggregation: last``, else the committee), measured in the run."""
-    run = stats[0]
-    if not run.get("shadow_records"):
+    shadow = shadow_agreement(stats, aggregation)
+    if shadow is None:
         return []
-    stages = [s for s in stats if s["stage"] >= 1]
-    n, agreed = sum(s["shadow_exited"] for s in stages), sum(s["shadow_agreed"] for s in stages)
+    n, agreed = shadow.complete, shadow.agreed
     if not n:
-        return [f"shadow sample: {run['shadow_records']} records, none went through every stage"]
-    low, high = wilson_interval(agreed, n)
-    reference = reference_of([s["model"] for s in stages], aggregation)
-    alone = " alone" if "(" not in reference else ""
-    return [f"agreement with {reference}{alone}, measured in this run on its shadow sample ({n} records that also "
-            f"went through every stage): {agreed} of {n} answers equal, {agreed / n:.1%} (95 % interval "
-            f"{low:.1%}-{high:.1%}); the shadow's extra cost, {run['avg_shadow_gmacs'] or 0:.3f} GMACs per record, is "
-            "not in the average above"]
+        return [f"shadow sample: {shadow.records} records, none went through every stage"]
+    alone = " alone" if "(" not in shadow.reference else ""
+    return [f"agreement with {shadow.reference}{alone}, measured in this run on its shadow sample ({n} records that "
+            f"also went through every stage): {agreed} of {n} answers equal, {shadow.agreement:.1%} (95 % interval "
+            f"{shadow.low:.1%}-{shadow.high:.1%}); the shadow's extra cost, {stats[0]['avg_shadow_gmacs'] or 0:.3f} "
+            "GMACs per record, is not in the average above"]
